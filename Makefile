@@ -1,0 +1,39 @@
+# make train: set up .venv (Python >= 3.12) and train the tiny model on the built-in corpus (CPU).
+# make test:  set up .venv and run the whole test suite.
+VENV := .venv
+PY := $(VENV)/bin/python
+# Two pytest workers: compile time dominates the suite, and XLA compiles on one core.
+PYTEST_ARGS ?= -n 2
+
+.PHONY: setup test clean
+
+setup: $(VENV)/.installed
+
+# Python >= 3.12: python3.12 / python3.13 on PATH, else the newest pyenv-installed 3.12+.
+$(VENV)/.installed: setup.py constraints.txt
+	@py=""; \
+	for c in python3.12 python3.13 python3.14 python3; do \
+	  if command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then \
+	    py=$$(command -v $$c); break; fi; \
+	done; \
+	if [ -z "$$py" ] && command -v pyenv >/dev/null 2>&1; then \
+	  v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9](\.[0-9]+)?$$' | sort -V | head -n 1); \
+	  if [ -n "$$v" ]; then py=$$(PYENV_VERSION=$$v pyenv which python3); fi; \
+	fi; \
+	if [ -z "$$py" ]; then \
+	  echo "error: dsv3_jax needs Python >= 3.12, and none was found (tried python3.12, python3.13," \
+	       "python3.14, python3 and pyenv). Install one, e.g. 'pyenv install 3.12' or your system's" \
+	       "python3.12 package, then run make again." >&2; \
+	  exit 1; \
+	fi; \
+	echo "creating $(VENV) with $$py ($$($$py -V))"; \
+	rm -rf $(VENV) && $$py -m venv $(VENV) && \
+	$(PY) -m pip install -q --upgrade pip && \
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]' && \
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

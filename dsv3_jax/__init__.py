@@ -1,0 +1,26 @@
+"""dsv3_jax: DeepSeek-V3 in JAX/Flax.
+
+The public API (DESIGN.md); nothing else is public:
+
+    import dsv3_jax as ds
+    cfg = ds.get_model_config("tiny")
+    model = ds.DeepSeekV3(cfg)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    logits = model.apply({"params": params}, tokens)
+    logits, mtp_logits = model.apply({"params": params}, tokens, return_mtp=True)
+    st = ds.model_stats(cfg, seq_len=4096)
+"""
+
+from dsv3_jax.config import ConfigError, ModelConfig, get_model_config
+from dsv3_jax.model.stats import ModelStats, model_stats
+from dsv3_jax.model.transformer import DeepSeekV3, ModelOutput
+
+__all__ = [
+    "ConfigError",
+    "DeepSeekV3",
+    "ModelConfig",
+    "ModelOutput",
+    "ModelStats",
+    "get_model_config",
+    "model_stats",
+]

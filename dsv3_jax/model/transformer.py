@@ -1,0 +1,150 @@
+"""DeepSeek-V3: embedding, n_dense_layers dense blocks, MoE blocks, final norm, output head, and
+mtp_depth multi-token-prediction modules sharing the embedding and the head.
+
+Legend: B batch, T positions, S cache slots, D model dim, V vocabulary, L layers, E routed experts,
+C + R latent cache row (kv_lora_rank + qk_rope_head_dim).
+
+  logits = model.apply({"params": params}, tokens)                      # [B, T, V] float32
+  logits, mtp_logits = model.apply(..., tokens, return_mtp=True)        # mtp_logits [depth, B, T, V]
+  out = model.apply(..., tokens, method=DeepSeekV3.forward)             # ModelOutput, for training
+  logits, hidden, cache = model.apply(..., tokens, positions, cache, method=DeepSeekV3.decode)
+
+`mtp_logits[k-1][:, i]` predicts token t_{i+k+1}; positions i >= T - k have no input token t_{i+k}
+(it lies past the sequence) and their outputs must be ignored by the loss.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.block import Stack
+from dsv3_jax.model.layers import Embed, Linear, constrain_activation, dtype_of, rms_norm
+from dsv3_jax.model.mtp import MTPModule
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """Everything one training forward pass produces."""
+
+    logits: jax.Array  # [B, T, V] float32, main head
+    hidden: jax.Array  # [B, T, D] last hidden state before the final norm
+    mtp_logits: jax.Array | None  # [mtp_depth, B, T, V] float32, None when not computed
+    expert_load: jax.Array | None  # [n_moe_layers, E] int32 valid tokens per expert
+    balance_loss: jax.Array | None  # [n_moe_layers] sequence-wise balance loss (alpha not applied)
+    mtp_expert_load: jax.Array | None  # [mtp_depth, E]
+    mtp_balance_loss: jax.Array | None  # [mtp_depth]
+
+
+def init_latent_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> jax.Array:
+    """An empty latent cache [n_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim]."""
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return jnp.zeros((cfg.n_layers, batch, max_len, width), dtype or dtype_of(cfg.dtype))
+
+
+def _check_tokens(cfg: ModelConfig, tokens: jax.Array) -> None:
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array [batch, seq_len]; got shape "
+                         f"{tuple(tokens.shape)} and dtype {tokens.dtype}.")
+    if tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"tokens hold {tokens.shape[1]} positions but ModelConfig.max_seq_len="
+                         f"{cfg.max_seq_len}; shorten the sequence or raise max_seq_len.")
+
+
+def _shift_left(tokens: jax.Array, k: int) -> jax.Array:
+    """t_{i+k} at position i; the last k positions get token 0 (their outputs are ignored)."""
+    return jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+
+
+class DeepSeekV3(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        self.embed = Embed(c)
+        if c.n_dense_layers:
+            self.dense_layers = Stack(c, c.n_dense_layers, moe=False)
+        if c.n_moe_layers:
+            self.moe_layers = Stack(c, c.n_moe_layers, moe=True)
+        self.norm = rms_norm(c, "embed")
+        self.head = Linear(c.dim, c.vocab_size, ("embed", "vocab"), c, out_dtype="float32")
+        self.mtp = [MTPModule(c) for _ in range(c.mtp_depth)]
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, return_mtp: bool = False):
+        """tokens int [B, T] -> logits [B, T, V], or (logits, mtp_logits [depth, B, T, V])."""
+        if return_mtp and not self.cfg.mtp_depth:
+            raise ValueError("return_mtp=True but ModelConfig.mtp_depth=0: this model has no MTP "
+                             "module; use a config with mtp_depth >= 1.")
+        out = self.forward(tokens, positions, segment_ids,
+                           with_mtp=return_mtp or self.is_initializing())
+        return (out.logits, out.mtp_logits) if return_mtp else out.logits
+
+    def _main(self, tokens, positions, segment_ids):
+        h = constrain_activation(self.embed(tokens))
+        loads, losses = [], []
+        if self.cfg.n_dense_layers:
+            h, _ = self.dense_layers(h, positions, segment_ids)
+        if self.cfg.n_moe_layers:
+            h, routing = self.moe_layers(h, positions, segment_ids)
+            loads, losses = routing.expert_load, routing.balance_loss
+        return h, loads, losses
+
+    def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, with_mtp: bool = True) -> ModelOutput:
+        """The training forward pass.
+
+        Args:
+          tokens: int [B, T].
+          positions: int [B, T] rope positions; default 0..T-1 in every row. With packed documents,
+            pass each token's position within its document.
+          segment_ids: int [B, T] document ids for packing; attention stays within a segment and
+            segment 0 marks padding (left out of the expert load and the balance loss).
+          with_mtp: also run the MTP modules (when the config has them).
+        """
+        c = self.cfg
+        _check_tokens(c, tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        h, loads, losses = self._main(tokens, positions, segment_ids)
+        logits = self.head(self.norm(h))
+        out = dict(logits=logits, hidden=h, mtp_logits=None, mtp_expert_load=None,
+                   mtp_balance_loss=None, expert_load=loads if c.n_moe_layers else None,
+                   balance_loss=losses if c.n_moe_layers else None)
+        if with_mtp and c.mtp_depth:
+            h_prev, mtp_logits, mtp_loads, mtp_losses = h, [], [], []
+            for k, module in enumerate(self.mtp, start=1):
+                with jax.named_scope(f"mtp_{k}"):
+                    next_emb = self.embed(_shift_left(tokens, k))
+                    h_prev, normed, routing = module(h_prev, next_emb, positions, segment_ids)
+                    mtp_logits.append(self.head(normed))
+                    mtp_loads.append(routing.expert_load)
+                    mtp_losses.append(routing.balance_loss)
+            out.update(mtp_logits=jnp.stack(mtp_logits), mtp_expert_load=jnp.stack(mtp_loads),
+                       mtp_balance_loss=jnp.stack(mtp_losses))
+        return ModelOutput(**out)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array,
+               cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Main model over the latent cache (absorbed MLA), for prefill chunks and decoding.
+
+        Args:
+          tokens: int [B, T] new tokens; positions: int [B, T] their absolute positions (< S).
+          cache: [n_layers, B, S, C + R] from `init_latent_cache` or a previous call.
+        Returns:
+          (logits [B, T, V] float32, hidden [B, T, D] before the final norm, updated cache).
+        """
+        c = self.cfg
+        _check_tokens(c, tokens)
+        h = constrain_activation(self.embed(tokens))
+        caches = []
+        if c.n_dense_layers:
+            h, dense_cache = self.dense_layers.decode(h, positions, cache[:c.n_dense_layers])
+            caches.append(dense_cache)
+        if c.n_moe_layers:
+            h, moe_cache = self.moe_layers.decode(h, positions, cache[c.n_dense_layers:])
+            caches.append(moe_cache)
+        return self.head(self.norm(h)), h, jnp.concatenate(caches, axis=0)

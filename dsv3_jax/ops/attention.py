@@ -1,0 +1,91 @@
+"""MLA attention cores: the one place that chooses an implementation per platform.
+
+Legend: B batch, T query positions, S key positions, H heads, K qk head dim (nope + rope),
+V v head dim, C latent rank (kv_lora_rank), R rope dims.
+
+Two cores, each with its plain-jnp reference below:
+- `mla_attention` (training / prefill): per-head keys and values materialised, causal over index,
+  optional segment ids so packed documents never attend across each other.
+- `mla_decode` (absorbed form over the latent cache): queries already multiplied into the latent
+  space, scored against cached rows `[c (C) | k_pe (R)]` shared by all heads; a cache slot holds the
+  token at that absolute position, so a query at position p sees slots 0..p.
+
+Both compute scores and softmax in float32 and return the query dtype. Model code calls these
+functions and never asks which platform it runs on. Until the Pallas kernels land (GPU: Mosaic
+GPU; TPU: Mosaic TPU), every platform uses the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+def _einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:
+    """einsum with float32 inputs and accumulation. Upcasting bf16 operands is exact (their products
+    fit in float32), and XLA:CPU cannot run every bf16 x bf16 -> f32 dot layout."""
+    return jnp.einsum(spec, *(x.astype(jnp.float32) for x in operands))
+
+
+def _softmax_f32(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked softmax over the last axis; scores float32. Rows always keep at least one key."""
+    scores = jnp.where(mask, scores, _NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def mla_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                            segment_ids: jax.Array | None = None) -> jax.Array:
+    """Causal attention with a qk head dim different from the v head dim.
+
+    Args:
+      q: [B, T, H, K]; k: [B, T, H, K]; v: [B, T, H, V].
+      scale: softmax scale (ModelConfig.softmax_scale).
+      segment_ids: optional int [B, T]; a query attends only to keys of its own segment.
+    Returns:
+      [B, T, H, V] in q's dtype.
+    """
+    t = q.shape[1]
+    scores = _einsum_f32("bthk,bshk->bhts", q, k) * scale
+    mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    probs = _softmax_f32(scores, mask).astype(v.dtype)
+    out = _einsum_f32("bhts,bshv->bthv", probs, v)
+    return out.astype(q.dtype)
+
+
+def mla_decode_reference(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
+                         q_positions: jax.Array, *, scale: float) -> jax.Array:
+    """Absorbed MLA attention over the latent cache.
+
+    Args:
+      q_latent: [B, T, H, C], q_nope multiplied by each head's W_k (q_nope' in SPEC.md).
+      q_pe: [B, T, H, R], rope'd query part.
+      cache: [B, S, C + R], rows `[kv_norm(c_kv) | rope'd k_pe]`; slot s holds position s.
+      q_positions: int [B, T], absolute position of each query (slots <= it are visible).
+      scale: softmax scale.
+    Returns:
+      [B, T, H, C]: attention-weighted latent rows, to be multiplied by W_v.
+    """
+    c_rank = q_latent.shape[-1]
+    c, k_pe = cache[..., :c_rank], cache[..., c_rank:]
+    scores = (_einsum_f32("bthc,bsc->bhts", q_latent, c)
+              + _einsum_f32("bthr,bsr->bhts", q_pe, k_pe))
+    scores = scores * scale
+    slots = jnp.arange(cache.shape[1])
+    mask = (slots[None, None, :] <= q_positions[:, :, None])[:, None]  # [B, 1, T, S]
+    probs = _softmax_f32(scores, mask).astype(cache.dtype)
+    out = _einsum_f32("bhts,bsc->bthc", probs, c)
+    return out.astype(q_latent.dtype)
+
+
+def mla_attention(q, k, v, *, scale, segment_ids=None):
+    """Training / prefill attention core; see `mla_attention_reference` for the contract."""
+    return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
+
+
+def mla_decode(q_latent, q_pe, cache, q_positions, *, scale):
+    """Latent-cache attention core; see `mla_decode_reference` for the contract."""
+    return mla_decode_reference(q_latent, q_pe, cache, q_positions, scale=scale)

@@ -1,0 +1,33 @@
+"""dsv3_jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP, FP8) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dsv3_jax",
+    version="0.1.0",
+    description="DeepSeek-V3 in JAX/Flax: MLA, DeepSeekMoE, multi-token prediction, FP8 training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dsv3_jax", "dsv3_jax.*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "jax>=0.11.2,<0.12",
+        "jaxlib>=0.11.2,<0.12",
+        "flax>=0.12.10,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.4,<0.13",
+        "chex>=0.1.92",
+        "numpy>=2.0",
+        "grain>=0.2.18,<0.3",
+        "tensorstore>=0.1.80",
+        "sentencepiece>=0.2.2,<0.3",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.9"],
+    },
+)

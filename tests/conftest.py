@@ -1,0 +1,107 @@
+"""Shared tiny configs, parameters and compiled functions: built once per session."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsv3_jax as ds
+from dsv3_jax.model.stats import abstract_params
+from dsv3_jax.model.transformer import DeepSeekV3
+
+# float32 compute so comparisons against float64 references are tight; a larger init std than
+# training's 0.006 so activations, router scores and logits are far from zero.
+TINY32 = ds.get_model_config("tiny", dtype="float32", init_std=0.05)
+# V2-Lite / 16B-style routing: softmax scores, no bias, no q compression, no groups, 2 shared
+# experts, no MTP; and YaRN switched on by a short original_seq_len.
+V2_STYLE = TINY32.replace(score_func="softmax", q_lora_rank=0, n_expert_groups=1,
+                          n_limited_groups=1, route_scale=1.0, n_shared_experts=2, mtp_depth=0,
+                          original_seq_len=64, mscale=0.707)
+
+
+@functools.lru_cache(maxsize=None)
+def init_params(cfg: ds.ModelConfig, seed: int = 0):
+    """Random parameters with the model's exact tree, drawn with numpy (no init compile).
+
+    Matrices ~ N(0, init_std); norm weights 1 + N(0, 0.1) and router biases N(0, 0.05), so that
+    neither a forgotten norm weight nor a forgotten bias can hide. The real `model.init` is tested
+    on its own in test_model.py.
+    """
+    shapes = abstract_params(cfg)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        if name.endswith("['weight']"):
+            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        elif name.endswith("['e_score_correction_bias']"):
+            value = 0.05 * rng.standard_normal(leaf.shape)
+        else:
+            value = cfg.init_std * rng.standard_normal(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_forward(cfg: ds.ModelConfig):
+    model = DeepSeekV3(cfg)
+    return jax.jit(lambda p, tokens, positions=None, segment_ids=None: model.apply(
+        {"params": p}, tokens, positions, segment_ids, method=DeepSeekV3.forward))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_decode(cfg: ds.ModelConfig):
+    model = DeepSeekV3(cfg)
+    return jax.jit(lambda p, tokens, positions, cache: model.apply(
+        {"params": p}, tokens, positions, cache, method=DeepSeekV3.decode))
+
+
+def random_tokens(cfg, shape, seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size, dtype=jnp.int32)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return TINY32
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    return init_params(TINY32)
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """|actual - expected| <= rtol * max|expected| elementwise (a scale-aware tolerance)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = np.max(np.abs(expected))
+    err = np.max(np.abs(actual - expected))
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol} x max|expected| {scale:.3g}"
+
+
+def _cross_entropy(logits, targets):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_loss_grad(cfg: ds.ModelConfig):
+    """grad of a training-like loss: next-token CE + 0.3 x MTP CE + 1e-4 x balance loss."""
+    model = DeepSeekV3(cfg)
+
+    def loss(params, tokens):
+        out = model.apply({"params": params}, tokens, method=DeepSeekV3.forward)
+        total = _cross_entropy(out.logits[:, :-1], tokens[:, 1:])
+        if cfg.mtp_depth:
+            total += 0.3 * _cross_entropy(out.mtp_logits[0][:, :-2], tokens[:, 2:])
+        if cfg.n_moe_layers:
+            total += 1e-4 * out.balance_loss.sum()
+        return total
+
+    return jax.jit(jax.grad(loss))
