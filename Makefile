@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 # Two pytest workers: compile time dominates the suite, and XLA compiles on one core.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test clean
+# Where `make train` writes (checkpoints, metrics, TensorBoard); a second `make train` resumes.
+WORKDIR ?= runs/tiny
+
+.PHONY: setup train test clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +34,9 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install -q --upgrade pip && \
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]' && \
 	touch $@
+
+train: setup
+	$(PY) -m dsv3_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pathlib
 import zlib
 
 import jax
@@ -13,6 +14,12 @@ import pytest
 import dsv3_jax as ds
 from dsv3_jax.model.stats import abstract_params
 from dsv3_jax.model.transformer import DeepSeekV3
+
+# Compiled programs are cached on disk across tests, workers and the subprocesses tests start:
+# compile time dominates this suite on CPU. The cache key is the program and the jax version.
+COMPILATION_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation_cache"
+jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # float32 compute so comparisons against float64 references are tight; a larger init std than
 # training's 0.006 so activations, router scores and logits are far from zero.

@@ -27,3 +27,49 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("moe_mlp", "tensor"),
     ("mtp_concat", None),  # eh_proj's input, [embedding | hidden]
 )
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
+    """Sizes of (data, fsdp, expert, tensor) from a config with one entry per axis; -1 (at most one)
+    takes the devices the others leave. Refuses shapes that do not multiply to `n_devices`."""
+    sizes = {}
+    for axis in MESH_AXES:
+        value = mesh_cfg.get(axis, 1) if hasattr(mesh_cfg, "get") else getattr(mesh_cfg, axis)
+        if not isinstance(value, int) or (value < 1 and value != -1):
+            raise ValueError(f"config.mesh.{axis}={value!r} is invalid: use a positive device "
+                             "count, or -1 for the devices the other axes leave.")
+        sizes[axis] = value
+    fill = [a for a, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {fill}; give the others sizes.")
+    known = 1
+    for a, v in sizes.items():
+        if v != -1:
+            known *= v
+    if fill:
+        if n_devices % known:
+            raise ValueError(f"config.mesh: the fixed axes use {known} devices, which does not "
+                             f"divide the {n_devices} available; change {sizes}.")
+        sizes[fill[0]] = n_devices // known
+    elif known != n_devices:
+        raise ValueError(f"config.mesh {sizes} spans {known} devices but {n_devices} are "
+                         "available; make the sizes multiply to that, or set one axis to -1.")
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices=None):
+    """A jax Mesh over `devices` (default: all) with axes MESH_AXES."""
+    import jax
+    import numpy as np
+
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return jax.sharding.Mesh(grid, MESH_AXES)
+
+
+def batch_sharding(mesh):
+    """Batches [B, T] split over the data-like axes, replicated over expert and tensor."""
+    import jax
+
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None))

@@ -1,0 +1,91 @@
+"""Orbax checkpoints of a training run: state, data-iterator position and run identity together.
+
+Each checkpoint `<workdir>/checkpoints/<step>/` holds three items:
+  state  the TrainState pytree (params with the router biases, optimizer state, step, RNG), restored
+         straight into the run's shardings;
+  data   the grain iterator state (JSON), so a restart continues on the exact next batch;
+  meta   the model config and tokenizer size, so a checkpoint from another config is refused.
+Orbax writes into a temporary directory and renames it when complete, so a failed or interrupted
+save never replaces the last good checkpoint; restore takes the newest checkpoint that reads back,
+moving any damaged newer one aside (`<step>.unreadable-<time>`) rather than deleting it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import logging
+import orbax.checkpoint as ocp
+
+# Model fields that may change between a checkpoint and its restart (they change neither the
+# parameter tree nor the math): the memory/speed trade-off and the compute dtype.
+_RESTART_MAY_CHANGE = ("remat_policy", "dtype")
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir holds checkpoints of a different model or tokenizer."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int, async_save: bool):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+        """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state, meta: dict):
+        """(step, state, data_state) of the newest readable checkpoint, or None when there is none.
+
+        Raises CheckpointMismatchError when the newest checkpoint belongs to another config.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if i == 0:
+                _check_meta(saved, meta, self.directory)
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            except Exception as e:  # a damaged checkpoint: set it aside, fall back to the one before
+                aside = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
+                os.rename(os.path.join(self.directory, str(step)), aside)
+                self._manager.reload()
+                logging.warning("checkpoint at step %d does not read back (%s); moved it to %s and "
+                                "trying an older one", step, str(e)[:500], aside)
+                continue
+            return step, restored["state"], restored["data"]
+        return None
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _check_meta(saved: dict, current: dict, directory: str) -> None:
+    diffs = []
+    for key in sorted(set(saved["model"]) | set(current["model"])):
+        if key in _RESTART_MAY_CHANGE:
+            continue
+        a, b = saved["model"].get(key), current["model"].get(key)
+        if a != b:
+            diffs.append(f"model.{key}: checkpoint {a!r}, this run {b!r}")
+    if saved.get("tokenizer_vocab_size") != current.get("tokenizer_vocab_size"):
+        diffs.append(f"tokenizer vocab: checkpoint {saved.get('tokenizer_vocab_size')}, "
+                     f"this run {current.get('tokenizer_vocab_size')}")
+    if diffs:
+        raise CheckpointMismatchError(
+            f"the checkpoints in {directory} belong to another run config ({'; '.join(diffs)}). "
+            "Use a new --workdir for this config, or run with the checkpoint's settings.")

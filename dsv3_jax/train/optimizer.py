@@ -1,0 +1,145 @@
+"""Optimizer, learning-rate schedules, and the aux-loss-free router-bias rule (SPEC.md sections 2, 4).
+
+- AdamW (beta 0.9 / 0.95, weight decay 0.1 on matrices only, global-norm clipping at 1.0) on the fp32
+  master weights; its two moments can be kept in bf16 (`bf16_moments`).
+- The router's `e_score_correction_bias` is not trained by the optimizer: its updates are zero and it
+  gets no weight decay. After each step `update_router_bias` moves it by
+  b_i += gamma * sign(mean(load) - load_i), with load the step's global per-expert token counts.
+- Schedules: "warmup_constant_cosine" (the report's: linear warm-up, constant, cosine decay to
+  final_lr_ratio x lr over the last part of training) and "cosine" (warm-up, then cosine).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+BIAS_NAME = "e_score_correction_bias"
+SCHEDULES = ("warmup_constant_cosine", "cosine")
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+    """lr(step) for the run's `train` config."""
+    steps, warmup, peak = train_cfg.steps, train_cfg.warmup_steps, train_cfg.lr
+    final = peak * train_cfg.final_lr_ratio
+    if train_cfg.schedule not in SCHEDULES:
+        raise ValueError(f"config.train.schedule={train_cfg.schedule!r} is not one of {SCHEDULES}.")
+    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    if train_cfg.schedule == "cosine":
+        decay_start = warmup
+    else:
+        decay_start = max(warmup, int(round(steps * train_cfg.decay_start_fraction)))
+    decay = optax.cosine_decay_schedule(peak, max(steps - decay_start, 1), alpha=final / peak if peak else 0.0)
+    constant = optax.constant_schedule(peak)
+    return optax.join_schedules([warm, constant, decay], [warmup, decay_start])
+
+
+class ScaleByAdamState(NamedTuple):
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype=jnp.float32) -> optax.GradientTransformation:
+    """Adam's update direction with both moments stored in `moment_dtype` (arithmetic in fp32).
+
+    mu = b1 mu + (1 - b1) g;  nu = b2 nu + (1 - b2) g^2;  u = mu_hat / (sqrt(nu_hat) + eps).
+    With float32 moments this is optax.scale_by_adam (tests check it).
+    """
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, moment_dtype)
+        return ScaleByAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                                jax.tree.map(zeros, params))
+
+    def update(grads, state, params=None):
+        del params
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32),
+                          state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(g.astype(jnp.float32)),
+                          state.nu, grads)
+        c1 = 1 - b1 ** count.astype(jnp.float32)
+        c2 = 1 - b2 ** count.astype(jnp.float32)
+        updates = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+        cast = lambda t: jax.tree.map(lambda x: x.astype(moment_dtype), t)
+        return updates, ScaleByAdamState(count, cast(mu), cast(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _path_names(path) -> list[str]:
+    return [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+
+
+def trainable_labels(params):
+    """'frozen' for router biases (balance rule only), 'adamw' for everything else."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if BIAS_NAME in _path_names(path) else "adamw", params)
+
+
+def decay_mask(params):
+    """Weight decay on matrices (and stacked matrices), not on norm weights or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.ndim >= 2 and _path_names(path)[-1] not in ("weight", BIAS_NAME), params)
+
+
+def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
+    """AdamW with clipping and the run's schedule; router biases frozen (see module docstring)."""
+    moment_dtype = jnp.bfloat16 if train_cfg.bf16_moments else jnp.float32
+    adamw = optax.chain(
+        optax.clip_by_global_norm(train_cfg.clip),
+        scale_by_adam(train_cfg.b1, train_cfg.b2, train_cfg.eps, moment_dtype),
+        optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask(params)),
+        optax.scale_by_learning_rate(learning_rate_schedule(train_cfg)),
+    )
+    return optax.multi_transform({"adamw": adamw, "frozen": optax.set_to_zero()},
+                                 trainable_labels(params))
+
+
+def bias_update(bias: jax.Array, load: jax.Array, gamma: float) -> jax.Array:
+    """b += gamma * sign(mean(load) - load) along the expert axis (last); any leading layer axes."""
+    load = load.astype(jnp.float32)
+    return bias + gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+
+
+def update_router_bias(params, expert_load, mtp_expert_load, gamma: float):
+    """Applies `bias_update` to every router of the model.
+
+    Args:
+      params: DeepSeekV3 params (scanned or unrolled layout).
+      expert_load: [n_moe_layers, E] global token counts of the main model's MoE layers.
+      mtp_expert_load: [mtp_depth, E] or None.
+    """
+    if gamma == 0:
+        return params
+    params = dict(params)
+    if "moe_layers" in params:
+        stack = params["moe_layers"]
+        if "layers" in stack:
+            params["moe_layers"] = _replace_bias(stack, ("layers",), expert_load, gamma)
+        else:
+            stack = dict(stack)
+            for i in range(expert_load.shape[0]):
+                stack = _replace_bias(stack, (f"layers_{i}",), expert_load[i], gamma)
+            params["moe_layers"] = stack
+    for k in range(0 if mtp_expert_load is None else mtp_expert_load.shape[0]):
+        params = _replace_bias(params, (f"mtp_{k}", "block"), mtp_expert_load[k], gamma)
+    return params
+
+
+def _replace_bias(tree, prefix, load, gamma):
+    """A copy of `tree` whose prefix/ffn/gate/bias is updated with `load`."""
+    tree = dict(tree)
+    node = tree
+    for key in prefix:
+        node[key] = dict(node[key])
+        node = node[key]
+    node["ffn"] = dict(node["ffn"])
+    gate = dict(node["ffn"]["gate"])
+    gate[BIAS_NAME] = bias_update(gate[BIAS_NAME], load, gamma)
+    node["ffn"]["gate"] = gate
+    return tree
