@@ -109,8 +109,11 @@ def uninterrupted(corpus, tokenizer, tmp_path_factory):
 
 
 def test_one_step(corpus, tokenizer, tmp_path):
-    result = train_and_evaluate(_config(corpus, tokenizer, train__steps=1), str(tmp_path))
+    result = train_and_evaluate(_config(corpus, tokenizer, train__steps=1,
+                                        train__profile_start_step=1, train__profile_steps=1),
+                                str(tmp_path))
     assert result["step"] == 1
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))  # the jax.profiler trace of step 1
     rows = _rows(tmp_path)
     assert rows[0]["step"] == 0 and "eval_loss" in rows[0]  # evaluated before training
     train_row = next(r for r in rows if "loss" in r)

@@ -34,7 +34,10 @@ def main(argv):
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("finished at step %d: train %s, eval %s", result["step"], result["train"],
                  result["eval"])
-    if result["eval"]:
+    if not result["train"]:
+        print(f"nothing to train: {_WORKDIR.value} is already at step {result['step']} "
+              f"(config.train.steps={_CONFIG.value.train.steps}); raise the steps or use a new --workdir.")
+    elif result["eval"]:
         print(f"step {result['step']}: eval loss {result['eval']['eval_loss']:.4f}, "
               f"perplexity {result['eval']['eval_perplexity']:.2f}")
 
