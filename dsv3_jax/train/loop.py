@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from dsv3_jax.data import pipeline
-from dsv3_jax.model.stats import model_stats
+from dsv3_jax.model.stats import abstract_params, model_stats
 from dsv3_jax.model.transformer import DeepSeekV3
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.train import losses, metrics as metrics_lib, optimizer as optim
@@ -165,8 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(jax.random.key(tc.seed + 1)))
 
-    abstract_params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)["params"]))
-    tx = optim.make_optimizer(tc, abstract_params)
+    tx = optim.make_optimizer(tc, abstract_params(cfg))
     abstract_boxed = jax.eval_shape(init_boxed)
     state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
