@@ -9,9 +9,11 @@ The public API (DESIGN.md); nothing else is public:
     logits = model.apply({"params": params}, tokens)
     logits, mtp_logits = model.apply({"params": params}, tokens, return_mtp=True)
     st = ds.model_stats(cfg, seq_len=4096)
+    out = ds.generate(cfg, params, prompts, max_new_tokens=32, temperature=0.0, speculative=False)
 """
 
 from dsv3_jax.config import ConfigError, ModelConfig, get_model_config
+from dsv3_jax.infer.generate import generate
 from dsv3_jax.model.stats import ModelStats, model_stats
 from dsv3_jax.model.transformer import DeepSeekV3, ModelOutput
 
@@ -21,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "ModelStats",
+    "generate",
     "get_model_config",
     "model_stats",
 ]

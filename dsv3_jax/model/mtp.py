@@ -39,6 +39,16 @@ class MTPModule(nn.Module):
                  segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array, Routing]:
         """h_prev [B, T, D], next_embeddings [B, T, D] (Emb(t_{i+k})), positions [B, T] ->
         (h^k [B, T, D], norm(h^k) [B, T, D], Routing of the block's MoE)."""
-        merged = jnp.concatenate([self.enorm(next_embeddings), self.hnorm(h_prev)], axis=-1)
-        h, routing = self.block(self.eh_proj(merged), positions, segment_ids)
+        h, routing = self.block(self._merge(h_prev, next_embeddings), positions, segment_ids)
         return h, self.norm(h), routing
+
+    def _merge(self, h_prev, next_embeddings):
+        merged = jnp.concatenate([self.enorm(next_embeddings), self.hnorm(h_prev)], axis=-1)
+        return self.eh_proj(merged)
+
+    def decode(self, h_prev: jax.Array, next_embeddings: jax.Array, positions: jax.Array,
+               cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The same over this module's own latent cache [B, S, C + R] (its block attends to the
+        module's earlier positions): -> (h^k, norm(h^k), updated cache)."""
+        h, cache = self.block.decode(self._merge(h_prev, next_embeddings), positions, cache)
+        return h, self.norm(h), cache

@@ -45,6 +45,12 @@ def init_latent_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) ->
     return jnp.zeros((cfg.n_layers, batch, max_len, width), dtype or dtype_of(cfg.dtype))
 
 
+def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> jax.Array:
+    """An empty latent cache for the first MTP module's block [batch, max_len, C + R]."""
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return jnp.zeros((batch, max_len, width), dtype or dtype_of(cfg.dtype))
+
+
 def _check_tokens(cfg: ModelConfig, tokens: jax.Array) -> None:
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array [batch, seq_len]; got shape "
@@ -148,3 +154,19 @@ class DeepSeekV3(nn.Module):
             h, moe_cache = self.moe_layers.decode(h, positions, cache[c.n_dense_layers:])
             caches.append(moe_cache)
         return self.head(self.norm(h)), h, jnp.concatenate(caches, axis=0)
+
+    def mtp_decode(self, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
+                   cache: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The first MTP module over its latent cache, for drafting tokens.
+
+        Args:
+          hidden: [B, T, D] main-model hidden states (before the final norm) at `positions`.
+          next_tokens: int [B, T], the token after each position (t_{i+1}).
+          positions: int [B, T]; cache: [B, S, C + R] from `init_mtp_cache`.
+        Returns:
+          (logits [B, T, V] float32 predicting t_{i+2}, updated cache).
+        """
+        if not self.cfg.mtp_depth:
+            raise ValueError("mtp_decode needs an MTP module, but ModelConfig.mtp_depth=0.")
+        _, normed, cache = self.mtp[0].decode(hidden, self.embed(next_tokens), positions, cache)
+        return self.head(normed), cache

@@ -170,7 +170,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.unbox(abstract_boxed), state_shardings)
-    meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size}
+    meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
+            "tokenizer_path": os.path.abspath(data.tokenizer.path)}
 
     # ---------------------------------------------------------------- restore or initialise
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,

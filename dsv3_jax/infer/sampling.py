@@ -1,0 +1,93 @@
+"""Token sampling and the speculative-decoding acceptance rule.
+
+Legend: B batch, V vocabulary.
+
+A `Sampling` turns logits into a distribution: divide by the temperature, keep the top_k most
+likely tokens (0 = all) and the smallest set whose probability reaches top_p (1.0 = all).
+Temperature 0 is greedy (argmax); the other settings are then ignored.
+
+Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a draft token d ~ q is accepted
+with probability min(1, p(d) / q(d)); on rejection the token is drawn from norm(max(0, p - q)).
+The emitted token is then distributed exactly as p. Greedy: accepted iff d == argmax p, and the
+emitted token is argmax p either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no top-k cut).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus cut).")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def log_probs(logits: jax.Array, s: Sampling) -> jax.Array:
+    """The sampling distribution as log-probabilities [..., V] (-inf outside top-k / top-p)."""
+    logits = logits.astype(jnp.float32) / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if s.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of strictly likelier tokens
+        keep_sorted = before < s.top_p  # always keeps the most likely token
+        logits = jnp.where(_unsort(keep_sorted, order), logits, -jnp.inf)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _unsort(values: jax.Array, order: jax.Array) -> jax.Array:
+    """values given in `order` along the last axis, put back in vocabulary order."""
+    inverse = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(values, inverse, axis=-1)
+
+
+def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """int32 [...]: argmax when greedy, else a draw from `log_probs`."""
+    if s.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, log_probs(logits, s), axis=-1).astype(jnp.int32)
+
+
+def accept_draft(target_logits: jax.Array, draft: jax.Array, draft_logq: jax.Array | None,
+                 key: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
+    """The acceptance rule for one draft token per row.
+
+    Args:
+      target_logits: [B, V] main-model logits at the draft's position.
+      draft: int [B] draft tokens; draft_logq: [B, V] the log-distribution they were drawn from
+        (None when greedy).
+    Returns:
+      (accepted bool [B], token int32 [B]): the draft when accepted, else the correction.
+    """
+    if s.greedy:
+        target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+        return draft == target, target
+    logp = log_probs(target_logits, s)
+    pick = lambda t: jnp.take_along_axis(t, draft[:, None], axis=-1)[:, 0]
+    u_key, r_key = jax.random.split(key)
+    ratio = jnp.exp(pick(logp) - pick(draft_logq))
+    accepted = jax.random.uniform(u_key, draft.shape) < ratio
+    residual = jnp.maximum(jnp.exp(logp) - jnp.exp(draft_logq), 0.0)
+    has_mass = residual.sum(-1, keepdims=True) > 0  # p == q: rejection has probability 0
+    residual = jnp.where(has_mass, residual, jnp.exp(logp))
+    correction = jax.random.categorical(r_key, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return accepted, jnp.where(accepted, draft, correction)
