@@ -180,3 +180,14 @@ def test_cli_streams_a_continuation(trained):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("value_1 = compute(") and len(out.stdout) > len("value_1 = compute(") + 5
     assert "MTP draft acceptance" in out.stderr
+
+
+def test_streaming_in_chunks_gives_the_same_tokens():
+    params = init_params(TINY32)
+    streamed = {i: [] for i in range(len(PROMPTS))}
+    result = generate_tokens(TINY32, params, PROMPTS, max_new_tokens=7, chunk=3,
+                             on_tokens=lambda row, new: streamed[row].extend(new))
+    whole = generate_tokens(TINY32, params, PROMPTS, max_new_tokens=7)
+    assert result.tokens == whole.tokens
+    for i, prompt in enumerate(PROMPTS):
+        assert prompt + streamed[i] == result.tokens[i]

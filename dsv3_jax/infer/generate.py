@@ -9,7 +9,8 @@ are overwritten by that row's own generated tokens before any query can see them
 position p sees slots 0..p, and each step writes before it attends). The same property makes
 "rolling back" a rejected draft free: the next step writes the corrected token into its slot.
 
-Plain decoding: prefill the prompts (one jitted call), then one jitted step per token.
+Plain decoding: prefill the prompts (one jitted call), then one step per token, run on the device
+in chunks of steps (`lax.while_loop`) between which the host streams what was produced.
 Speculative decoding (the first MTP module drafts one token):
   state per row: `last` (the newest token, not yet fed, at position cur) and a draft for cur+1.
   step: feed [last, draft] at [cur, cur+1] through the main model -> accept or correct the draft
@@ -48,9 +49,32 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
+def _is_stop(tokens: jax.Array, stop: jax.Array) -> jax.Array:
+    """bool [B]: tokens [B] that are in `stop` [n] (padded with -1)."""
+    return jnp.any(tokens[:, None] == stop[None, :], axis=-1)
+
+
+def _emit(loop: dict, tokens: jax.Array, write: jax.Array) -> dict:
+    """Appends tokens [B] to rows where `write` (and the row is not done); updates done/n_new."""
+    write = write & ~loop["done"]
+    rows = jnp.arange(tokens.shape[0])
+    slot = jnp.minimum(loop["n_new"], loop["out"].shape[1] - 1)
+    out = loop["out"].at[rows, slot].set(jnp.where(write, tokens, loop["out"][rows, slot]))
+    n_new = loop["n_new"] + write.astype(jnp.int32)
+    finished = write & (_is_stop(tokens, loop["stop"]) | (n_new >= loop["max_new"]))
+    return dict(loop, out=out, n_new=n_new, done=loop["done"] | finished)
+
+
 @functools.lru_cache(maxsize=32)
-def _programs(cfg: ModelConfig, s: Sampling):
-    """The jitted prefill and step functions for one model config and sampling setting."""
+def _programs(cfg: ModelConfig, s: Sampling, speculative: bool, chunk: int):
+    """Jitted prefill and decode-chunk functions for one config, sampling setting and mode.
+
+    The loop state is a dict of device arrays: `last` [B] (newest token, not yet fed, at position
+    `cur` [B]), `done` [B], `n_new` [B], `out` [B, max_new_tokens] (generated tokens), `stop` [n],
+    `max_new` [], `key`, counters `steps`, `drafted`, `accepted`, the latent `cache` and, when
+    speculative, `mtp_cache`, `draft` [B] and its distribution `logq` [B, V] (sampling only).
+    `run_chunk` advances every unfinished row by up to `chunk` steps in one device loop.
+    """
     model = DeepSeekV3(cfg)
 
     def main(params, tokens, positions, cache):
@@ -64,51 +88,70 @@ def _programs(cfg: ModelConfig, s: Sampling):
         logq = None if s.greedy else sampling_lib.log_probs(mtp_logits, s)
         return sampling_lib.sample(mtp_logits, key, s), logq
 
-    def prefill(params, tokens, lengths, cache, key):
-        """tokens [B, P] (right-padded), lengths [B] -> (first new token [B], hidden, cache)."""
+    def prefill(params, tokens, lengths, cache, mtp_cache, out, stop, max_new, key):
+        """tokens [B, P] right-padded to P, lengths [B] -> the loop state after the first token."""
+        k_first, k_draft = jax.random.split(jax.random.fold_in(key, 0))
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         logits, hidden, cache = main(params, tokens, positions, cache)
         rows = jnp.arange(tokens.shape[0])
-        first = sampling_lib.sample(logits[rows, lengths - 1], key, s)
-        return first, hidden, cache
+        first = sampling_lib.sample(logits[rows, lengths - 1], k_first, s)
+        zero = jnp.zeros([], jnp.int32)
+        loop = dict(last=first, cur=lengths, done=jnp.zeros(first.shape, bool),
+                    n_new=jnp.zeros(first.shape, jnp.int32), out=out, stop=stop, max_new=max_new,
+                    key=key, steps=zero, drafted=zero, accepted=zero, cache=cache)
+        loop = _emit(loop, first, jnp.ones(first.shape, bool))
+        if speculative:  # the MTP cache over the prompt, and the first draft
+            next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
+            mtp_logits, mtp_cache = mtp(params, hidden, next_tokens, positions, mtp_cache)
+            loop["draft"], loop["logq"] = draft_from(mtp_logits[rows, lengths - 1], k_draft)
+            loop["mtp_cache"] = mtp_cache
+        return loop
 
-    def prefill_speculative(params, tokens, lengths, cache, mtp_cache, key):
-        """Also fills the MTP cache over the prompt and drafts the token after the first one."""
-        k1, k2 = jax.random.split(key)
-        first, hidden, cache = prefill(params, tokens, lengths, cache, k1)
-        rows = jnp.arange(tokens.shape[0])
-        next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        mtp_logits, mtp_cache = mtp(params, hidden, next_tokens, positions, mtp_cache)
-        draft, logq = draft_from(mtp_logits[rows, lengths - 1], k2)
-        return first, draft, logq, cache, mtp_cache
+    def plain_step(params, loop):
+        key = jax.random.fold_in(loop["key"], loop["steps"] + 1)
+        logits, _, cache = main(params, loop["last"][:, None], loop["cur"][:, None], loop["cache"])
+        token = sampling_lib.sample(logits[:, 0], key, s)
+        active = ~loop["done"]
+        loop = _emit(dict(loop, cache=cache), token, active)
+        return dict(loop, last=jnp.where(active, token, loop["last"]),
+                    cur=loop["cur"] + active.astype(jnp.int32))
 
-    def step(params, last, cur, cache, key):
-        """last [B] at positions cur [B] -> (next token [B], cache)."""
-        logits, _, cache = main(params, last[:, None], cur[:, None], cache)
-        return sampling_lib.sample(logits[:, 0], key, s), cache
-
-    def step_speculative(params, last, draft, logq, cur, done, cache, mtp_cache, key):
-        k_accept, k_bonus, k_draft = jax.random.split(key, 3)
+    def speculative_step(params, loop):
+        k_accept, k_bonus, k_draft = jax.random.split(jax.random.fold_in(loop["key"], loop["steps"] + 1), 3)
+        last, draft, cur = loop["last"], loop["draft"], loop["cur"]
+        active = ~loop["done"]
         positions = jnp.stack([cur, cur + 1], axis=1)
-        logits, hidden, cache = main(params, jnp.stack([last, draft], axis=1), positions, cache)
-        accepted, first = sampling_lib.accept_draft(logits[:, 0], draft, logq, k_accept, s)
+        logits, hidden, cache = main(params, jnp.stack([last, draft], axis=1), positions, loop["cache"])
+        accepted, first = sampling_lib.accept_draft(logits[:, 0], draft, loop["logq"], k_accept, s)
         bonus = sampling_lib.sample(logits[:, 1], k_bonus, s)
         mtp_logits, mtp_cache = mtp(params, hidden, jnp.stack([first, bonus], axis=1), positions,
-                                    mtp_cache)
+                                    loop["mtp_cache"])
         rows = jnp.arange(last.shape[0])
         new_draft, new_logq = draft_from(mtp_logits[rows, accepted.astype(jnp.int32)], k_draft)
-        new_last = jnp.where(accepted, bonus, first)
-        new_cur = jnp.where(done, cur, cur + 1 + accepted.astype(jnp.int32))
-        keep = lambda new, old: jnp.where(done.reshape(done.shape + (1,) * (new.ndim - 1)), old, new)
-        new_logq = None if s.greedy else keep(new_logq, logq)
-        return (first, bonus, accepted, keep(new_last, last), keep(new_draft, draft), new_logq,
-                new_cur, cache, mtp_cache)
+        counted = active & accepted
+        loop = dict(loop, cache=cache, mtp_cache=mtp_cache,
+                    drafted=loop["drafted"] + active.sum(dtype=jnp.int32),
+                    accepted=loop["accepted"] + counted.sum(dtype=jnp.int32))
+        loop = _emit(loop, first, active)
+        loop = _emit(loop, bonus, active & accepted)
+        keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
+        return dict(loop, last=keep(jnp.where(accepted, bonus, first), last),
+                    draft=keep(new_draft, draft),
+                    logq=None if s.greedy else keep(new_logq, loop["logq"]),
+                    cur=cur + active.astype(jnp.int32) * (1 + accepted.astype(jnp.int32)))
 
-    return dict(prefill=jax.jit(prefill, donate_argnums=3),
-                prefill_speculative=jax.jit(prefill_speculative, donate_argnums=(3, 4)),
-                step=jax.jit(step, donate_argnums=3),
-                step_speculative=jax.jit(step_speculative, donate_argnums=(6, 7)))
+    step = speculative_step if speculative else plain_step
+
+    def run_chunk(params, loop):
+        def body(carry):
+            i, loop = carry
+            loop = step(params, loop)
+            return i + 1, dict(loop, steps=loop["steps"] + 1)
+
+        cond = lambda carry: (carry[0] < chunk) & ~jnp.all(carry[1]["done"])
+        return jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), loop))[1]
+
+    return (jax.jit(prefill, donate_argnums=(3, 4)), jax.jit(run_chunk, donate_argnums=1))
 
 
 def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[list[int]]:
@@ -140,84 +183,56 @@ def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[list[i
 
 def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
                     sampling: Sampling = Sampling(), speculative: bool = False, seed: int = 0,
-                    stop_tokens: Sequence[int] = (),
+                    stop_tokens: Sequence[int] = (), chunk: int = 16,
                     on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
-    """Generates for a batch of prompts; see `generate`. `on_tokens(row, new_tokens)` is called as
-    tokens are produced (for streaming)."""
+    """Generates for a batch of prompts; see `generate`. The device runs `chunk` steps between host
+    visits; `on_tokens(row, new_tokens)` is called after each (for streaming)."""
     prompts = check_prompts(cfg, prompts, max_new_tokens)
     if speculative and not cfg.mtp_depth:
         raise ValueError("speculative=True needs an MTP module, but this model has mtp_depth=0; "
                          "generate without speculation or use a checkpoint trained with MTP.")
-    programs = _programs(cfg, sampling)
-    stop = set(int(t) for t in stop_tokens)
+    prefill, run_chunk = _programs(cfg, sampling, speculative, chunk)
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded_len = _bucket(int(lengths.max()), cfg.max_seq_len)
-    slots = _bucket(int(lengths.max()) + max_new_tokens + 1, cfg.max_seq_len)
-    slots = max(slots, padded_len)
+    slots = max(padded_len, _bucket(int(lengths.max()) + max_new_tokens + 1, cfg.max_seq_len))
     tokens = np.zeros((b, padded_len), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
-    cache = init_latent_cache(cfg, b, slots)
-    key = jax.random.key(seed)
-    out = [list(p) for p in prompts]
-    done = np.zeros(b, bool)
-    n_new = np.zeros(b, np.int64)
-
-    def emit(row: int, new: list[int]) -> None:
-        kept = []
-        for t in new:
-            if done[row]:
-                break
-            kept.append(t)
-            n_new[row] += 1
-            done[row] = t in stop or n_new[row] >= max_new_tokens
-        out[row].extend(kept)
-        if kept and on_tokens is not None:
-            on_tokens(row, kept)
+    stop = np.array(sorted(set(int(t) for t in stop_tokens)) or [-1], np.int32)
+    mtp_cache = init_mtp_cache(cfg, b, slots) if speculative else None
 
     t0 = time.perf_counter()
-    if speculative:
-        mtp_cache = init_mtp_cache(cfg, b, slots)
-        last, draft, logq, cache, mtp_cache = programs["prefill_speculative"](
-            params, jnp.asarray(tokens), jnp.asarray(lengths), cache, mtp_cache,
-            jax.random.fold_in(key, 0))
-    else:
-        last, _, cache = programs["prefill"](params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                             cache, jax.random.fold_in(key, 0))
-    last_host = np.asarray(last)
+    loop = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), init_latent_cache(cfg, b, slots),
+                   mtp_cache, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.asarray(stop),
+                   jnp.asarray(max_new_tokens, jnp.int32), jax.random.key(seed))
+    streamed = np.zeros(b, np.int64)
+
+    def stream(loop) -> bool:
+        out, n_new, done = jax.device_get((loop["out"], loop["n_new"], loop["done"]))
+        if on_tokens is not None:
+            for row in range(b):
+                if n_new[row] > streamed[row]:
+                    on_tokens(row, out[row, streamed[row]:n_new[row]].tolist())
+        streamed[:] = n_new
+        return bool(done.all())
+
+    finished = stream(loop)
     t1 = time.perf_counter()
-    for row in range(b):
-        emit(row, [int(last_host[row])])
-    cur = jnp.asarray(lengths)  # position of `last`
-    steps, drafted, accepted_total = 0, 0, 0
-    while not done.all():
-        steps += 1
-        step_key = jax.random.fold_in(key, steps)
-        if speculative:
-            active = ~done
-            first, bonus, accepted, last, draft, logq, cur, cache, mtp_cache = programs[
-                "step_speculative"](params, last, draft, logq, cur, jnp.asarray(done), cache,
-                                    mtp_cache, step_key)
-            first, bonus, accepted = map(np.asarray, (first, bonus, accepted))
-            drafted += int(active.sum())
-            accepted_total += int((accepted & active).sum())
-            for row in np.flatnonzero(active):
-                emit(row, [int(first[row]), int(bonus[row])] if accepted[row] else [int(first[row])])
-        else:
-            last, cache = programs["step"](params, last, cur, cache, step_key)
-            cur = cur + 1
-            last_host = np.asarray(last)
-            for row in np.flatnonzero(~done):
-                emit(row, [int(last_host[row])])
+    while not finished:
+        loop = run_chunk(params, loop)
+        finished = stream(loop)
     t2 = time.perf_counter()
+    out, n_new, steps, drafted, accepted = jax.device_get(
+        (loop["out"], loop["n_new"], loop["steps"], loop["drafted"], loop["accepted"]))
+    result = [list(p) + out[i, :n_new[i]].tolist() for i, p in enumerate(prompts)]
     new_tokens = int(n_new.sum())
     stats = {"prefill_seconds": t1 - t0, "decode_seconds": t2 - t1, "new_tokens": new_tokens,
-             "steps": steps, "ms_per_step": 1e3 * (t2 - t1) / max(steps, 1),
+             "steps": int(steps), "ms_per_step": 1e3 * (t2 - t1) / max(int(steps), 1),
              "tokens_per_sec": (new_tokens - b) / (t2 - t1) if steps else 0.0}
     if speculative:
-        stats["acceptance_rate"] = accepted_total / max(drafted, 1)
-    return GenerationResult(tokens=out, stats=stats)
+        stats["acceptance_rate"] = int(accepted) / max(int(drafted), 1)
+    return GenerationResult(tokens=result, stats=stats)
 
 
 def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
