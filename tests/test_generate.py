@@ -191,3 +191,15 @@ def test_streaming_in_chunks_gives_the_same_tokens():
     assert result.tokens == whole.tokens
     for i, prompt in enumerate(PROMPTS):
         assert prompt + streamed[i] == result.tokens[i]
+
+
+def test_bench_decode_smoke(capsys):
+    """The benchmark script runs and checks speculative == plain greedy (tiny model, CPU)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.pop(0)
+    assert bench_decode.main(["--smoke"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 |" in table and "| 4 |" in table and "NO" not in table
