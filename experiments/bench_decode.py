@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         params = _random_params(cfg, args.seed)
         source = f"{preset} (random weights)"
     if args.smoke:
-        args.batch_sizes, args.prompt_len, args.new_tokens = "1,4", 16, 12
+        args.batch_sizes, args.prompt_len, args.new_tokens = "3", 16, 12
 
     print(f"# bench_decode: {source}; device {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}, {datetime.date.today()}; prompt {args.prompt_len}, "

@@ -202,4 +202,4 @@ def test_bench_decode_smoke(capsys):
         sys.path.pop(0)
     assert bench_decode.main(["--smoke"]) == 0
     table = capsys.readouterr().out
-    assert "| 1 |" in table and "| 4 |" in table and "NO" not in table
+    assert "| 3 |" in table and "| yes |" in table and "NO" not in table
