@@ -52,7 +52,7 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from absl import logging
 import flax.linen as nn
@@ -325,6 +325,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
         mtp_depth=keys.int(mtp_key, none_as=0) if mtp_key in hf else 0,
         norm_eps=keys.float("rms_norm_eps"),
         **_routing_fields(keys), **_rope_fields(keys))
+    _fp8_block(hf, source)  # validates quantization_config
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
@@ -546,8 +547,8 @@ class _Checkpoint:
     def info(self, name: str) -> st.TensorInfo:
         return self.files[self.where[name]].info(name)
 
-    def read(self, name: str) -> np.ndarray:
-        return self.files[self.where[name]].read(name)
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        return self.files[self.where[name]].read(name, rows)
 
 
 def _open_folder(path: str) -> tuple[dict, _Checkpoint]:
@@ -745,7 +746,7 @@ def _check_tensors(plan: list[_Leaf], ckpt: _Checkpoint, cfg: ModelConfig,
             if tuple(info.shape) != leaf.hf_shape:
                 raise HFCheckpointError(
                     f"{where} has shape {list(info.shape)}; expected {list(leaf.hf_shape)} for "
-                    f"{'/'.join(leaf.path)} from {source} ({_shape_hint(leaf, cfg)}). The tensors "
+                    f"{'/'.join(leaf.path)} from {source} ({_shape_hint(cfg)}). The tensors "
                     "and config.json belong to different models.")
             if info.dtype == "F8_E4M3":
                 used.add(_check_fp8(name, info, ckpt, fp8_block, source))
@@ -770,7 +771,7 @@ def _check_tensors(plan: list[_Leaf], ckpt: _Checkpoint, cfg: ModelConfig,
             "num_nextn_predict_layers, n_routed_experts, q_lora_rank).")
 
 
-def _shape_hint(leaf: _Leaf, cfg: ModelConfig) -> str:
+def _shape_hint(cfg: ModelConfig) -> str:
     return (f"hidden_size={cfg.dim}, vocab_size={cfg.vocab_size}, q_lora_rank={cfg.q_lora_rank}, "
             f"kv_lora_rank={cfg.kv_lora_rank}, num_attention_heads={cfg.n_heads}")
 
@@ -800,16 +801,17 @@ def _check_fp8(name: str, info: st.TensorInfo, ckpt: _Checkpoint,
     return scale
 
 
-def _check_copy(ckpt: _Checkpoint, copy: str, shared: str, rows_per_chunk: int = 4096) -> None:
-    """The MTP layer's copy of the embedding / head equals the shared tensor (compared in chunks)."""
+def _check_copy(ckpt: _Checkpoint, copy: str, shared: str, rows_per_chunk: int = 1024) -> None:
+    """The MTP layer's copy of the embedding / head equals the shared tensor, compared in chunks of
+    rows (each chunk mapped on its own, so the check holds a few chunks in memory, not the tensors)."""
     a_info, b_info = ckpt.info(copy), ckpt.info(shared)
     if a_info.shape != b_info.shape:
         raise HFCheckpointError(f"{copy!r} has shape {list(a_info.shape)} but {shared!r}, which it "
                                 f"should copy, has {list(b_info.shape)}.")
-    a, b = ckpt.read(copy), ckpt.read(shared)
-    for r in range(0, a.shape[0], rows_per_chunk):
-        if not np.array_equal(np.asarray(a[r:r + rows_per_chunk], np.float32),
-                              np.asarray(b[r:r + rows_per_chunk], np.float32)):
+    for r in range(0, a_info.shape[0], rows_per_chunk):
+        rows = slice(r, r + rows_per_chunk)
+        if not np.array_equal(np.asarray(ckpt.read(copy, rows), np.float32),
+                              np.asarray(ckpt.read(shared, rows), np.float32)):
             raise HFCheckpointError(
                 f"{copy!r} ({ckpt.file_of(copy)}) differs from {shared!r} (rows from {r}): "
                 "dsv3_jax's MTP modules share the main embedding and output head (SPEC.md "
@@ -832,19 +834,18 @@ def _fill(out: np.ndarray, leaf: _Leaf, index: tuple[slice, ...], ckpt: _Checkpo
         if not all(s.start <= p < s.stop for p, s in zip(pos, lead)):
             continue
         dst = out[tuple(p - s.start for p, s in zip(pos, lead))]
-        src = ckpt.read(name + "_scale_inv" if scales else name)
-        region = src[hf_region]
-        if not scales and src.dtype == ml_dtypes.float8_e4m3fn and not keep_fp8:
+        # Map only the rows of the region, then take its columns.
+        region = ckpt.read(name + "_scale_inv" if scales else name, hf_region[0])[(slice(None),) + hf_region[1:]]
+        if not scales and region.dtype == ml_dtypes.float8_e4m3fn and not keep_fp8:
             s = np.asarray(ckpt.read(name + "_scale_inv"), np.float32)
             _dequantize_into(dst, region, s, hf_region[0].start, hf_region[1].start, fp8_block,
                              leaf.transpose)
         else:
             dst[...] = region.T if leaf.transpose else region
-        del src, region
+        del region
 
 
-def _put(leaf: _Leaf, shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding,
-         fill) -> jax.Array:
+def _put(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding, fill) -> jax.Array:
     """A jax.Array of `shape` with `sharding`, built one addressable shard at a time: each unique
     shard is filled on the host, put on its first device, and copied device-to-device to the others
     that hold the same index, so the host holds one shard at a time."""
@@ -916,8 +917,8 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh 
     time (a stacked expert array [L, E, D, F] included): a shard is filled on the host from the
     source tensors it covers, one source region at a time, put on its device, then released. Host
     memory beyond the loaded parameters is therefore bounded by one output shard plus the mapped pages
-    of one source tensor (FP8 dequantization adds a band of 128 rows in float32); with no mesh the
-    "shard" is the whole parameter. Headers, shapes and dtypes are all checked before any weight is
+    of one source tensor (only the rows a shard needs are mapped; FP8 dequantization adds a band of
+    128 rows in float32); with no mesh the "shard" is the whole parameter. Headers, shapes and dtypes are all checked before any weight is
     read; the MTP layer's copies of the embedding and head are compared with the shared ones, chunk
     by chunk, and dropped.
 
@@ -953,7 +954,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh 
             out_dtype = np.dtype(dtype_name)
         sharding = shardings.get(leaf.path, default)
         fill = lambda out, index, leaf=leaf, q=quantized: _fill(out, leaf, index, ckpt, fp8_block, q)
-        _set(params, leaf.path, _put(leaf, leaf.shape, out_dtype, sharding, fill))
+        _set(params, leaf.path, _put(leaf.shape, out_dtype, sharding, fill))
         if quantized:
             _set(params, leaf.path[:-1] + (leaf.path[-1] + "_scale_inv",),
                  _load_scales(leaf, ckpt, fp8_block, mesh, default))
@@ -970,7 +971,7 @@ def _load_scales(leaf: _Leaf, ckpt: _Checkpoint, fp8_block, mesh, default) -> ja
     sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                 if mesh is not None else default)
     fill = lambda out, index: _fill(out, scale_leaf, index, ckpt, fp8_block, True, scales=True)
-    return _put(scale_leaf, scale_leaf.shape, np.dtype(np.float32), sharding, fill)
+    return _put(scale_leaf.shape, np.dtype(np.float32), sharding, fill)
 
 
 # ================================================================================================
@@ -991,10 +992,11 @@ class _Out:
 
 
 def _sort_key(name: str):
-    m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
-    if m:
-        return (1, int(m.group(1)), m.group(2))
-    return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name)
+    """Embedding, layers in order (numbers compared as numbers), final norm, head; a weight's
+    `_scale_inv` right after it."""
+    group = 1 if name.startswith("model.layers.") else {"model.embed_tokens.weight": 0,
+                                                        "model.norm.weight": 2}.get(name, 3)
+    return (group, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")])
 
 
 def _check_params(cfg: ModelConfig, params) -> dict[tuple[str, ...], Any]:
@@ -1165,9 +1167,3 @@ def save_hf_checkpoint(path: str, cfg: ModelConfig, params, *,
     logging.info("wrote %s: %d tensors in %d file(s), %.1f MB", path, len(outs), len(shards), total / 1e6)
     return path
 
-
-def iter_hf_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array mapped from its file) for every tensor of an HF checkpoint folder, in file order."""
-    _, ckpt = _open_folder(path)
-    for name in ckpt.names():
-        yield name, ckpt.read(name)

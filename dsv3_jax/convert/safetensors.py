@@ -154,14 +154,25 @@ class SafetensorsFile:
         except KeyError:
             raise SafetensorsError(f"{self.path} holds no tensor named {name!r}.") from None
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as a read-only array mapped from the file (pages load when touched)."""
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor, or its rows [start, stop) along the first axis, as a read-only array mapped
+        from the file: only those bytes are mapped, and pages load when touched."""
         info = self.info(name)
         dtype = DTYPES[info.dtype]
-        if info.nbytes == 0:
-            return np.zeros(info.shape, dtype)
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
-        return raw.view(dtype).reshape(info.shape)
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            if not shape:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} is a scalar; it has no rows.")
+            start, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise SafetensorsError(f"read({name!r}, rows={rows}): only contiguous rows can be mapped.")
+            stop = max(start, stop)
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            shape, offset, nbytes = (stop - start,) + shape[1:], offset + start * row_bytes, (stop - start) * row_bytes
+        if nbytes == 0:
+            return np.zeros(shape, dtype)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+        return raw.view(dtype).reshape(shape)
 
 
 def read_file(path: str) -> dict[str, np.ndarray]:

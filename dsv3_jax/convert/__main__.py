@@ -1,0 +1,195 @@
+"""python -m dsv3_jax.convert {hf-to-orbax, orbax-to-hf}: Hugging Face <-> Orbax checkpoints.
+
+  python -m dsv3_jax.convert hf-to-orbax --hf_dir=DeepSeek-V3/ --out=ckpt/ [--dtype=bfloat16]
+  python -m dsv3_jax.convert orbax-to-hf --orbax_dir=ckpt/ --out=hf/ [--fp8] [--dtype=bfloat16]
+                                         [--max_shard_gb=5]
+
+The Orbax layout that hf-to-orbax writes (and generation restores):
+  <out>/params/            `orbax.checkpoint.StandardCheckpointer().save(path, params)`: the plain
+                           (unboxed) parameter arrays of DeepSeekV3(cfg)
+  <out>/model_config.json  `json.dump(cfg.to_dict())`; rebuild with `ModelConfig(**d)`
+  <out>/tokenizer.model    copied when the source folder has one
+
+orbax-to-hf reads that layout, or a training workdir: the newest `<workdir>/checkpoints/<step>/`,
+restoring only the `params` of its `state` item, with the model config from `meta/metadata` (JSON,
+key `model`); the workdir's `tokenizer.model` is copied when present. Both commands refuse an
+existing non-empty --out and write nothing under it when they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as py_logging
+import os
+import shutil
+
+from absl import app, flags, logging
+
+_COMMANDS = ("hf-to-orbax", "orbax-to-hf")
+_DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZER_FILE = "tokenizer.model"
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+class ConversionError(ValueError):
+    """A conversion's input or output path cannot be used as asked."""
+
+
+def _check_out(out: str) -> str:
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConversionError(f"--out={out} already exists and is not an empty folder; choose a new "
+                              "path (nothing is overwritten).")
+    return out
+
+
+def _copy_tokenizer(source_dir: str, out: str) -> None:
+    tokenizer = os.path.join(source_dir, TOKENIZER_FILE)
+    if os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))
+
+
+def hf_to_orbax(hf_dir: str, out: str, *, dtype: str = "float32", progress: bool = True):
+    """Reads a Hugging Face checkpoint folder and writes the Orbax layout above; returns the cfg."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from dsv3_jax.convert.hf import load_hf_checkpoint
+
+    out = _check_out(out)
+    cfg, params = load_hf_checkpoint(hf_dir, jnp.dtype(dtype), progress=progress)
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(partial, PARAMS_DIR), params)
+        checkpointer.wait_until_finished()
+        with open(os.path.join(partial, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        _copy_tokenizer(hf_dir, partial)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return cfg
+
+
+def _target(cfg):
+    """Abstract params of cfg on the default device (the restore target)."""
+    import jax
+
+    from dsv3_jax.model.stats import abstract_params
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        abstract_params(cfg))
+
+
+def _newest_step(checkpoints: str) -> str:
+    steps = [int(n) for n in os.listdir(checkpoints)
+             if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n, "state"))
+             and os.path.isfile(os.path.join(checkpoints, n, "meta", "metadata"))]
+    if not steps:
+        raise ConversionError(f"{checkpoints} holds no finished checkpoint (<step>/state and "
+                              "<step>/meta/metadata); train first or point at another run.")
+    return os.path.join(checkpoints, str(max(steps)))
+
+
+def read_orbax(path: str):
+    """(ModelConfig, params, source folder for the tokenizer) from the Orbax layout or a workdir."""
+    import orbax.checkpoint as ocp
+
+    from dsv3_jax.config import ModelConfig
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        with open(os.path.join(path, MODEL_CONFIG_FILE), encoding="utf-8") as f:
+            cfg = ModelConfig(**json.load(f))
+        params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR), _target(cfg))
+        return cfg, params, path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        step_dir = _newest_step(os.path.join(path, "checkpoints"))
+        with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if "model" not in meta:
+            raise ConversionError(f"{step_dir}/meta/metadata has no 'model' key; it is not a "
+                                  "dsv3_jax training checkpoint.")
+        cfg = ModelConfig(**meta["model"])
+        target = _target(cfg)
+        import jax
+
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(step_dir, "state"),
+            args=ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
+                                        partial_restore=True))
+        logging.info("restored the parameters of %s", step_dir)
+        return cfg, restored["params"], path
+    raise ConversionError(
+        f"--orbax_dir={path} is neither a converted Orbax folder ({PARAMS_DIR}/ + "
+        f"{MODEL_CONFIG_FILE}) nor a training workdir (checkpoints/<step>/state).")
+
+
+def orbax_to_hf(orbax_dir: str, out: str, *, fp8: bool = False, dtype: str | None = None,
+                max_shard_bytes: int | None = None, progress: bool = True):
+    """Writes the params of an Orbax folder or training workdir as a Hugging Face checkpoint."""
+    from dsv3_jax.convert.hf import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
+
+    out = _check_out(out)
+    cfg, params, source = read_orbax(orbax_dir)
+    save_hf_checkpoint(out, cfg, params, fp8=fp8, dtype=dtype, progress=progress,
+                       max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)  # atomic
+    _copy_tokenizer(source, out)
+    return cfg
+
+
+def _define_flags():
+    """The CLI's flags, defined only when run as a program (importing this module defines none)."""
+    flags.DEFINE_string("hf_dir", None, "hf-to-orbax: the Hugging Face checkpoint folder.")
+    flags.DEFINE_string("orbax_dir", None, "orbax-to-hf: a converted Orbax folder or a training "
+                        "workdir.")
+    flags.DEFINE_string("out", None, "The folder to write (must not exist, or be empty).")
+    flags.DEFINE_enum("dtype", None, _DTYPES, "hf-to-orbax: parameter dtype (default float32); "
+                      "orbax-to-hf: dtype of the written tensors (default: the parameters' own).")
+    flags.DEFINE_bool("fp8", False, "orbax-to-hf: write block-scaled FP8 linear weights.")
+    flags.DEFINE_float("max_shard_gb", 5.0, "orbax-to-hf: safetensors shard size, GB.")
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Keeps the checkpoint library's INFO chatter out of the conversion's output."""
+
+    def filter(self, record):
+        noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "jax"))
+        return record.levelno >= py_logging.WARNING or not noisy
+
+
+def main(argv):
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if len(argv) != 2 or argv[1] not in _COMMANDS:
+        raise app.UsageError(f"give one command, {' or '.join(_COMMANDS)}; got {argv[1:]}.")
+    command, f = argv[1], flags.FLAGS
+    if not f.out:
+        raise app.UsageError("--out is required.")
+    try:
+        if command == "hf-to-orbax":
+            if not f.hf_dir:
+                raise app.UsageError("hf-to-orbax needs --hf_dir.")
+            cfg = hf_to_orbax(f.hf_dir, f.out, dtype=f.dtype or "float32")
+        else:
+            if not f.orbax_dir:
+                raise app.UsageError("orbax-to-hf needs --orbax_dir.")
+            cfg = orbax_to_hf(f.orbax_dir, f.out, fp8=f.fp8, dtype=f.dtype,
+                              max_shard_bytes=int(f.max_shard_gb * 2**30))
+    except ValueError as e:  # HFCheckpointError, ConversionError, ConfigError: a message for the user
+        raise app.UsageError(str(e)) from e
+    print(f"{command}: wrote {os.path.abspath(f.out)} ({cfg.n_layers} layers, dim {cfg.dim}, "
+          f"{cfg.n_routed_experts} experts, MTP depth {cfg.mtp_depth})")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
