@@ -23,7 +23,8 @@ import reference
 RTOL = 1e-4
 
 
-@pytest.mark.parametrize("cfg", [TINY32, V2_STYLE], ids=["v3-style", "v2-style-yarn"])
+@pytest.mark.parametrize("cfg", [TINY32, V2_STYLE, TINY32.replace(mtp_depth=2, n_layers=2)],
+                         ids=["v3-style", "v2-style-yarn", "mtp-depth-2"])
 def test_forward_matches_numpy_reference(cfg):
     params = init_params(cfg)
     tokens = random_tokens(cfg, (2, 16), seed=3)
@@ -33,6 +34,13 @@ def test_forward_matches_numpy_reference(cfg):
         assert_close(out.logits[b], logits, RTOL, f"logits row {b}")
         if cfg.mtp_depth:
             assert_close(out.mtp_logits[:, b], mtp_logits, RTOL, f"mtp logits row {b}")
+
+
+def test_sequences_shorter_than_the_mtp_depth():
+    """MTP module k reads token t_{i+k}; with T <= k there is none, and the shapes still hold."""
+    cfg = TINY32.replace(mtp_depth=2, n_layers=2)
+    out = jitted_forward(cfg)(init_params(cfg), jnp.array([[7]], jnp.int32))
+    assert out.mtp_logits.shape == (2, 1, 1, cfg.vocab_size)
 
 
 def test_init_and_public_call_api():

@@ -62,7 +62,7 @@ def _check_tokens(cfg: ModelConfig, tokens: jax.Array) -> None:
 
 def _shift_left(tokens: jax.Array, k: int) -> jax.Array:
     """t_{i+k} at position i; the last k positions get token 0 (their outputs are ignored)."""
-    return jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+    return jnp.pad(tokens, ((0, 0), (0, k)))[:, k:]
 
 
 class DeepSeekV3(nn.Module):
