@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from dsv3_jax.cli import quiet_library_logs
 from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.infer.generate import generate_tokens
 from dsv3_jax.infer.load import load_for_inference
@@ -32,6 +33,7 @@ flags.mark_flags_as_required(["checkpoint", "prompt"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     cfg, params, tokenizer_path = load_for_inference(_CHECKPOINT.value)
     tokenizer_path = _TOKENIZER.value or tokenizer_path
     if not tokenizer_path:

@@ -19,17 +19,16 @@ existing non-empty --out and write nothing under it when they fail.
 from __future__ import annotations
 
 import json
-import logging as py_logging
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from dsv3_jax.cli import quiet_library_logs
+from dsv3_jax.train.checkpoint import MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE
 
 _COMMANDS = ("hf-to-orbax", "orbax-to-hf")
 _DTYPES = ("float32", "bfloat16", "float16")
-TOKENIZER_FILE = "tokenizer.model"
-MODEL_CONFIG_FILE = "model_config.json"
-PARAMS_DIR = "params"
 
 
 class ConversionError(ValueError):
@@ -78,60 +77,15 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: str = "float32", progress: bool
     return cfg
 
 
-def _target(cfg):
-    """Abstract params of cfg on the default device (the restore target)."""
-    import jax
-
-    from dsv3_jax.model.stats import abstract_params
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        abstract_params(cfg))
-
-
-def _newest_step(checkpoints: str) -> str:
-    steps = [int(n) for n in os.listdir(checkpoints)
-             if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n, "state"))
-             and os.path.isfile(os.path.join(checkpoints, n, "meta", "metadata"))]
-    if not steps:
-        raise ConversionError(f"{checkpoints} holds no finished checkpoint (<step>/state and "
-                              "<step>/meta/metadata); train first or point at another run.")
-    return os.path.join(checkpoints, str(max(steps)))
-
-
 def read_orbax(path: str):
-    """(ModelConfig, params, source folder for the tokenizer) from the Orbax layout or a workdir."""
-    import orbax.checkpoint as ocp
+    """(ModelConfig, params, folder holding its tokenizer) from the Orbax layout or a workdir."""
+    from dsv3_jax.train.checkpoint import CheckpointNotFoundError, read_params
 
-    from dsv3_jax.config import ModelConfig
-
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        with open(os.path.join(path, MODEL_CONFIG_FILE), encoding="utf-8") as f:
-            cfg = ModelConfig(**json.load(f))
-        params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR), _target(cfg))
-        return cfg, params, path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        step_dir = _newest_step(os.path.join(path, "checkpoints"))
-        with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
-            meta = json.load(f)
-        if "model" not in meta:
-            raise ConversionError(f"{step_dir}/meta/metadata has no 'model' key; it is not a "
-                                  "dsv3_jax training checkpoint.")
-        cfg = ModelConfig(**meta["model"])
-        target = _target(cfg)
-        import jax
-
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-        restored = ocp.PyTreeCheckpointer().restore(
-            os.path.join(step_dir, "state"),
-            args=ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
-                                        partial_restore=True))
-        logging.info("restored the parameters of %s", step_dir)
-        return cfg, restored["params"], path
-    raise ConversionError(
-        f"--orbax_dir={path} is neither a converted Orbax folder ({PARAMS_DIR}/ + "
-        f"{MODEL_CONFIG_FILE}) nor a training workdir (checkpoints/<step>/state).")
+    try:
+        cfg, params, _ = read_params(path)
+    except CheckpointNotFoundError as e:
+        raise ConversionError(f"--orbax_dir: {e}") from e
+    return cfg, params, os.path.abspath(os.path.expanduser(path))
 
 
 def orbax_to_hf(orbax_dir: str, out: str, *, fp8: bool = False, dtype: str | None = None,
@@ -159,16 +113,8 @@ def _define_flags():
     flags.DEFINE_float("max_shard_gb", 5.0, "orbax-to-hf: safetensors shard size, GB.")
 
 
-class _QuietLibraries(py_logging.Filter):
-    """Keeps the checkpoint library's INFO chatter out of the conversion's output."""
-
-    def filter(self, record):
-        noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "jax"))
-        return record.levelno >= py_logging.WARNING or not noisy
-
-
 def main(argv):
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_library_logs()
     if len(argv) != 2 or argv[1] not in _COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(_COMMANDS)}; got {argv[1:]}.")
     command, f = argv[1], flags.FLAGS

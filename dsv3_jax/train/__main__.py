@@ -5,10 +5,10 @@ A thin absl entry point over `dsv3_jax.train.loop.train_and_evaluate`. The confi
 overridden with `--config.<section>.<key>=value` (unknown keys are refused).
 """
 
-import logging as py_logging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dsv3_jax.cli import quiet_library_logs
 
 from dsv3_jax.train.loop import train_and_evaluate
 
@@ -19,18 +19,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(py_logging.Filter):
-    """Keeps the checkpoint and data libraries' INFO chatter out of the run's log."""
-
-    def filter(self, record):
-        noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "jax"))
-        return record.levelno >= py_logging.WARNING or not noisy
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_library_logs()
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("finished at step %d: train %s, eval %s", result["step"], result["train"],
                  result["eval"])

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a training run: state, data-iterator position and run identity together.
+"""Orbax checkpoints: a training run's (state, data-iterator position and run identity together),
+and reading parameters back from either of our two layouts.
 
 Each checkpoint `<workdir>/checkpoints/<step>/` holds three items:
   state  the TrainState pytree (params with the router biases, optimizer state, step, RNG), restored
@@ -15,8 +16,21 @@ from __future__ import annotations
 import os
 import time
 
+import json
+
 from absl import logging
+import jax
 import orbax.checkpoint as ocp
+
+from dsv3_jax.config import ModelConfig
+
+# The converted-parameters layout (`python -m dsv3_jax.convert hf-to-orbax` writes it):
+#   <dir>/params/            StandardCheckpointer().save of the plain parameter arrays
+#   <dir>/model_config.json  json of ModelConfig.to_dict()
+#   <dir>/tokenizer.model    when the source had one
+PARAMS_DIR = "params"
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.model"
 
 # Model fields that may change between a checkpoint and its restart (they change neither the
 # parameter tree nor the math): the memory/speed trade-off and the compute dtype.
@@ -89,3 +103,60 @@ def _check_meta(saved: dict, current: dict, directory: str) -> None:
         raise CheckpointMismatchError(
             f"the checkpoints in {directory} belong to another run config ({'; '.join(diffs)}). "
             "Use a new --workdir for this config, or run with the checkpoint's settings.")
+
+
+class CheckpointNotFoundError(ValueError):
+    """A path holds none of our checkpoint layouts."""
+
+
+def _params_target(cfg: ModelConfig):
+    """Abstract params of cfg on the first local device (a restore target)."""
+    from dsv3_jax.model.stats import abstract_params
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        abstract_params(cfg))
+
+
+def newest_step_dir(checkpoints: str) -> str:
+    """`<checkpoints>/<step>` of the newest finished checkpoint (state and meta written)."""
+    steps = [int(n) for n in os.listdir(checkpoints)
+             if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n, "state"))
+             and os.path.isfile(os.path.join(checkpoints, n, "meta", "metadata"))]
+    if not steps:
+        raise CheckpointNotFoundError(f"{checkpoints} holds no finished checkpoint (<step>/state "
+                                      "and <step>/meta/metadata); train first or point at another run.")
+    return os.path.join(checkpoints, str(max(steps)))
+
+
+def read_params(path: str) -> tuple[ModelConfig, dict, dict]:
+    """(ModelConfig, params, meta) from a converted-parameters folder or a training workdir.
+
+    A workdir gives its newest checkpoint: only the `params` of its state are read (a partial
+    restore: no optimizer moments). `meta` is the checkpoint's meta (`tokenizer_path`, ...), or {}.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        with open(os.path.join(path, MODEL_CONFIG_FILE), encoding="utf-8") as f:
+            cfg = ModelConfig(**json.load(f))
+        params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR), _params_target(cfg))
+        return cfg, params, {}
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        step_dir = newest_step_dir(os.path.join(path, "checkpoints"))
+        with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if "model" not in meta:
+            raise CheckpointNotFoundError(f"{step_dir}/meta/metadata has no 'model' key; it is not "
+                                          "a dsv3_jax training checkpoint.")
+        cfg = ModelConfig(**meta["model"])
+        target = _params_target(cfg)
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(step_dir, "state"),
+            args=ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
+                                        partial_restore=True))
+        logging.info("restored the parameters of %s", step_dir)
+        return cfg, restored["params"], meta
+    raise CheckpointNotFoundError(
+        f"{path} is neither a converted Orbax folder ({PARAMS_DIR}/ + {MODEL_CONFIG_FILE}) nor a "
+        "training workdir (checkpoints/<step>/state).")
