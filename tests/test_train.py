@@ -110,7 +110,8 @@ def uninterrupted(corpus, tokenizer, tmp_path_factory):
 
 def test_one_step(corpus, tokenizer, tmp_path):
     result = train_and_evaluate(_config(corpus, tokenizer, train__steps=1,
-                                        train__profile_start_step=1, train__profile_steps=1),
+                                        train__profile_start_step=1, train__profile_steps=1,
+                                        train__log_expert_load=True),
                                 str(tmp_path))
     assert result["step"] == 1
     assert list((tmp_path / "profile").rglob("*.xplane.pb"))  # the jax.profiler trace of step 1
@@ -121,6 +122,12 @@ def test_one_step(corpus, tokenizer, tmp_path):
                 "balance_loss", "expert_load_max_over_mean", "expert_load_cv", "router_bias_norm"):
         assert key in train_row, key
     assert len(train_row["expert_load_cv"]) == 3  # two MoE layers and the MTP block
+    # Per-expert vectors: every router sees batch x seq_len valid tokens x K = 2 experts each.
+    assert np.asarray(train_row["expert_load"]).shape == (3, 8)
+    np.testing.assert_array_equal(np.asarray(train_row["expert_load"]).sum(-1), 4 * 64 * 2)
+    assert np.asarray(train_row["router_bias"]).shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(train_row["router_bias"], axis=-1),
+                               train_row["router_bias_norm"], atol=1e-6)  # logged to 6 decimals
     assert np.isfinite(train_row["loss"]) and train_row["tokens_per_sec"] > 0
     assert rows[-1]["step"] == 1 and {"eval_loss", "eval_perplexity", "eval_accuracy",
                                       "eval_mtp_accuracy"} <= set(rows[-1])

@@ -79,14 +79,20 @@ def _eval_step(params, batch, *, model):
     return losses.prediction_stats(out, batch["tokens"], batch["segment_ids"])
 
 
-def _router_bias_norms(params) -> np.ndarray | None:
-    """L2 norm of each router's bias, main layers then MTP modules."""
-    norms = []
+def _router_biases(params) -> np.ndarray | None:
+    """Every router's e_score_correction_bias [n_routers, E], main layers then MTP modules (the
+    order of ModelOutput's expert loads)."""
+    found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if optim.BIAS_NAME in jax.tree_util.keystr(path):
+        name = jax.tree_util.keystr(path)
+        if optim.BIAS_NAME in name:
             leaf = np.asarray(leaf)
-            norms.extend(np.linalg.norm(leaf.reshape(-1, leaf.shape[-1]), axis=-1))
-    return np.asarray(norms) if norms else None
+            found[name] = leaf.reshape(-1, leaf.shape[-1])
+    if not found:
+        return None
+    main = [v for k, v in sorted(found.items()) if "moe_layers" in k]
+    mtp = [v for k, v in sorted(found.items()) if "moe_layers" not in k]
+    return np.concatenate(main + mtp)
 
 
 def _prepare_workdir(workdir: str) -> str:
@@ -273,8 +279,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                      if peak else None)
                 row = dict(last_train, tokens_seen=step * tokens_per_step)
                 if m["expert_load"] is not None:
+                    biases = _router_biases(state.params)
                     row.update(metrics_lib.expert_load_stats(
-                        m["expert_load"], _router_bias_norms(state.params)))
+                        m["expert_load"], None if biases is None else np.linalg.norm(biases, axis=-1)))
+                    if tc.log_expert_load:
+                        row["expert_load"] = m["expert_load"]
+                        row["router_bias"] = biases
                 writer.write(step, row)
                 writer.progress(step, last_train["loss"], tps)
                 window_start, window_steps = time.perf_counter(), 0

@@ -1,7 +1,8 @@
 """What a run reports: metrics.jsonl, TensorBoard, a progress bar, expert-load statistics, MFU.
 
 `<workdir>/metrics.jsonl` gets one JSON object per logged step (`step`, `loss`, `lr`, `grad_norm`,
-`tokens_per_sec`, `mfu`, the loss terms, per-layer expert-load statistics) and one per evaluation
+`tokens_per_sec`, `mfu`, the loss terms, per-layer expert-load statistics, and with
+`train.log_expert_load` the per-expert `expert_load` and `router_bias` of every router) and one per evaluation
 (`step`, `eval_loss`, `eval_perplexity`, `eval_accuracy`, `eval_mtp_accuracy`). The same scalars go
 to TensorBoard under `<workdir>/tb`; per-layer lists become one scalar per layer.
 """
@@ -82,6 +83,8 @@ class MetricsWriter:
             if key == "step" or value is None:
                 continue
             if isinstance(value, list):
+                if value and isinstance(value[0], list):
+                    continue  # per-expert vectors (log_expert_load): metrics.jsonl only
                 for i, v in enumerate(value):
                     self._tb.add_scalar(f"{key}/layer_{i}", v, step)
             else:

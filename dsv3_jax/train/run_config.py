@@ -71,6 +71,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         eval_every=200,
         eval_batches=8,
         log_every=10,
+        log_expert_load=False,  # also log every router's per-expert load and bias vectors
         profile_start_step=-1,  # with profile_steps > 0: jax.profiler trace into workdir/profile
         profile_steps=0,
         peak_tflops_per_device=0.0,  # for MFU; 0 = known accelerators' bf16 dense peak, else none
