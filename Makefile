@@ -38,8 +38,10 @@ $(VENV)/.installed: setup.py constraints.txt
 train: setup
 	$(PY) -m dsv3_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
 
+# The second run gives the mesh tests 8 simulated CPU devices (tests marked multidevice).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -m multidevice tests/test_parallel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

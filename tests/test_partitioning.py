@@ -35,3 +35,30 @@ def test_scanned_parameters_carry_the_layers_axis():
     assert specs["moe_layers"]["layers"]["ffn"]["w1"] == jax.sharding.PartitionSpec(
         "layers", "exp", "embed", "moe_mlp")
     assert specs["embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
+
+
+def test_mesh_shapes_and_their_errors():
+    import ml_collections
+    import pytest
+
+    from dsv3_jax.parallel.mesh import check_mesh_fits, mesh_shape
+
+    mk = lambda **kw: ml_collections.ConfigDict(dict(dict(data=1, fsdp=1, expert=1, tensor=1), **kw))
+    assert mesh_shape(mk(fsdp=-1), 8) == dict(data=1, fsdp=8, expert=1, tensor=1)
+    assert mesh_shape(mk(expert=4, tensor=-1), 8) == dict(data=1, fsdp=1, expert=4, tensor=2)
+    with pytest.raises(ValueError, match="only one axis may be -1"):
+        mesh_shape(mk(fsdp=-1, data=-1), 8)
+    with pytest.raises(ValueError, match=r"spans 6 devices but 8 are available"):
+        mesh_shape(mk(data=2, expert=3), 8)
+    with pytest.raises(ValueError, match=r"fixed axes use 3 devices, which does not divide the 8"):
+        mesh_shape(mk(expert=3, fsdp=-1), 8)
+    with pytest.raises(ValueError, match=r"config.mesh.tensor=0 is invalid"):
+        mesh_shape(mk(tensor=0), 8)
+    cfg = ds.get_model_config("tiny")  # 8 experts, 4 heads, dim 128
+    check_mesh_fits(dict(data=1, fsdp=2, expert=4, tensor=1), cfg, 16)
+    with pytest.raises(ValueError, match=r"config.mesh.expert=16 does not divide ModelConfig.n_routed_experts=8"):
+        check_mesh_fits(dict(data=1, fsdp=1, expert=16, tensor=1), cfg, 16)
+    with pytest.raises(ValueError, match=r"config.mesh.tensor=8 does not divide ModelConfig.n_heads=4"):
+        check_mesh_fits(dict(data=1, fsdp=1, expert=1, tensor=8), cfg, 16)
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data x fsdp x expert = 8"):
+        check_mesh_fits(dict(data=2, fsdp=2, expert=2, tensor=1), cfg, 12)

@@ -14,8 +14,9 @@ The bias is a parameter (checkpoints carry it) that no gradient reaches; the bal
 training loop updates it from `expert_load`.
 
 Experts (`MoE`): token-expert pairs are sorted by expert, pushed through `ops.grouped_matmul`
-(w1, w3, SwiGLU, w2), unsorted and summed with their weights; no token is dropped. The shared
-experts form one SwiGLU MLP of width n_shared_experts * moe_inter_dim, added to every token.
+(w1, w3, SwiGLU, w2), unsorted and summed with their weights; no token is dropped. Under a device
+mesh the same runs expert-parallel (`dsv3_jax/parallel/expert_parallel.py`). The shared experts
+form one SwiGLU MLP of width n_shared_experts * moe_inter_dim, added to every token.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import MLP, dtype_of, param_with_axes
-from dsv3_jax.ops.grouped_matmul import grouped_matmul
+from dsv3_jax.parallel.expert_parallel import routed_experts
 
 
 @flax.struct.dataclass
@@ -111,26 +112,6 @@ class Gate(nn.Module):
                           valid.astype(jnp.int32))
         return Routing(weights=weights, indices=indices.astype(jnp.int32), expert_load=load,
                        balance_loss=sequence_balance_loss(scores, indices, valid, e))
-
-
-def routed_experts(x: jax.Array, indices: jax.Array, weights: jax.Array, w1: jax.Array,
-                   w2: jax.Array, w3: jax.Array) -> jax.Array:
-    """Dropless routed-expert SwiGLU: sum_k weights[n, k] * expert_{indices[n, k]}(x[n]).
-
-    Args:
-      x: [N, D] tokens; indices, weights: [N, K]; w1, w3: [E, D, F]; w2: [E, F, D].
-    Returns:
-      [N, D] in x's dtype (the weighted sum is taken in float32).
-    """
-    n, k = indices.shape
-    flat = indices.reshape(-1)  # [M]
-    order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
-    group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    xs = jnp.take(x, order // k, axis=0)  # [M, D]
-    h = nn.silu(grouped_matmul(xs, w1, group_sizes)) * grouped_matmul(xs, w3, group_sizes)
-    ys = grouped_matmul(h, w2, group_sizes)  # [M, D]
-    ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to token order
-    return jnp.einsum("nkd,nk->nd", ys.astype(jnp.float32), weights.astype(jnp.float32)).astype(x.dtype)
 
 
 class MoE(nn.Module):

@@ -3,7 +3,8 @@
 Parameters name their dimensions with the logical axes below (`dsv3_jax/model/layers.py`
 `param_with_axes`); block-boundary activations use the `activation_*` names. Mesh axes:
 `data` (pure data parallel), `fsdp` (data parallel with sharded weights), `expert` (expert
-parallel), `tensor` (heads and hidden dims). A logical axis mapped to None is replicated.
+parallel), `tensor` (heads and hidden dims). A logical axis mapped to None is replicated. Within one
+parameter a mesh axis is used once: the first of its dims to claim it (in order) gets it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),  # the scanned layer axis
     ("vocab", "tensor"),
     ("embed", "fsdp"),
-    ("q_lora", None),
-    ("kv_lora", None),
+    ("q_lora", "fsdp"),  # the low-rank dims take fsdp where the model dim has not (wq_b, wkv_b)
+    ("kv_lora", "fsdp"),
     ("heads", "tensor"),  # heads x head_dim, flattened
     ("mlp", "tensor"),
     ("exp", "expert"),
@@ -55,6 +56,34 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
         raise ValueError(f"config.mesh {sizes} spans {known} devices but {n_devices} are "
                          "available; make the sizes multiply to that, or set one axis to -1.")
     return sizes
+
+
+def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
+    """Refuses a mesh the model or the batch cannot be split over, naming the axis and the fix.
+
+    The batch is split over data x fsdp x expert; experts over expert; the model dim of the
+    weights (or their low-rank dims) over fsdp; heads, FFN and expert hidden dims and the
+    vocabulary over tensor.
+    """
+    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    needs = [
+        ("expert", cfg.n_routed_experts, "ModelConfig.n_routed_experts"),
+        ("fsdp", cfg.dim, "ModelConfig.dim"),
+        ("fsdp", cfg.kv_lora_rank, "ModelConfig.kv_lora_rank"),
+        ("fsdp", cfg.q_lora_rank or sizes["fsdp"], "ModelConfig.q_lora_rank"),
+        ("tensor", cfg.n_heads, "ModelConfig.n_heads"),
+        ("tensor", cfg.inter_dim, "ModelConfig.inter_dim"),
+        ("tensor", cfg.moe_inter_dim, "ModelConfig.moe_inter_dim"),
+        ("tensor", cfg.vocab_size, "ModelConfig.vocab_size"),
+    ]
+    for axis, value, what in needs:
+        if value % sizes[axis]:
+            raise ValueError(f"config.mesh.{axis}={sizes[axis]} does not divide {what}={value}, "
+                             f"which is split over that axis; use a {axis} size dividing {value}.")
+    if global_batch % batch_ways:
+        raise ValueError(f"config.data.batch_size={global_batch} is not divisible by data x fsdp "
+                         f"x expert = {batch_ways}, the devices the batch is split over; use a "
+                         f"multiple of {batch_ways}.")
 
 
 def make_mesh(mesh_cfg, devices=None):

@@ -1,6 +1,8 @@
 """python -m dsv3_jax.train --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=N ...]
 
-A thin absl entry point over `dsv3_jax.train.loop.train_and_evaluate`. The config file's
+A thin absl entry point over `dsv3_jax.train.loop.train_and_evaluate`. Several processes (hosts):
+start one per host with `--coordinator_address=host0:port --num_processes=N --process_id=i` (or
+`--distributed` on a cluster JAX detects), the same config and a shared --workdir. The config file's
 `get_config(arg)` receives what follows a colon (`--config=configs/tiny.py:short`); any setting can be
 overridden with `--config.<section>.<key>=value` (unknown keys are refused).
 """
@@ -16,13 +18,35 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (conf
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, tokenizer "
                                "and token store; a run resumes from it.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of "
+                                   "process 0 (with --num_processes and --process_id). On SLURM, "
+                                   "TPU pods and similar clusters, --distributed finds them itself.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
+                                 "the cluster's own settings (implied by --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+    """jax.distributed.initialize from the flags (or the cluster environment) before any jax use."""
+    if not (_DISTRIBUTED.value or _COORDINATOR.value):
+        return
+    import jax
+
+    # Collectives between processes on CPU hosts (tests, CPU clusters) go through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
+    _initialize_distributed()
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("finished at step %d: train %s, eval %s", result["step"], result["train"],
                  result["eval"])

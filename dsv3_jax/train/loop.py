@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from dsv3_jax.data import pipeline
 from dsv3_jax.model.stats import abstract_params, model_stats
@@ -95,11 +96,30 @@ def _router_biases(params) -> np.ndarray | None:
     return np.concatenate(main + mtp)
 
 
+def _barrier(name: str) -> None:
+    """All processes wait here (through the coordination service: no device collective, so no
+    time limit on how far apart they arrive); a no-op for one process."""
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=f"dsv3_jax: {name}", timeout_ms=3_600_000)
+
+
+def _global_batch(local: dict, sharding, global_batch: int) -> dict:
+    """This process's rows of a batch -> global arrays [global_batch, T] on the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
+            for k, v in local.items()}
+
+
+def _replicated_batch(full: dict, sharding) -> dict:
+    """A batch every process holds whole -> global arrays, each device taking its slice."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in full.items()}
+
+
 def _prepare_workdir(workdir: str) -> str:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -152,12 +172,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          f"{cfg.max_seq_len}; shorten it or set config.model.max_seq_len.")
     workdir = _prepare_workdir(workdir)
     mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_mesh_fits(dict(mesh.shape), cfg, dc.batch_size)
     rules = mesh_lib.LOGICAL_AXIS_RULES
     batch_sharding = mesh_lib.batch_sharding(mesh)
     is_main = jax.process_index() == 0
 
     # ---------------------------------------------------------------- data
+    # Process 0 tokenizes first; the others then find its token stores and reuse them.
+    if not is_main:
+        _barrier("data prepared")
     data = pipeline.prepare_data(dc, workdir, model_vocab_size=cfg.vocab_size)
+    if is_main:
+        _barrier("data prepared")
     train_iter = pipeline.train_iterator(data, dc, seed=tc.seed, process_index=jax.process_index(),
                                          process_count=jax.process_count())
     eval_set = pipeline.eval_batches(data, dc, tc.eval_batches) if tc.eval_batches > 0 else []
@@ -183,22 +209,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoint)
     restored = ckpt.restore_latest(abstract_state, meta)
+
+    # ---------------------------------------------------------------- compiled steps
+    # Compiled ahead of time, then a barrier: processes enter their first collectives together
+    # (a process still compiling would make the others' collective setup time out).
+    abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
+                                              sharding=batch_sharding)
+                      for k in ("tokens", "segment_ids", "positions")}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc),
+                             out_shardings=(state_shardings, None),
+                             donate_argnums=0).lower(abstract_state, abstract_batch).compile()
+        eval_step = jax.jit(functools.partial(_eval_step, model=model)).lower(
+            abstract_state.params, abstract_batch).compile() if eval_set else None
+        init_state = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings
+                             ).lower().compile() if restored is None else None
+    _barrier("compiled")
     if restored is None:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            state = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings)()
-        start_step = 0
+        state, start_step = init_state(), 0
         logging.info("initialised %s from seed %d", config.model.preset, tc.seed)
     else:
         start_step, state, data_state = restored
         train_iter.set_state(data_state)
         logging.info("resumed from the checkpoint at step %d", start_step)
-
-    # ---------------------------------------------------------------- compiled steps
-    train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, None), donate_argnums=0)
-    eval_step = jax.jit(functools.partial(_eval_step, model=model),
-                        in_shardings=(state_shardings.params, batch_sharding))
     flops_per_token = model_stats(cfg, dc.seq_len).train_flops_per_token
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, tc.peak_tflops_per_device)
     tokens_per_step = dc.batch_size * dc.seq_len
@@ -209,7 +242,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         totals = None
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for batch in eval_set:
-                stats = jax.device_get(eval_step(state.params, jax.device_put(batch, batch_sharding)))
+                stats = jax.device_get(eval_step(state.params, _replicated_batch(batch, batch_sharding)))
                 totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
         main = totals["main"]
         row = {"eval_loss": float(main["nll_sum"] / max(main["count"], 1))}
@@ -243,7 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             step += 1
             if step == tc.profile_start_step and tc.profile_steps > 0:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            batch = jax.device_put(next(train_iter), batch_sharding)
+            batch = _global_batch(next(train_iter), batch_sharding, dc.batch_size)
             state, step_metrics = train_step(state, batch)
             window_steps += 1
             if step == tc.profile_start_step + tc.profile_steps - 1 and tc.profile_steps > 0:
