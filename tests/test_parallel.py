@@ -75,8 +75,10 @@ def test_params_are_sharded_as_the_table_says_and_shrink_per_device():
         per_device[n] = sum(s.data.nbytes for x in jax.tree.leaves(sharded)
                             for s in x.addressable_shards if s.device == device)
         spec = sharded["moe_layers"]["layers"]["attn"]["wq_b"]["kernel"].sharding.spec
-        assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # ("layers", "q_lora", "heads")
-        assert sharded["embed"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+        # ("layers", "q_lora", "heads") and ("vocab", "embed"), as the rules table maps them.
+        assert spec == jax.sharding.PartitionSpec(None, "fsdp", ("tensor", "expert"))
+        assert sharded["embed"]["embedding"].sharding.spec == jax.sharding.PartitionSpec(
+            "tensor", ("fsdp", "expert"))
     assert per_device[1] == total
     for n in (2, 4, 8):
         # 1/N, up to the small replicated leaves (norm weights of the model dim, router biases).

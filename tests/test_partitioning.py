@@ -60,5 +60,39 @@ def test_mesh_shapes_and_their_errors():
         check_mesh_fits(dict(data=1, fsdp=1, expert=16, tensor=1), cfg, 16)
     with pytest.raises(ValueError, match=r"config.mesh.tensor=8 does not divide ModelConfig.n_heads=4"):
         check_mesh_fits(dict(data=1, fsdp=1, expert=1, tensor=8), cfg, 16)
+    with pytest.raises(ValueError, match=r"config.mesh.fsdp=32 x config.mesh.expert=8 does not divide "
+                                         r"ModelConfig.dim=128"):
+        check_mesh_fits(dict(data=1, fsdp=32, expert=8, tensor=1), cfg, 256)
     with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data x fsdp x expert = 8"):
         check_mesh_fits(dict(data=2, fsdp=2, expert=2, tensor=1), cfg, 12)
+
+
+def test_plan_counts_sharded_bytes_without_allocating():
+    import importlib.util
+    import pathlib
+
+    import ml_collections
+
+    from dsv3_jax.plan import parse_mesh, plan
+    from dsv3_jax.train.run_config import base_config
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("v3", root / "configs" / "deepseek_v3_671b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    big = module.get_config("")
+    st = ds.model_stats(ds.get_model_config("deepseek-v3-671b"))
+    p = plan(big, 256, parse_mesh("expert=64,fsdp=-1", None), 1)
+    assert p.mesh == dict(data=1, fsdp=4, expert=64, tensor=1)
+    ideal = 4 * (st.total_params + st.mtp_params) / 256  # fp32 master weights, perfectly split
+    assert ideal <= p.params_bytes < 1.02 * ideal
+    # Two bf16 moments per fp32 weight (bf16_moments); the router biases have none.
+    assert abs(p.optimizer_bytes / p.params_bytes - 1) < 1e-4
+    assert p.activation_bytes > 0
+    tiny = base_config("tiny")
+    none = plan(tiny, 8, parse_mesh("fsdp=-1", None), 2)
+    with tiny.unlocked():
+        tiny.model.remat_policy = "full"
+    full = plan(tiny, 8, parse_mesh("fsdp=-1", None), 2)
+    assert full.activation_bytes < none.activation_bytes / 2  # remat keeps only block inputs
+    assert none.optimizer_bytes > 1.9 * none.params_bytes  # fp32 moments

@@ -72,6 +72,14 @@ _REMAT_POLICIES = {
 }
 
 
+def block_class(cfg: ModelConfig):
+    """Block, or Block whose training forward is rematerialised per `cfg.remat_policy` (for blocks
+    outside the scanned stacks, e.g. the MTP modules')."""
+    if cfg.remat_policy == "none":
+        return Block
+    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy])
+
+
 def _scan(body, length: int, in_axes):
     return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})

@@ -4,10 +4,13 @@ Parameters name their dimensions with the logical axes below (`dsv3_jax/model/la
 `param_with_axes`); block-boundary activations use the `activation_*` names. Mesh axes:
 `data` (pure data parallel), `fsdp` (data parallel with sharded weights), `expert` (expert
 parallel), `tensor` (heads and hidden dims). A logical axis mapped to None is replicated. Within one
-parameter a mesh axis is used once: the first of its dims to claim it (in order) gets it.
+parameter a mesh axis is used once: rules are tried in table order, and a rule whose mesh axes a
+dim of that parameter already holds is skipped (so a later rule for the same name is a fallback).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -19,12 +22,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("layers", None),  # the scanned layer axis
     ("vocab", "tensor"),
+    ("exp", "expert"),  # before the rules below: they must not take `expert` from expert weights
+    # FSDP: non-expert weights are split over fsdp x expert (the expert axis holds other tokens,
+    # so it can hold other weight shards too); expert weights, whose expert dim takes `expert`,
+    # fall back to fsdp alone.
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("q_lora", "fsdp"),  # the low-rank dims take fsdp where the model dim has not (wq_b, wkv_b)
     ("kv_lora", "fsdp"),
-    ("heads", "tensor"),  # heads x head_dim, flattened
+    ("heads", ("tensor", "expert")),  # heads x head_dim, flattened: tensor parallel, + FSDP
+    ("heads", "tensor"),
     ("mlp", "tensor"),
-    ("exp", "expert"),
     ("moe_mlp", "tensor"),
     ("mtp_concat", None),  # eh_proj's input, [embedding | hidden]
 )
@@ -62,13 +70,14 @@ def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
     """Refuses a mesh the model or the batch cannot be split over, naming the axis and the fix.
 
     The batch is split over data x fsdp x expert; experts over expert; the model dim of the
-    weights (or their low-rank dims) over fsdp; heads, FFN and expert hidden dims and the
-    vocabulary over tensor.
+    weights over fsdp x expert (expert weights: fsdp), their low-rank dims over fsdp; heads over
+    tensor x expert; FFN and expert hidden dims and the vocabulary over tensor.
     """
     batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     needs = [
         ("expert", cfg.n_routed_experts, "ModelConfig.n_routed_experts"),
-        ("fsdp", cfg.dim, "ModelConfig.dim"),
+        (("fsdp", "expert"), cfg.dim, "ModelConfig.dim"),
+        (("tensor", "expert"), cfg.n_heads * cfg.v_head_dim, "n_heads x v_head_dim"),
         ("fsdp", cfg.kv_lora_rank, "ModelConfig.kv_lora_rank"),
         ("fsdp", cfg.q_lora_rank or sizes["fsdp"], "ModelConfig.q_lora_rank"),
         ("tensor", cfg.n_heads, "ModelConfig.n_heads"),
@@ -76,10 +85,14 @@ def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
         ("tensor", cfg.moe_inter_dim, "ModelConfig.moe_inter_dim"),
         ("tensor", cfg.vocab_size, "ModelConfig.vocab_size"),
     ]
-    for axis, value, what in needs:
-        if value % sizes[axis]:
-            raise ValueError(f"config.mesh.{axis}={sizes[axis]} does not divide {what}={value}, "
-                             f"which is split over that axis; use a {axis} size dividing {value}.")
+    for axes, value, what in needs:
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        ways = int(np.prod([sizes[a] for a in axes]))
+        if value % ways:
+            named = " x ".join(f"config.mesh.{a}={sizes[a]}" for a in axes)
+            raise ValueError(f"{named} does not divide {what}={value}, which is split over "
+                             f"{'those axes' if len(axes) > 1 else 'that axis'}; choose sizes "
+                             f"whose product divides {value}.")
     if global_batch % batch_ways:
         raise ValueError(f"config.data.batch_size={global_batch} is not divisible by data x fsdp "
                          f"x expert = {batch_ways}, the devices the batch is split over; use a "

@@ -45,19 +45,37 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss or gradient; the last good state was kept and saved."""
 
 
+def loss_fn(params, batch: dict, *, model, train_cfg):
+    """(training loss, (its terms, expert loads, MTP expert loads)) of one batch."""
+    out = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                      batch["segment_ids"], method=DeepSeekV3.forward)
+    loss, terms = losses.training_loss(out, batch["tokens"], batch["segment_ids"],
+                                       mtp_lambda=train_cfg.mtp_lambda,
+                                       balance_alpha=train_cfg.balance_alpha)
+    return loss, (terms, out.expert_load, out.mtp_expert_load)
+
+
+def state_builder(cfg, train_cfg, seq_len: int):
+    """(model, optimizer, init_boxed): init_boxed() builds the TrainState with logically
+    partitioned (boxed) leaves; `jax.eval_shape` of it gives shapes and partition specs."""
+    model = DeepSeekV3(cfg)
+    tx = optim.make_optimizer(train_cfg, abstract_params(cfg))
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+
+    def init_boxed():
+        params = model.init(jax.random.key(train_cfg.seed), dummy)["params"]
+        return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(jax.random.key(train_cfg.seed + 1)))
+
+    return model, tx, init_boxed
+
+
 def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg):
     """One optimizer step, then the router-bias update; a non-finite step changes nothing but the
     step counter (its batch is skipped)."""
-
-    def loss_fn(params):
-        out = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                          batch["segment_ids"], method=DeepSeekV3.forward)
-        loss, terms = losses.training_loss(out, batch["tokens"], batch["segment_ids"],
-                                           mtp_lambda=train_cfg.mtp_lambda,
-                                           balance_alpha=train_cfg.balance_alpha)
-        return loss, (terms, out.expert_load, out.mtp_expert_load)
-
-    (loss, (terms, load, mtp_load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, train_cfg=train_cfg),
+                                 has_aux=True)
+    (loss, (terms, load, mtp_load)), grads = grad_fn(state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -189,15 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_set = pipeline.eval_batches(data, dc, tc.eval_batches) if tc.eval_batches > 0 else []
 
     # ---------------------------------------------------------------- model, optimizer, state
-    model = DeepSeekV3(cfg)
-    dummy = jnp.zeros((1, dc.seq_len), jnp.int32)
-
-    def init_boxed():
-        params = model.init(jax.random.key(tc.seed), dummy)["params"]
-        return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.key(tc.seed + 1)))
-
-    tx = optim.make_optimizer(tc, abstract_params(cfg))
+    model, tx, init_boxed = state_builder(cfg, tc, dc.seq_len)
     abstract_boxed = jax.eval_shape(init_boxed)
     state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
