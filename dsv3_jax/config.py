@@ -70,6 +70,7 @@ class ModelConfig:
     init_std: float = 0.006
     scan_layers: bool = True  # nn.scan over each stack: compile time independent of depth
     remat_policy: str = "none"  # one of REMAT_POLICIES
+    fp8: bool = False  # FP8 block-scaled GEMMs in the Linear layers (SPEC.md section 3, ops/fp8.py)
 
     def __post_init__(self):
         def refuse(field, why, fix):
@@ -136,6 +137,8 @@ class ModelConfig:
                 refuse(field, f"must be one of {_DTYPES}", 'use "bfloat16" or "float32"')
         if self.remat_policy not in REMAT_POLICIES:
             refuse("remat_policy", f"must be one of {REMAT_POLICIES}", 'use "none" or "full"')
+        if not isinstance(self.fp8, bool):
+            refuse("fp8", "must be a bool", "use True (FP8 linear layers) or False (compute dtype)")
 
     # ---- derived quantities -------------------------------------------------------------------
     @property

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.ops.fp8 import fp8_linear
 
 # Logical axes of the activations between blocks: [B, T, D].
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -42,7 +43,10 @@ class Linear(nn.Module):
     """y = x @ kernel, kernel [in, out], no bias (DeepSeek-V3 has no linear biases).
 
     The product is taken in the compute dtype with float32 accumulation and returned in the compute
-    dtype, or in `out_dtype` when given (the output head returns float32 logits).
+    dtype, or in `out_dtype` when given (the output head returns float32 logits). With `cfg.fp8` it
+    goes through `ops.fp8.fp8_linear` instead (FP8 Fprop, Dgrad and Wgrad GEMMs, fp32 master
+    weight and gradient), except for the output head, the projection onto the "vocab" axis, which
+    the recipe keeps in the compute dtype (SPEC.md section 3).
     """
 
     in_features: int
@@ -59,6 +63,8 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., features]."""
         dtype = dtype_of(self.cfg.dtype)
+        if self.cfg.fp8 and self.axes[1] != "vocab":
+            return fp8_linear(x.astype(dtype), self.kernel).astype(self.out_dtype or dtype)
         out = jnp.dot(x.astype(dtype), self.kernel.astype(dtype),
                       preferred_element_type=jnp.float32)
         return out.astype(self.out_dtype or dtype)

@@ -32,9 +32,9 @@ PARAMS_DIR = "params"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 
-# Model fields that may change between a checkpoint and its restart (they change neither the
-# parameter tree nor the math): the memory/speed trade-off and the compute dtype.
-_RESTART_MAY_CHANGE = ("remat_policy", "dtype")
+# Model fields that may change between a checkpoint and its restart (they change the numerics'
+# precision or the memory/speed trade-off, never the parameter tree): remat, compute dtype, FP8.
+_RESTART_MAY_CHANGE = ("remat_policy", "dtype", "fp8")
 
 
 class CheckpointMismatchError(ValueError):

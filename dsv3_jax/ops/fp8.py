@@ -1,0 +1,330 @@
+"""FP8 (E4M3) block-scaled quantization, the block-scaled GEMM, and the FP8 linear layer.
+
+SPEC.md section 3, DeepSeek-V3 report section 3.3. Every number is float8_e4m3fn (max 448).
+
+  act_quant(x)      1x128 tiles along the last (contraction) dim:  x [..., K] -> q [..., K],
+                    s [..., ceil(K/128)], s = max(amax, 1e-4) / 448, q = e4m3(x / s).
+  col_quant(x)      128x1 tiles along the first dim (the token dim of Wgrad): x [T, K] -> q [T, K],
+                    s [ceil(T/128), K]. Equal to act_quant(x.T) transposed.
+  weight_quant(w)   128x128 blocks: w [N, K] -> q [N, K], s [ceil(N/128), ceil(K/128)] (edge
+                    blocks partial); weight_dequant(q, s) = q * s[i // 128, j // 128].
+  fp8_gemm          C[m, n] = sum_kb (A_q[m, kb] . B_q[n, kb]) * a_s[m, kb] * b_s[n // 128, kb], each
+                    128-wide K block summed, scaled and added in fp32, output bf16. B is [N, K]
+                    (K-major, DeepSeek's layout); b_s is per 128x128 block [ceil(N/128), Kb] or per
+                    row [N, Kb] (1x128 tiles, as Wgrad's second operand has).
+  calc_diff(x, y)   1 - 2 sum(x y) / sum(x^2 + y^2) in float64 (DeepGEMM's metric; < 1e-3 passes).
+  fp8_linear(x, w)  y = x @ w with FP8 Fprop, Dgrad and Wgrad GEMMs (custom_vjp), w [in, out] the
+                    fp32 master kernel; gradients fp32 for w.
+
+Scales may be rounded up to powers of two (`pow2_scale=True`): then q * s is exact in any float
+format and the tile's amax still maps inside [-448, 448].
+
+Which GEMM runs (decided here, once, in `gemm_impl`; model code never asks): on a Hopper GPU
+(compute capability 9.x) the Pallas Mosaic GPU kernel `ops/pallas/fp8_gemm_sm90.py`; everywhere else
+(CPU, TPU, other GPUs) `fp8_gemm_reference`, plain jnp whose per-block dots XLA runs in bf16 with
+fp32 results (e4m3 values and their products are exact there). No other platform has a kernel yet.
+DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice.
+
+Layouts of the three training GEMMs (w is our [K_in, N_out] master kernel, x [T, K_in], dy [T, N_out];
+the GEMM takes A [M, K'] and B [N', K'], both contiguous along the contraction dim K'):
+  Fprop  y  = x w        A = q(x) 1x128 [T, K_in];   B = q(w)^T [N_out, K_in]: one transpose of the
+                         fp8 weight (128x128 blocks transpose exactly: q(w^T) = q(w)^T).
+  Dgrad  dx = dy w^T     A = q(dy) 1x128 [T, N_out]; B = q(w) [K_in, N_out] as stored: no transpose.
+  Wgrad  dw = x^T dy     A = q(x)^T [K_in, T], B = q(dy)^T [N_out, T], both 128x1 along T (the
+                         contraction dim), so both get transposed (fp8 copies) and B has per-row
+                         scales; output fp32, already in the [in, out] layout of w.
+The forward keeps x (compute dtype) and the fp8 weight with its scales for the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+BLOCK = 128  # tile / block edge of every quantizer here
+AMAX_FLOOR = 1e-4  # an all-zero tile gets s = 1e-4 / 448, not a division by zero
+
+_GEMM_IMPLS = ("auto", "sm90", "reference")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    extra = _cdiv(x.shape[axis], multiple) * multiple - x.shape[axis]
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _scale_from_amax(amax: jax.Array, pow2_scale: bool) -> jax.Array:
+    """s = max(amax, 1e-4) / 448, optionally rounded up to a power of two (float32)."""
+    s = jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR) / E4M3_MAX
+    if pow2_scale:
+        # s = mant * 2^e with mant in [0.5, 1): the next power of two up is 2^e (2^(e-1) when s is
+        # one already). Exact, unlike exp2(ceil(log2(s))).
+        mant, expo = jnp.frexp(s)
+        s = jnp.ldexp(jnp.ones_like(s), jnp.where(mant == 0.5, expo - 1, expo))
+    return s
+
+
+def _to_e4m3(scaled: jax.Array) -> jax.Array:
+    # |x / s| <= 448 up to the division's rounding; the clip keeps a 448.00003 from becoming NaN.
+    return jnp.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantizers
+# ------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
+def act_quant(x: jax.Array, block: int = BLOCK, pow2_scale: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
+    """1 x `block` tiles along the last dim: x [..., K] -> (q e4m3 [..., K], s f32 [..., Kb]),
+    Kb = ceil(K/block).
+
+    x ~= q * s[..., k // block]. A partial last tile takes its amax over the elements it has.
+    """
+    k = x.shape[-1]
+    nb = _cdiv(k, block)
+    xp = _pad_to(x.astype(jnp.float32), -1, block).reshape(*x.shape[:-1], nb, block)
+    s = _scale_from_amax(jnp.max(jnp.abs(xp), axis=-1), pow2_scale)  # [..., nb]
+    q = _to_e4m3(xp / s[..., None]).reshape(*x.shape[:-1], nb * block)[..., :k]
+    return q, s
+
+
+@functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
+def col_quant(x: jax.Array, block: int = BLOCK, pow2_scale: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
+    """`block` x 1 tiles along the first dim: x [T, K] -> (q e4m3 [T, K], s f32 [ceil(T/block), K]).
+
+    The weight gradient's quantizer: x^T dy contracts over T, so x and dy are tiled along T.
+    x ~= q * s[t // block, k].
+    """
+    if x.ndim != 2:
+        raise ValueError(f"col_quant takes a matrix [T, K], got shape {x.shape}.")
+    q_t, s_t = act_quant(x.T, block, pow2_scale)
+    return q_t.T, s_t.T
+
+
+@functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
+def weight_quant(w: jax.Array, block: int = BLOCK, pow2_scale: bool = False
+                 ) -> tuple[jax.Array, jax.Array]:
+    """`block` x `block` blocks: w [N, K] -> (q e4m3 [N, K], s f32 [ceil(N/block), ceil(K/block)]).
+
+    w ~= q * s[i // block, j // block]; s is the Hugging Face checkpoints' `weight_scale_inv`.
+    Edge blocks are partial. (The 1e-4 amax floor of act_quant applies too: a zero block stays 0.)
+    """
+    if w.ndim != 2:
+        raise ValueError(f"weight_quant takes a matrix [N, K], got shape {w.shape}.")
+    n, k = w.shape
+    nb, kb = _cdiv(n, block), _cdiv(k, block)
+    wp = _pad_to(_pad_to(w.astype(jnp.float32), 0, block), 1, block).reshape(nb, block, kb, block)
+    s = _scale_from_amax(jnp.max(jnp.abs(wp), axis=(1, 3)), pow2_scale)  # [nb, kb]
+    q = _to_e4m3(wp / s[:, None, :, None]).reshape(nb * block, kb * block)[:n, :k]
+    return q, s
+
+
+@functools.partial(jax.jit, static_argnames=("block", "dtype"))
+def weight_dequant(q: jax.Array, s: jax.Array, block: int = BLOCK, dtype=jnp.float32) -> jax.Array:
+    """q [N, K] e4m3, s [ceil(N/block), ceil(K/block)] -> q * s[i // block, j // block] in `dtype`."""
+    n, k = q.shape
+    if s.shape != (_cdiv(n, block), _cdiv(k, block)):
+        raise ValueError(f"weight_dequant: scales {s.shape} do not match q {q.shape} in "
+                         f"{block}x{block} blocks; expected {(_cdiv(n, block), _cdiv(k, block))}.")
+    full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), block, axis=0), block, axis=1)[:n, :k]
+    return (q.astype(jnp.float32) * full).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The GEMM
+# ------------------------------------------------------------------------------------------------
+def check_gemm_args(a_q, a_s, b_q, b_s) -> None:
+    """Refuses operands that do not form C = A B^T with 128-wide K blocks (shapes, dtypes)."""
+    if a_q.ndim != 2 or b_q.ndim != 2:
+        raise ValueError(f"fp8_gemm: a_q and b_q must be matrices, got {a_q.shape} and {b_q.shape}.")
+    m, k = a_q.shape
+    n, k2 = b_q.shape
+    if k != k2:
+        raise ValueError(f"fp8_gemm: contraction dims differ: a_q {a_q.shape} [M, K], b_q "
+                         f"{b_q.shape} [N, K] (b is K-major, DeepSeek's [out, in] layout).")
+    for name, arr in (("a_q", a_q), ("b_q", b_q)):
+        if arr.dtype != jnp.dtype(E4M3):
+            raise ValueError(f"fp8_gemm: {name} must be float8_e4m3fn, got {arr.dtype}; quantize it "
+                             "with act_quant / weight_quant.")
+    kb = _cdiv(k, BLOCK)
+    if a_s.shape != (m, kb):
+        raise ValueError(f"fp8_gemm: a_s has shape {a_s.shape}; expected {(m, kb)} (1x128 tiles).")
+    if b_s.shape not in ((_cdiv(n, BLOCK), kb), (n, kb)):
+        raise ValueError(f"fp8_gemm: b_s has shape {b_s.shape}; expected {(_cdiv(n, BLOCK), kb)} "
+                         f"(128x128 blocks) or {(n, kb)} (1x128 tiles).")
+
+
+def b_scales_per_row(b_s: jax.Array, n: int) -> jax.Array:
+    """b's scales as one row per output column: [ceil(N/128), Kb] blocks or [N, Kb] rows -> [N, Kb].
+
+    The two layouts coincide only when N = 1, where they mean the same thing.
+    """
+    if b_s.shape[0] == n:
+        return b_s.astype(jnp.float32)
+    return jnp.repeat(b_s.astype(jnp.float32), BLOCK, axis=0)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def fp8_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array,
+                       out_dtype=jnp.bfloat16) -> jax.Array:
+    """Plain-jnp C = sum_kb (A_q[:, kb] B_q[:, kb]^T) * a_s[:, kb] b_s[:, kb]^T, fp32, -> out_dtype.
+
+    a_q [M, K] e4m3, a_s [M, Kb]; b_q [N, K] e4m3, b_s [ceil(N/128), Kb] or [N, Kb]; Kb = ceil(K/128).
+    K blocks are visited in order by a loop that keeps one [M, N] fp32 accumulator (no [Kb, M, N]
+    intermediate). e4m3 values are exact in bf16 and their products exact in fp32, so each block's
+    dot is exact up to fp32 summation of 128 terms.
+    """
+    check_gemm_args(a_q, a_s, b_q, b_s)
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    kb = _cdiv(k, BLOCK)
+    a = _pad_to(a_q.astype(jnp.bfloat16), 1, BLOCK).reshape(m, kb, BLOCK)
+    b = _pad_to(b_q.astype(jnp.bfloat16), 1, BLOCK).reshape(n, kb, BLOCK)
+    sa = a_s.astype(jnp.float32)  # [M, Kb]
+    sb = b_scales_per_row(b_s, n)  # [N, Kb]
+
+    def add_block(i, acc):
+        a_blk = jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)  # [M, 128]
+        b_blk = jax.lax.dynamic_index_in_dim(b, i, axis=1, keepdims=False)  # [N, 128]
+        partial = jax.lax.dot_general(a_blk, b_blk, (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)  # [M, N]
+        sa_i = jax.lax.dynamic_index_in_dim(sa, i, axis=1)  # [M, 1]
+        sb_i = jax.lax.dynamic_index_in_dim(sb, i, axis=1)  # [N, 1]
+        return acc + partial * (sa_i * sb_i.T)
+
+    acc = jax.lax.fori_loop(0, kb, add_block, jnp.zeros((m, n), jnp.float32))
+    return acc.astype(out_dtype)
+
+
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.startswith("9.")
+
+
+def gemm_impl() -> str:
+    """The implementation `fp8_gemm(impl="auto")` uses on this machine: "sm90" or "reference".
+
+    The environment variable DSV3_FP8_GEMM=reference|sm90 overrides the choice (read at trace
+    time), e.g. to compare a training run on the kernel with one on the reference.
+    """
+    forced = os.environ.get("DSV3_FP8_GEMM", "auto")
+    if forced not in _GEMM_IMPLS:
+        raise ValueError(f"DSV3_FP8_GEMM={forced!r}; use one of {_GEMM_IMPLS} (or leave it unset).")
+    if forced != "auto":
+        return forced
+    return "sm90" if _on_hopper() else "reference"
+
+
+def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
+             out_dtype=jnp.bfloat16, impl: str = "auto") -> jax.Array:
+    """C [M, N] = dequant(a) dequant(b)^T with per-128-K-block fp32 promotion (module docstring).
+
+    Args:
+      a_q: [M, K] float8_e4m3fn, a_s: [M, ceil(K/128)] float32 (from act_quant).
+      b_q: [N, K] float8_e4m3fn (K-major: DeepSeek's [out, in] weight layout); b_s
+        [ceil(N/128), ceil(K/128)] (weight_quant) or [N, ceil(K/128)] (act_quant of b).
+      out_dtype: bfloat16 (the recipe's output), float16 or float32.
+      impl: "auto" (Hopper GPU -> the Pallas kernel, else the reference), "sm90" (the kernel; on a
+        machine without a GPU it runs in GPU interpret mode, slowly) or "reference".
+    Any M, N and K >= 1 work (the kernel pads to its tiles).
+    """
+    if impl not in _GEMM_IMPLS:
+        raise ValueError(f"fp8_gemm: impl={impl!r}; use one of {_GEMM_IMPLS}.")
+    if impl == "auto":
+        impl = gemm_impl()
+    if impl == "reference":
+        return fp8_gemm_reference(a_q, a_s, b_q, b_s, out_dtype=out_dtype)
+    from dsv3_jax.ops.pallas import fp8_gemm_sm90  # Mosaic GPU is imported only when used
+
+    return fp8_gemm_sm90.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=out_dtype,
+                                  interpret=jax.devices()[0].platform != "gpu")
+
+
+def calc_diff(x, y) -> float:
+    """DeepGEMM's accuracy metric 1 - 2 sum(x y) / sum(x^2 + y^2), in float64 on the host.
+
+    Computed as sum((x - y)^2) / sum(x^2 + y^2), the same quantity without the cancellation of
+    1 - (a number near 1). 0 for identical inputs (also both zero), 2 for y = -x, about
+    mean((x-y)^2) / (2 mean(x^2)) for close ones; an FP8 GEMM passes at < 1e-3 against the bf16
+    product of the unquantized inputs.
+    """
+    x = np.asarray(jax.device_get(x), np.float64)
+    y = np.asarray(jax.device_get(y), np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"calc_diff: shapes differ: {x.shape} vs {y.shape}.")
+    denom = float(np.sum(x * x + y * y))
+    if denom == 0.0:
+        return 0.0
+    return float(np.sum((x - y) ** 2)) / denom
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8 linear layer for training
+# ------------------------------------------------------------------------------------------------
+def fp8_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False) -> jax.Array:
+    """y = x @ w through FP8 GEMMs in the forward and both backward products (SPEC.md section 3).
+
+    Args:
+      x: [..., K] activations in the compute dtype (bf16 in training).
+      w: [K, N] the master kernel in our [in, out] layout (fp32).
+    Returns:
+      [..., N] in x's dtype. Gradients: dx in x's dtype; dw in w's dtype (fp32 for the fp32 master
+      weight), accumulated in fp32. Layouts and transposes: module docstring.
+    """
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"fp8_linear: x {x.shape} [..., K] does not match w {w.shape} [K, N].")
+    return _fp8_linear(x, w, (bool(pow2_scale), jnp.dtype(w.dtype).name))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_linear(x, w, static):
+    return _fp8_linear_fwd(x, w, static)[0]
+
+
+def _fp8_linear_fwd(x, w, static):
+    pow2, _ = static
+    k, n = w.shape
+    with jax.named_scope("fp8_fprop"):
+        x2 = x.reshape(-1, k)  # [T, K]
+        wq, ws = weight_quant(w, pow2_scale=pow2)  # [K, N] e4m3, [K/128, N/128]
+        xq, xs = act_quant(x2, pow2_scale=pow2)  # [T, K], [T, K/128]
+        y = fp8_gemm(xq, xs, wq.T, ws.T, out_dtype=x.dtype)  # B = w^T [N, K]
+    return y.reshape(*x.shape[:-1], n), (x2, wq, ws)
+
+
+def _fp8_linear_bwd(static, residuals, dy):
+    pow2, w_dtype = static
+    x2, wq, ws = residuals  # [T, K] compute dtype; [K, N] e4m3; [K/128, N/128] f32
+    k, n = wq.shape
+    dy2 = dy.reshape(-1, n)  # [T, N]
+    with jax.named_scope("fp8_dgrad"):
+        dyq, dys = act_quant(dy2, pow2_scale=pow2)  # 1x128 along N, the contraction dim
+        dx = fp8_gemm(dyq, dys, wq, ws, out_dtype=x2.dtype)  # B = w [K, N] as stored
+    with jax.named_scope("fp8_wgrad"):
+        xq, xs = col_quant(x2, pow2_scale=pow2)  # 128x1 along T: [T, K], [T/128, K]
+        gq, gs = col_quant(dy2, pow2_scale=pow2)  # [T, N], [T/128, N]
+        dw = fp8_gemm(xq.T, xs.T, gq.T, gs.T, out_dtype=jnp.float32)  # [K, N]; b_s per row
+    return dx.reshape(*dy.shape[:-1], k), dw.astype(w_dtype)
+
+
+_fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
+
+
+__all__ = ["AMAX_FLOOR", "BLOCK", "E4M3", "E4M3_MAX", "act_quant", "b_scales_per_row", "calc_diff",
+           "check_gemm_args", "col_quant", "fp8_gemm", "fp8_gemm_reference", "fp8_linear",
+           "gemm_impl", "weight_dequant", "weight_quant"]

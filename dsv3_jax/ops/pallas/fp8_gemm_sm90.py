@@ -1,0 +1,300 @@
+"""FP8 block-scaled GEMM for Hopper (sm_90a), Pallas Mosaic GPU.
+
+The math (SPEC.md section 3, DeepSeek's DeepGEMM):
+
+    C[m, n] = sum_kb (A_q[m, kb] . B_q[n, kb]) * a_s[m, kb] * b_s[n, kb]     (fp32), then -> bf16
+
+A_q [M, K] and B_q [N, K] are float8_e4m3fn, both K-major (K is the contiguous dimension); kb runs
+over 128-wide K blocks. a_s [M, Kb] holds one scale per row and K block (1x128 activation tiles);
+b_s is given per row, [N, Kb]: the wrapper expands 128x128 weight-block scales [ceil(N/128), Kb] to
+rows, and Wgrad's 1x128 gradient tiles are per-row already.
+
+Why the promotion: Hopper's FP8 tensor-core accumulator keeps only about 14 bits, so a long K sum
+loses precision. DeepGEMM's fix, done here: every 128-wide K block gets a *fresh* WGMMA
+accumulator; once that block's product is done it is scaled and added into fp32 registers
+(acc += partial * a_s[m] * b_s[n]), so the tensor core never sums more than 128 products.
+
+The tiling:
+  * One CTA computes a `cta_m x cta_n` output tile; its `num_compute_wgs` (2) compute warpgroups
+    each own a `tile_m x tile_n` slice of it (split along M by default), and a third warpgroup only
+    issues TMA copies (`plgpu.emit_pipeline_warp_specialized`): A [cta_m, 128], B [cta_n, 128] and the
+    two scale rows of each K block, `max_concurrent_steps` blocks in flight.
+  * Per K block a compute warpgroup runs `wgmma(acc_k, A[rows, 128], B[cols, 128]^T)`. The transpose
+    is only a view: B's shared-memory tile stays K-major, which is what an FP8 wgmma requires (the
+    real lowering rejects transposed 8-bit operands: "Only f16 WGMMA supports transposes").
+  * The kernel is persistent: one CTA per SM walks the output tiles in a snake order (`planar_snake`)
+    so that neighbouring CTAs share A rows / B columns in L2.
+  * Epilogue: the fp32 registers are cast to bf16 (or the requested dtype), stored to swizzled
+    shared memory and written out by TMA.
+
+Layouts the wrapper prepares (all copies, done by XLA around the call): M, N padded to the CTA tile
+and K to 128 with zeros (exact: zero products), a_s transposed to [Kb, Mp] and b_s to [Kb, Np], so
+that each K block's scales are one contiguous row for TMA. Real DeepSeek-V3 shapes (multiples of
+128 or of the tile) pay only the small scale transposes.
+
+The plain-jnp reference it is tested against is `dsv3_jax.ops.fp8.fp8_gemm_reference`; tests run
+this kernel on CPU in GPU interpret mode (`interpret=True`), with the race detector, and lower it
+for an H100 (`lowering_platforms=("cuda",)`) to check the Mosaic GPU lowering. Timing and the final
+check on a real H100 are done by `experiments/bench_fp8_gemm.py`.
+
+Status: NOT YET RUN ON A GPU. It matches the reference in interpret mode (bit for bit) with no race
+reported, and passes the sm_90a Mosaic GPU lowering (wgmma operand layouts, TMA, shared memory);
+ptxas, register pressure (spills), the run on an H100 and its speed remain to be confirmed by
+`python experiments/bench_fp8_gemm.py --sweep` there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from dsv3_jax.ops import fp8 as fp8_ops
+
+BLOCK_K = 128  # the quantization block along K: one wgmma accumulator per block
+_OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """How the output is tiled. The defaults suit DeepSeek-V3 shapes on an H100 (to be tuned there).
+
+    Register budget of a compute warpgroup: the fresh wgmma accumulator and the promoted fp32
+    accumulator each take tile_m * tile_n / 128 registers per thread, so tile_m * tile_n <= 64 * 192.
+    """
+
+    tile_m: int = 64  # rows per compute warpgroup (a multiple of 64: wgmma's M)
+    tile_n: int = 128  # columns per compute warpgroup (a multiple of 64, at most 256)
+    num_compute_wgs: int = 2  # compute warpgroups per CTA (one more issues the TMA copies)
+    wg_dimension: str = "m"  # how the compute warpgroups split the CTA tile: "m" or "n"
+    max_concurrent_steps: int = 4  # K blocks in flight (shared-memory stages)
+    grid_minor_dim: str = "n"  # the snake order walks this dimension fastest ...
+    grid_tile_width: int = 4  # ... in bands this many tiles wide
+
+    def __post_init__(self):
+        def refuse(field, why):
+            raise ValueError(f"TileConfig.{field}={getattr(self, field)!r}: {why}.")
+
+        if self.tile_m < 64 or self.tile_m % 64:
+            refuse("tile_m", "must be a positive multiple of 64 (the wgmma M)")
+        if self.tile_n < 64 or self.tile_n % 64 or self.tile_n > 256:
+            refuse("tile_n", "must be 64, 128, 192 or 256 (wgmma N <= 256, 128-byte epilogue rows)")
+        if self.num_compute_wgs not in (1, 2):
+            refuse("num_compute_wgs", "must be 1 or 2")
+        if self.wg_dimension not in ("m", "n"):
+            refuse("wg_dimension", 'must be "m" or "n"')
+        if self.max_concurrent_steps < 2:
+            refuse("max_concurrent_steps", "must be >= 2 (double buffering at least)")
+        if self.grid_minor_dim not in ("m", "n"):
+            refuse("grid_minor_dim", 'must be "m" or "n"')
+        if self.grid_tile_width < 1:
+            refuse("grid_tile_width", "must be >= 1")
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
+
+
+DEFAULT_CONFIG = TileConfig()
+SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may opt into
+_SMEM_SLACK = 4 * 1024  # barriers and alignment
+
+
+def smem_bytes(cfg: TileConfig, out_dtype) -> int:
+    """Shared memory the kernel allocates: the pipeline stages plus the epilogue tiles."""
+    stage = (cfg.cta_m + cfg.cta_n) * BLOCK_K + 4 * (cfg.cta_m + cfg.cta_n)  # fp8 tiles, f32 scales
+    epilogue = cfg.num_compute_wgs * cfg.tile_m * cfg.tile_n * jnp.dtype(out_dtype).itemsize
+    return cfg.max_concurrent_steps * stage + epilogue + _SMEM_SLACK
+
+
+def fit_to_smem(cfg: TileConfig, out_dtype) -> TileConfig:
+    """`cfg` with fewer pipeline stages if its shared memory would not fit (an fp32 epilogue is
+    twice a bf16 one); refuses a tiling that does not fit even double-buffered."""
+    while smem_bytes(cfg, out_dtype) > SMEM_BYTES and cfg.max_concurrent_steps > 2:
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+    if smem_bytes(cfg, out_dtype) > SMEM_BYTES:
+        raise ValueError(f"{cfg} needs {smem_bytes(cfg, out_dtype)} bytes of shared memory with a "
+                         f"{jnp.dtype(out_dtype)} output, more than {SMEM_BYTES}; use smaller tiles.")
+    return cfg
+
+
+def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: TileConfig):
+    """One persistent CTA: loops over output tiles; see the module docstring."""
+    # a_gmem:  [Mp, Kp]  float8_e4m3fn, K-major
+    # b_gmem:  [Np, Kp]  float8_e4m3fn, K-major
+    # as_gmem: [Kb, Mp]  float32, a_s transposed: row kb holds the scales of K block kb
+    # bs_gmem: [Kb, Np]  float32, per-row b scales, transposed likewise
+    # out_gmem: [Mp, Np] out dtype
+    mp, kp = a_gmem.shape
+    np_ = b_gmem.shape[0]
+    out_dtype = out_gmem.dtype
+    tm, tn, wgs = cfg.tile_m, cfg.tile_n, cfg.num_compute_wgs
+    cta_m, cta_n = cfg.cta_m, cfg.cta_n
+    m_iters, n_iters, k_iters = mp // cta_m, np_ // cta_n, kp // BLOCK_K
+
+    # 128 fp8 = 128 bytes per K row: 128-byte swizzle, (8, 128) tiles, as wgmma expects.
+    in_swizzle = plgpu.find_swizzle(BLOCK_K * 8)
+    in_transforms = (plgpu.TilingTransform((8, in_swizzle)), plgpu.SwizzleTransform(in_swizzle))
+    out_itemsize = jnp.dtype(out_dtype).itemsize
+    out_swizzle = plgpu.find_swizzle(tn * out_itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_itemsize)),
+                      plgpu.SwizzleTransform(out_swizzle))
+
+    def make_pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, BLOCK_K), lambda k: (0, k), transforms=in_transforms),
+                plgpu.BlockSpec((cta_n, BLOCK_K), lambda k: (0, k), transforms=in_transforms),
+                plgpu.BlockSpec((1, cta_m), lambda k: (k, 0)),
+                plgpu.BlockSpec((1, cta_n), lambda k: (k, 0)),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=wgs,
+            max_concurrent_steps=cfg.max_concurrent_steps,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # the allocations do not depend on the body
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=make_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, as_gmem,
+                                                                      bs_gmem),
+        out_smem=plgpu.SMEM((wgs, tm, tn), out_dtype, transforms=out_transforms),  # [W, tm, tn]
+        collective_axes="wg",
+    )
+    def _scoped(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+        if cfg.wg_dimension == "m":
+            wg_rows, wg_cols = pl.ds(wg * tm, tm), pl.ds(0, tn)
+        else:
+            wg_rows, wg_cols = pl.ds(0, tm), pl.ds(wg * tn, tn)
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile(loop_info):
+            (lin,) = loop_info.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters),
+                                        0 if cfg.grid_minor_dim == "m" else 1,
+                                        cfg.grid_tile_width)
+            cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+
+            def k_block(_, a_smem, b_smem, as_smem, bs_smem, acc):
+                # a_smem:  [cta_m, 128] fp8 (swizzled)   b_smem: [cta_n, 128] fp8 (swizzled)
+                # as_smem: [1, cta_m] f32                bs_smem: [1, cta_n] f32
+                # acc:     [tm, tn] f32 registers (WGMMA layout), the promoted accumulator
+                def block_product(acc_ref):  # acc_ref: [tm, tn] f32, a fresh wgmma accumulator
+                    plgpu.wgmma(acc_ref, a_smem.at[wg_rows],
+                                b_smem.at[wg_cols].transpose((1, 0)))  # B viewed [128, tn], K-major
+                    return acc_ref[...]  # waits for the wgmma
+
+                partial = pl.run_scoped(block_product, plgpu.ACC((tm, tn), jnp.float32))
+                sa = plgpu.load(as_smem.at[0, wg_rows], layout=plgpu.Layout.WGMMA.reduce(1))  # [tm]
+                sb = plgpu.load(bs_smem.at[0, wg_cols], layout=plgpu.Layout.WGMMA.reduce(0))  # [tn]
+                # The scale rows were read by ordinary loads and the TMA engine (async proxy) will
+                # overwrite this stage once the pipeline releases it: fence the two proxies.
+                plgpu.commit_smem()
+                scale = (lax.broadcast_in_dim(sa, (tm, tn), [0])
+                         * lax.broadcast_in_dim(sb, (tm, tn), [1]))
+                return acc + partial * scale
+
+            def compute_context(run_pipeline):
+                acc = run_pipeline(plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32),
+                                                     plgpu.Layout.WGMMA))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store
+                out_smem[wg] = acc.astype(out_dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                        out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols])
+
+            make_pipeline(k_block, compute_context)(
+                a_gmem.at[cta_rows, :], b_gmem.at[cta_cols, :],
+                as_gmem.at[:, cta_rows], bs_gmem.at[:, cta_cols],
+                allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def default_num_sms() -> int:
+    """Streaming multiprocessors of the default GPU (132 on an H100 SXM); 2 elsewhere (interpret)."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return 2
+    return int(getattr(device, "core_count", 0) or 132)
+
+
+def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
+             out_dtype=jnp.bfloat16, config: TileConfig | None = None,
+             interpret: bool | plgpu.InterpretGPUParams = False,
+             num_sms: int | None = None) -> jax.Array:
+    """C = dequant(A) dequant(B)^T with per-128-K-block fp32 promotion, on Hopper.
+
+    Args:
+      a_q: [M, K] float8_e4m3fn; a_s: [M, ceil(K/128)] float32 (1x128 tiles).
+      b_q: [N, K] float8_e4m3fn; b_s: [ceil(N/128), ceil(K/128)] (128x128 blocks) or
+        [N, ceil(K/128)] (1x128 tiles) float32.
+      out_dtype: bfloat16 (default), float16 or float32.
+      config: tiling (DEFAULT_CONFIG when None).
+      interpret: True (or an `InterpretGPUParams`, e.g. with the race detector on) runs the
+        kernel in Pallas GPU interpret mode on the CPU (tests).
+      num_sms: persistent CTAs (default: the GPU's SM count; 2 in interpret mode).
+    Returns:
+      [M, N] in out_dtype.
+    """
+    fp8_ops.check_gemm_args(a_q, a_s, b_q, b_s)
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"fp8_gemm_sm90: out_dtype={out_dtype} is not supported; use one of "
+                         f"{[str(d) for d in _OUT_DTYPES]}.")
+    cfg = fit_to_smem(config or DEFAULT_CONFIG, out_dtype)
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    kb = -(-k // BLOCK_K)
+    mp, np_, kp = _round_up(m, cfg.cta_m), _round_up(n, cfg.cta_n), kb * BLOCK_K
+
+    b_rows = fp8_ops.b_scales_per_row(b_s, n)  # [N, Kb]
+    a_p = jnp.pad(a_q, ((0, mp - m), (0, kp - k)))  # [Mp, Kp]
+    b_p = jnp.pad(b_q, ((0, np_ - n), (0, kp - k)))  # [Np, Kp]
+    as_t = jnp.pad(a_s.astype(jnp.float32), ((0, mp - m), (0, 0))).T  # [Kb, Mp]
+    bs_t = jnp.pad(b_rows.astype(jnp.float32), ((0, np_ - n), (0, 0))).T  # [Kb, Np]
+
+    sms = num_sms or default_num_sms()
+    n_tiles = (mp // cfg.cta_m) * (np_ // cfg.cta_n)
+    call = plgpu.kernel(
+        functools.partial(_kernel, cfg=cfg),
+        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(max(1, min(sms, n_tiles)),),
+        grid_names=("sm",),
+        num_threads=cfg.num_compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                   else plgpu.InterpretGPUParams() if interpret else None),
+    )
+    out = call(a_p, b_p, as_t, bs_t)
+    return out[:m, :n] if (mp, np_) != (m, n) else out
+
+
+def flops(m: int, n: int, k: int) -> float:
+    """Useful floating-point operations of one [M, K] x [K, N] product."""
+    return 2.0 * m * n * k
+
+
+__all__ = ["BLOCK_K", "DEFAULT_CONFIG", "SMEM_BYTES", "TileConfig", "default_num_sms", "fit_to_smem",
+           "flops", "fp8_gemm", "smem_bytes"]
