@@ -380,6 +380,93 @@ def test_tiny_fp8_training_step_gradients():
 
 
 # ------------------------------------------------------------------------------------------------
+# The routed experts: grouped FP8 GEMMs
+# ------------------------------------------------------------------------------------------------
+def test_grouped_col_quant_tiles_restart_at_each_group():
+    """Group sizes [3, 0, 130] over 140 rows: tiles are rows 0-2 (group 0), rows 3-130 and 131-132
+    (group 2: 128 + 2), and the 7 padding rows quantize to 0. Row r of column c is in a tile whose
+    scale is that tile's amax / 448 in that column."""
+    rng = _rng(30)
+    x = rng.standard_normal((140, 5)).astype(np.float32)
+    x[1, 0] = 300.0  # an outlier in group 0 must not leak into group 2's tiles
+    q, s, tile = fp8.grouped_col_quant(jnp.asarray(x), jnp.asarray([3, 0, 130]))
+    tile = np.asarray(tile)
+    groups = [range(0, 3), range(3, 131), range(131, 133)]
+    assert len({tile[r] for r in range(140)}) == 4
+    for rows in groups:
+        assert len({tile[r] for r in rows}) == 1
+        expect = np.maximum(np.abs(x[list(rows)]).max(axis=0), fp8.AMAX_FLOOR) / fp8.E4M3_MAX
+        np.testing.assert_allclose(np.asarray(s)[tile[rows[0]]], expect, rtol=1e-6)
+    assert np.all(np.asarray(q[133:], np.float32) == 0)
+    full = np.asarray(s)[tile]
+    _assert_dequant_close(x[:133], q[:133], full[:133], "grouped_col_quant")
+
+
+def _grouped_case(seed, sizes=(130, 0, 5, 200, 1), pad=9, k=192, n=136):
+    rng = _rng(seed)
+    m = sum(sizes) + pad
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(0.05 * rng.standard_normal((len(sizes), k, n)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    return x, w, dy, jnp.asarray(sizes, jnp.int32)
+
+
+def test_fp8_grouped_matmul_equals_fp8_linear_per_group():
+    """Every group's rows through fp8_grouped_matmul = fp8_linear on those rows alone: the same
+    tiles (Wgrad's 128x1 tiles restart at the group's first row), so only fp32 summation order
+    differs: one bf16 ulp (2^-8, bounded by 2^-7 |b|) for y and dx, and 1e-5 of the largest entry
+    for the fp32 dw. Empty groups get dw = 0; padding rows give y = 0 and dx = 0. Sizes: a group
+    of 130 rows (a partial second tile), an empty one, 5, 200 and 1 row, then 9 padding rows; K
+    and N are not multiples of 128."""
+    x, w, dy, sizes = _grouped_case(31)
+    y, vjp = jax.vjp(lambda a, b: fp8.fp8_grouped_matmul(a, b, sizes), x, w)
+    dx, dw = vjp(dy)
+    assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32 and dw.shape == w.shape
+    used = int(sizes.sum())
+    assert not np.any(_f64(y[used:])) and not np.any(_f64(dx[used:]))
+    start = 0
+    for g, n in enumerate(np.asarray(sizes)):
+        if n == 0:
+            assert not np.any(_f64(dw[g]))
+            continue
+        rows = slice(start, start + n)
+        yg, vjp_g = jax.vjp(fp8.fp8_linear, x[rows], w[g])
+        dxg, dwg = vjp_g(dy[rows])
+        for got, ref in ((y[rows], yg), (dx[rows], dxg)):
+            got, ref = _f64(got), _f64(ref)
+            assert np.all(np.abs(got - ref) <= 2.0 ** -7 * np.abs(ref) + 1e-5 * np.abs(ref).max())
+        got, ref = _f64(dw[g]), _f64(dwg)
+        assert np.all(np.abs(got - ref) <= 1e-5 * np.abs(ref).max())
+        start += n
+
+
+def test_fp8_grouped_matmul_vs_bf16_ragged_dot():
+    """One FP8 GEMM each for y, dx and dw: calc_diff < 1e-3 against the bf16 grouped product
+    (module docstring), over the rows that belong to a group."""
+    x, w, dy, sizes = _grouped_case(32)
+    bf16 = lambda a, b: jax.lax.ragged_dot(a, b.astype(a.dtype), sizes,
+                                           preferred_element_type=jnp.float32).astype(a.dtype)
+    y8, vjp8 = jax.vjp(lambda a, b: fp8.fp8_grouped_matmul(a, b, sizes), x, w)
+    yb, vjpb = jax.vjp(bf16, x, w)
+    used = int(sizes.sum())
+    for got, ref in zip((y8, *vjp8(dy)), (yb, *vjpb(dy))):
+        assert 0 < fp8.calc_diff(got[:used] if got.ndim == 2 else got,
+                                 ref[:used] if ref.ndim == 2 else ref) < 1e-3
+
+
+def test_fp8_grouped_refuses_bad_operands():
+    x, w, _, sizes = _grouped_case(33, sizes=(4, 4), pad=0, k=64, n=32)
+    with pytest.raises(ValueError, match=r"\[G, K, N\]"):
+        fp8.fp8_grouped_matmul(x, w[0], sizes)
+    xq, xs = fp8.act_quant(x)
+    wq, ws = jax.vmap(fp8.weight_quant)(w)
+    with pytest.raises(ValueError, match="b_s"):
+        fp8.fp8_grouped_gemm_reference(xq, xs, wq, ws[:, :, :0], sizes)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8.fp8_grouped_gemm_reference(x, xs, wq, ws, sizes)
+
+
+# ------------------------------------------------------------------------------------------------
 # The benchmark's smoke mode (a few seconds: tiny shapes, interpret mode)
 # ------------------------------------------------------------------------------------------------
 def test_bench_fp8_gemm_smoke(capsys):

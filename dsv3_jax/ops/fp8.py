@@ -15,6 +15,11 @@ SPEC.md section 3, DeepSeek-V3 report section 3.3. Every number is float8_e4m3fn
   calc_diff(x, y)   1 - 2 sum(x y) / sum(x^2 + y^2) in float64 (DeepGEMM's metric; < 1e-3 passes).
   fp8_linear(x, w)  y = x @ w with FP8 Fprop, Dgrad and Wgrad GEMMs (custom_vjp), w [in, out] the
                     fp32 master kernel; gradients fp32 for w.
+  fp8_grouped_matmul(x, w, group_sizes)
+                    the routed experts' grouped product x [M, K] @ w[g] [G, K, N] (rows sorted by
+                    expert, as ops.grouped_matmul) through the same three FP8 GEMMs: 1x128 tiles of
+                    x and dy, 128x128 blocks of each expert's weight, and 128x1 Wgrad tiles along the
+                    tokens that restart at every expert's first row (a tile never mixes experts).
 
 Scales may be rounded up to powers of two (`pow2_scale=True`): then q * s is exact in any float
 format and the tile's amax still maps inside [-448, 448].
@@ -24,6 +29,10 @@ Which GEMM runs (decided here, once, in `gemm_impl`; model code never asks): on 
 (CPU, TPU, other GPUs) `fp8_gemm_reference`, plain jnp whose per-block dots XLA runs in bf16 with
 fp32 results (e4m3 values and their products are exact there). No other platform has a kernel yet.
 DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice.
+The grouped product has only a plain-jnp path for now (`fp8_grouped_gemm_reference`: per 128-wide
+K block, a bf16 ragged_dot of e4m3 values with fp32 results, scaled and added in fp32; Wgrad on the
+dequantized tiles in fp32); a grouped FP8 kernel for Hopper is still to be written, so on a GPU FP8
+routed experts cost more than bf16 ones today.
 
 Layouts of the three training GEMMs (w is our [K_in, N_out] master kernel, x [T, K_in], dy [T, N_out];
 the GEMM takes A [M, K'] and B [N', K'], both contiguous along the contraction dim K'):
@@ -325,6 +334,150 @@ def _fp8_linear_bwd(static, residuals, dy):
 _fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 
 
+# ------------------------------------------------------------------------------------------------
+# The routed experts: grouped FP8 GEMMs
+# ------------------------------------------------------------------------------------------------
+def _row_groups(group_sizes: jax.Array, m: int) -> jax.Array:
+    """Group of each of m rows laid out group after group: int32 [m]; G for rows past the sum."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
+
+
+def _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes) -> None:
+    if a_q.ndim != 2 or b_q.ndim != 3 or a_q.shape[1] != b_q.shape[1]:
+        raise ValueError(f"fp8_grouped_gemm: a_q {a_q.shape} must be [M, K] and b_q {b_q.shape} "
+                         "[G, K, N] with the same K.")
+    for name, arr in (("a_q", a_q), ("b_q", b_q)):
+        if arr.dtype != jnp.dtype(E4M3):
+            raise ValueError(f"fp8_grouped_gemm: {name} must be float8_e4m3fn, got {arr.dtype}.")
+    (m, k), (g, _, n) = a_q.shape, b_q.shape
+    if a_s.shape != (m, _cdiv(k, BLOCK)):
+        raise ValueError(f"fp8_grouped_gemm: a_s {a_s.shape}; expected {(m, _cdiv(k, BLOCK))}.")
+    if b_s.shape != (g, _cdiv(k, BLOCK), _cdiv(n, BLOCK)):
+        raise ValueError(f"fp8_grouped_gemm: b_s {b_s.shape}; expected "
+                         f"{(g, _cdiv(k, BLOCK), _cdiv(n, BLOCK))} (128x128 blocks of each group).")
+    if group_sizes.shape != (g,):
+        raise ValueError(f"fp8_grouped_gemm: group_sizes {group_sizes.shape}; expected ({g},).")
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def fp8_grouped_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array,
+                               group_sizes: jax.Array, out_dtype=jnp.bfloat16) -> jax.Array:
+    """C[m] = sum_kb (A_q[m, kb] . B_q[g(m), kb, :]) * a_s[m, kb] * b_s[g(m), kb, n // 128], fp32.
+
+    a_q [M, K] e4m3 rows sorted by group, a_s [M, Kb] (1x128 tiles); b_q [G, K, N] e4m3 in our
+    [group, in, out] layout, b_s [G, Kb, Nb] (128x128 blocks of each group); group_sizes int [G].
+    Rows past sum(group_sizes) come back as zeros. Like `fp8_gemm_reference`, each 128-wide K block
+    is one exact product of e4m3 values (bf16 operands, fp32 results, here through ragged_dot),
+    promoted with both scales into an fp32 accumulator.
+    """
+    _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes)
+    (m, k), (g, _, n) = a_q.shape, b_q.shape
+    kb = _cdiv(k, BLOCK)
+    gs = group_sizes.astype(jnp.int32)
+    a = _pad_to(a_q.astype(jnp.bfloat16), 1, BLOCK).reshape(m, kb, BLOCK)
+    b = _pad_to(b_q.astype(jnp.bfloat16), 1, BLOCK).reshape(g, kb, BLOCK, n)
+    rows = jnp.minimum(_row_groups(gs, m), g - 1)  # padding rows: any group, their product is 0
+    sa = a_s.astype(jnp.float32)  # [M, Kb]
+    sb = jnp.repeat(b_s.astype(jnp.float32), BLOCK, axis=2)[:, :, :n]  # [G, Kb, N]
+
+    def add_block(i, acc):
+        a_blk = jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)  # [M, 128]
+        b_blk = jax.lax.dynamic_index_in_dim(b, i, axis=1, keepdims=False)  # [G, 128, N]
+        partial = jax.lax.ragged_dot(a_blk, b_blk, gs, preferred_element_type=jnp.float32)
+        sb_i = jax.lax.dynamic_index_in_dim(sb, i, axis=1, keepdims=False)[rows]  # [M, N]
+        sa_i = jax.lax.dynamic_index_in_dim(sa, i, axis=1)  # [M, 1]
+        return acc + partial * sa_i * sb_i
+
+    acc = jax.lax.fori_loop(0, kb, add_block, jnp.zeros((m, n), jnp.float32))
+    return acc.astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
+def grouped_col_quant(x: jax.Array, group_sizes: jax.Array, block: int = BLOCK,
+                      pow2_scale: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`block` x 1 tiles along the rows that restart at each group's first row (Wgrad's quantizer
+    for the routed experts: dw[g] = x_g^T dy_g contracts over group g's rows only).
+
+    x [M, K] rows sorted by group -> (q e4m3 [M, K], s f32 [ceil(M/block) + G + 1, K], tile int32 [M]):
+    row m belongs to tile `tile[m]` and x[m] ~= q[m] * s[tile[m]]. Group g's i-th row is in its
+    (i // block)-th tile; rows past sum(group_sizes) get the last, all-zero tile (q = 0).
+    """
+    if x.ndim != 2:
+        raise ValueError(f"grouped_col_quant takes a matrix [M, K], got shape {x.shape}.")
+    m = x.shape[0]
+    g = group_sizes.shape[0]
+    gs = group_sizes.astype(jnp.int32)
+    group = _row_groups(gs, m)  # [M], G for padding
+    starts = jnp.cumsum(gs) - gs
+    tiles_per_group = (gs + block - 1) // block
+    first_tile = jnp.cumsum(tiles_per_group) - tiles_per_group
+    n_tiles = _cdiv(m, block) + g  # >= sum_g ceil(gs_g / block) whatever the sizes
+    safe = jnp.minimum(group, g - 1)
+    local = jnp.arange(m, dtype=jnp.int32) - starts[safe]
+    tile = jnp.where(group < g, first_tile[safe] + local // block, n_tiles)
+    xf = jnp.where((group < g)[:, None], x.astype(jnp.float32), 0.0)
+    amax = jax.ops.segment_max(jnp.abs(xf), tile, num_segments=n_tiles + 1)  # [tiles + 1, K]
+    s = _scale_from_amax(jnp.maximum(amax, 0.0), pow2_scale)  # empty tiles: segment_max gives -inf
+    q = _to_e4m3(xf / s[tile])
+    return q, s, tile
+
+
+def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                       pow2_scale: bool = False) -> jax.Array:
+    """x [M, K] (rows sorted by group) @ w[g] [G, K, N] through FP8 GEMMs, like `fp8_linear` per group.
+
+    The contract of `ops.grouped_matmul.grouped_matmul` (rows past sum(group_sizes) -> zeros),
+    with the recipe's three GEMMs: Fprop q(x) 1x128 x q(w[g]) 128x128; Dgrad q(dy) 1x128 x q(w[g])
+    (the same blocks, transposed); Wgrad q(x)^T q(dy) with 128x1 tiles that restart at each
+    group's first row. Returns x's dtype; dx in x's dtype, dw in w's dtype (fp32 master), no
+    gradient for group_sizes. Equal, group by group, to `fp8_linear` on that group's rows.
+    """
+    if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"fp8_grouped_matmul: x {x.shape} [M, K] does not match w {w.shape} "
+                         "[G, K, N].")
+    return _fp8_grouped(x, w, group_sizes.astype(jnp.int32), (bool(pow2_scale), jnp.dtype(w.dtype).name))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_grouped(x, w, group_sizes, static):
+    return _fp8_grouped_fwd(x, w, group_sizes, static)[0]
+
+
+def _fp8_grouped_fwd(x, w, group_sizes, static):
+    pow2, _ = static
+    with jax.named_scope("fp8_grouped_fprop"):
+        wq, ws = jax.vmap(lambda wg: weight_quant(wg, pow2_scale=pow2))(w)  # [G, K, N], [G, Kb, Nb]
+        xq, xs = act_quant(x, pow2_scale=pow2)  # [M, K], [M, Kb]
+        y = fp8_grouped_gemm_reference(xq, xs, wq, ws, group_sizes, out_dtype=x.dtype)
+    return y, (x, wq, ws, group_sizes)
+
+
+def _fp8_grouped_bwd(static, residuals, dy):
+    pow2, w_dtype = static
+    x, wq, ws, group_sizes = residuals
+    with jax.named_scope("fp8_grouped_dgrad"):
+        dyq, dys = act_quant(dy, pow2_scale=pow2)  # 1x128 along N, the contraction dim
+        dx = fp8_grouped_gemm_reference(dyq, dys, jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2),
+                                        group_sizes, out_dtype=x.dtype)
+    with jax.named_scope("fp8_grouped_wgrad"):
+        xq, xs, tile = grouped_col_quant(x, group_sizes, pow2_scale=pow2)
+        gq, gs, _ = grouped_col_quant(dy, group_sizes, pow2_scale=pow2)
+        # Scaling the tiles before the product is the same sum as promoting each tile's partial
+        # product (the scales are constant within a tile), exact up to fp32 rounding.
+        x_hat = xq.astype(jnp.float32) * xs[tile]
+        dy_hat = gq.astype(jnp.float32) * gs[tile]
+        zero = jnp.zeros(wq.shape, jnp.float32)
+        _, transpose = jax.vjp(lambda v: jax.lax.ragged_dot(
+            x_hat, v, group_sizes, preferred_element_type=jnp.float32), zero)
+        (dw,) = transpose(dy_hat)
+    return dx, dw.astype(w_dtype), None
+
+
+_fp8_grouped.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)
+
+
 __all__ = ["AMAX_FLOOR", "BLOCK", "E4M3", "E4M3_MAX", "act_quant", "b_scales_per_row", "calc_diff",
-           "check_gemm_args", "col_quant", "fp8_gemm", "fp8_gemm_reference", "fp8_linear",
-           "gemm_impl", "weight_dequant", "weight_quant"]
+           "check_gemm_args", "col_quant", "fp8_gemm", "fp8_gemm_reference", "fp8_grouped_gemm_reference",
+           "fp8_grouped_matmul", "fp8_linear", "gemm_impl", "grouped_col_quant", "weight_dequant",
+           "weight_quant"]
