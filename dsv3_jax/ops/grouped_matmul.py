@@ -1,29 +1,296 @@
 """Grouped (ragged) matmul for the routed experts: the one place that picks its implementation.
 
-Legend: M rows (token-expert pairs, sorted by expert), K input dim, N output dim, G groups (experts).
+Legend: M rows (token-expert pairs, sorted by expert), K input dim, N output dim, G groups (experts)
+in group_sizes, G_loc groups held in w.
 
 `grouped_matmul(x, w, group_sizes)[m] = x[m] @ w[g(m)]`, where rows are laid out group after group:
 the first group_sizes[0] rows belong to group 0, the next group_sizes[1] to group 1, and so on.
-Rows past sum(group_sizes) (padding) come back as zeros. Products accumulate in float32 and are
-returned in x's dtype.
+Rows past sum(group_sizes) (padding) come back as zeros and get zero gradients. Products
+accumulate in float32 and are returned in x's dtype (w is cast to x's dtype first).
 
-Every platform uses `jax.lax.ragged_dot` for now (XLA's, with its own transpose rules for the
-gradients); the Pallas kernels for GPU and TPU plug in here.
+Expert-parallel shards (`group_offset`): group_sizes [G] still describes every row of x, but w
+[G_loc, K, N] holds only the experts group_offset .. group_offset + G_loc - 1 (a contiguous slice;
+group_offset may be traced, e.g. axis_index * G_loc). Rows of those groups get their products;
+rows of all other groups, and padding rows, come back as zeros with zero dx, and dw covers the
+G_loc held experts only. Without group_offset, G_loc must equal G. (megablox's contract.)
+parallel/expert_parallel.py does not need it: after its all_to_all a device holds only rows of
+its own experts (sorted, then padding), so it passes their local sizes and no offset.
+
+Gradients (a custom_vjp, the same structure on every backend):
+  dx = grouped_matmul(dy, w^T)          dy [M, N], w[g]^T [N, K]: a grouped matmul (no copy of w
+                                        on the kernels: they read w[g] transposed)
+  dw[g] = x[rows of g]^T dy[rows of g]  the transposed grouped matmul ("tgmm"), fp32 sums,
+                                        returned in w's dtype; zeros for an empty group.
+
+Backends (chosen once here; model code never asks):
+  sm90        a Hopper GPU (compute capability 9.x): our Pallas Mosaic GPU kernels
+              `ops/pallas/grouped_matmul_sm90.py` (gmm and tgmm) for bf16/fp16 operands; other
+              dtypes (fp32) go to ragged_dot. Elsewhere it runs in GPU interpret mode (tests).
+  megablox    a TPU: `jax.experimental.pallas.ops.tpu.megablox` gmm / tgmm; elsewhere in
+              interpret mode (tests).
+  ragged_dot  the CPU and any other GPU: XLA's `jax.lax.ragged_dot` / `ragged_dot_general`; also
+              the reference, `grouped_matmul_reference` / `transposed_grouped_matmul_reference`.
+DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox in the environment forces a backend (read at trace
+time), e.g. for benchmarks and for tests of every backend on the CPU.
+
+Not done: SwiGLU's w1 and w3 are two calls (a fused call would read x once and write one [M, 2F]
+result; a later step).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+
 import jax
 import jax.numpy as jnp
 
+IMPLS = ("auto", "ragged_dot", "sm90", "megablox")
+_16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())),  # contract over the (ragged) rows
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[],
+)
 
-def grouped_matmul_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M, K], w [G, K, N], group_sizes int32 [G] -> [M, N] in x's dtype."""
-    out = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
-                             preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
+
+# ------------------------------------------------------------------------------------------------
+# Group bookkeeping
+# ------------------------------------------------------------------------------------------------
+def _all_starts(group_sizes: jax.Array) -> jax.Array:
+    """int32 [G+1]: group g owns rows [starts[g], starts[g+1])."""
+    gs = group_sizes.astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(gs, dtype=jnp.int32)])
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M, K], w [G, K, N], group_sizes int32 [G] -> [M, N]; see the module docstring."""
-    return grouped_matmul_reference(x, w, group_sizes)
+def local_starts(group_sizes: jax.Array, group_offset, num_local: int) -> jax.Array:
+    """int32 [G_loc+1]: row starts of the held groups offset .. offset + G_loc - 1 (and the end of
+    the last one), in rows of x."""
+    starts = _all_starts(group_sizes)
+    if group_offset is None:
+        return starts
+    return jax.lax.dynamic_slice(starts, (jnp.asarray(group_offset, jnp.int32),), (num_local + 1,))
+
+
+def _local_frame(group_sizes, group_offset, num_local):
+    """(sizes of the held groups [G_loc], first row of the held groups) for the ragged_dot path."""
+    if group_offset is None:
+        return group_sizes.astype(jnp.int32), None
+    offset = jnp.asarray(group_offset, jnp.int32)
+    sizes = jax.lax.dynamic_slice(group_sizes.astype(jnp.int32), (offset,), (num_local,))
+    return sizes, _all_starts(group_sizes)[offset]
+
+
+# ------------------------------------------------------------------------------------------------
+# ragged_dot backend (the reference)
+# ------------------------------------------------------------------------------------------------
+def _ragged_forward(x, w, group_sizes, group_offset=None, transpose_rhs=False):
+    """x [M, C] @ w[g] ([G_loc, C, N], or w[g]^T for w [G_loc, N, C]) -> [M, N] f32."""
+    w = w.astype(x.dtype)
+    if transpose_rhs:
+        w = jnp.swapaxes(w, 1, 2)
+    sizes, row_lo = _local_frame(group_sizes, group_offset, w.shape[0])
+    if row_lo is not None:
+        # Rotate the held groups' rows to the top: ragged_dot assigns rows from row 0 and leaves
+        # rows past sum(sizes) zero, which after rotating back are exactly the other groups' rows.
+        x = jnp.roll(x, -row_lo, axis=0)
+    out = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+    return out if row_lo is None else jnp.roll(out, row_lo, axis=0)
+
+
+def _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype=jnp.float32):
+    """x [M, K], dy [M, N] -> [G_loc, K, N] f32, per held group x_g^T dy_g."""
+    sizes, row_lo = _local_frame(group_sizes, group_offset, num_local)
+    dy = dy.astype(x.dtype)
+    if row_lo is not None:
+        x, dy = jnp.roll(x, -row_lo, axis=0), jnp.roll(dy, -row_lo, axis=0)
+    return jax.lax.ragged_dot_general(x, dy, sizes, _TRANSPOSED_DIMS,
+                                      preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def grouped_matmul_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                             group_offset=None) -> jax.Array:
+    """x [M, K], w [G_loc, K, N], group_sizes int32 [G] -> [M, N] in x's dtype (lax.ragged_dot);
+    the module docstring's contract, group_offset included."""
+    return _ragged_forward(x, w, group_sizes, group_offset).astype(x.dtype)
+
+
+def transposed_grouped_matmul_reference(x: jax.Array, dy: jax.Array, group_sizes: jax.Array,
+                                        group_offset=None, num_groups: int | None = None
+                                        ) -> jax.Array:
+    """x [M, K], dy [M, N] -> [G_loc, K, N] float32: x[rows of g]^T dy[rows of g] for the held
+    groups (G_loc = num_groups, default len(group_sizes))."""
+    num_local = group_sizes.shape[0] if num_groups is None else num_groups
+    return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pallas backends
+# ------------------------------------------------------------------------------------------------
+def _not_on(platform: str) -> bool:
+    return jax.devices()[0].platform != platform
+
+
+def _sm90_forward(x, w, group_sizes, group_offset, transpose_rhs):
+    if jnp.dtype(x.dtype) not in _16BIT:
+        return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
+    from dsv3_jax.ops.pallas import grouped_matmul_sm90  # Mosaic GPU is imported only when used
+
+    starts = local_starts(group_sizes, group_offset, w.shape[0])
+    return grouped_matmul_sm90.gmm(x, w.astype(x.dtype), starts, transpose_rhs=transpose_rhs,
+                                   out_dtype=x.dtype, interpret=_not_on("gpu"))
+
+
+def _sm90_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
+    if jnp.dtype(x.dtype) not in _16BIT:
+        return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
+    from dsv3_jax.ops.pallas import grouped_matmul_sm90
+
+    starts = local_starts(group_sizes, group_offset, num_local)
+    # The kernel writes w's dtype straight from its fp32 sums (no [G, K, N] fp32 round trip).
+    kernel_out = out_dtype if jnp.dtype(out_dtype) in (*_16BIT, jnp.dtype(jnp.float32)) else None
+    return grouped_matmul_sm90.tgmm(x, dy.astype(x.dtype), starts,
+                                    out_dtype=kernel_out or jnp.float32, interpret=_not_on("gpu"))
+
+
+def _megablox():
+    # The package's __init__ re-exports the differentiable `gmm` under the module's name.
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """(tm, tk, tn) for megablox: 128 where the dim allows (to be tuned on a TPU); M is padded to
+    tm (a multiple of 16, bf16's sublane tile) by the caller, K and N may end in a partial tile."""
+    return min(128, -(-m // 16) * 16), min(128, k), min(128, n)
+
+
+def _pad_rows(a, multiple):
+    extra = -a.shape[0] % multiple
+    return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
+
+
+def _megablox_forward(x, w, group_sizes, group_offset, transpose_rhs):
+    m = x.shape[0]
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    tiling = megablox_tiling(m, x.shape[1], n)
+    offset = None if group_offset is None else jnp.asarray(group_offset, jnp.int32)
+    out = _megablox().gmm(_pad_rows(x, tiling[0]), w.astype(x.dtype),
+                          group_sizes.astype(jnp.int32), preferred_element_type=x.dtype,
+                          tiling=tiling, group_offset=offset, transpose_rhs=transpose_rhs,
+                          interpret=_not_on("tpu"))[:m]
+    # megablox leaves rows past the last held group unwritten (garbage) when it holds every group.
+    starts = local_starts(group_sizes, group_offset, w.shape[0])
+    rows = jnp.arange(m, dtype=jnp.int32)[:, None]
+    return jnp.where((rows >= starts[0]) & (rows < starts[-1]), out, jnp.zeros((), out.dtype))
+
+
+def _megablox_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
+    tiling = megablox_tiling(x.shape[0], x.shape[1], dy.shape[1])
+    offset = None if group_offset is None else jnp.asarray(group_offset, jnp.int32)
+    return _megablox().tgmm(_pad_rows(x, tiling[0]).T, _pad_rows(dy.astype(x.dtype), tiling[0]),
+                            group_sizes.astype(jnp.int32), preferred_element_type=out_dtype,
+                            tiling=tiling, group_offset=offset, num_actual_groups=num_local,
+                            interpret=_not_on("tpu"))
+
+
+_FORWARD = {"ragged_dot": _ragged_forward, "sm90": _sm90_forward, "megablox": _megablox_forward}
+_WGRAD = {"ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad, "megablox": _megablox_wgrad}
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch and the custom_vjp
+# ------------------------------------------------------------------------------------------------
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def grouped_matmul_impl() -> str:
+    """The backend `grouped_matmul(impl="auto")` uses here: "sm90" on a Hopper GPU, "megablox" on
+    a TPU, "ragged_dot" elsewhere; DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox overrides it."""
+    forced = os.environ.get("DSV3_GROUPED_MATMUL", "auto")
+    if forced not in IMPLS:
+        raise ValueError(f"DSV3_GROUPED_MATMUL={forced!r}; use one of {IMPLS} (or leave it unset).")
+    if forced != "auto":
+        return forced
+    if _on_hopper():
+        return "sm90"
+    return "megablox" if jax.devices()[0].platform == "tpu" else "ragged_dot"
+
+
+def _varying_axes(a) -> frozenset:
+    """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)  # jax 0.11: aval.mat.varying; earlier releases: aval.vma
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def same_varying_axes(*arrays):
+    """Inside shard_map: casts every array to vary over the union of the mesh axes any of them
+    varies over. A custom_vjp must return each cotangent with its input's varying axes, and dw,
+    made from x and dy, varies wherever x does (e.g. over the batch axes, where the weights are
+    replicated); with w cast up front, autodiff transposes the cast, i.e. sums dw over those axes.
+    Outside shard_map there are none and this returns the arrays unchanged."""
+    vmas = [_varying_axes(a) for a in arrays]
+    union = frozenset().union(*vmas)
+    return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
+            for a, v in zip(arrays, vmas)]
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, group_offset=None, *,
+                   impl: str = "auto") -> jax.Array:
+    """x [M, K], w [G_loc, K, N], group_sizes int [G] -> [M, N] in x's dtype.
+
+    group_offset: None (w holds every group, G_loc = G) or an int32 scalar, the index in
+    group_sizes of w[0] (module docstring). impl: "auto" or one of ragged_dot, sm90, megablox.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"grouped_matmul: impl={impl!r}; use one of {IMPLS}.")
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_matmul: x {x.shape} must be [M, K] and w {w.shape} [G, K, N] "
+                         "with the same K.")
+    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"grouped_matmul: group_sizes must be a 1-D integer array, got "
+                         f"{group_sizes.shape} {group_sizes.dtype}.")
+    if group_offset is None and group_sizes.shape[0] != w.shape[0]:
+        raise ValueError(f"grouped_matmul: group_sizes has {group_sizes.shape[0]} groups but w "
+                         f"{w.shape} holds {w.shape[0]}; pass group_offset when w is a shard.")
+    if group_sizes.shape[0] < w.shape[0]:
+        raise ValueError(f"grouped_matmul: w holds {w.shape[0]} groups, more than group_sizes "
+                         f"describes ({group_sizes.shape[0]}).")
+    impl = grouped_matmul_impl() if impl == "auto" else impl
+    x, w = same_varying_axes(x, w)
+    has_offset = group_offset is not None
+    offset = jnp.asarray(group_offset if has_offset else 0, jnp.int32)
+    return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), offset, (impl, has_offset))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_matmul(x, w, group_sizes, offset, static):
+    return _grouped_matmul_fwd(x, w, group_sizes, offset, static)[0]
+
+
+def _grouped_matmul_fwd(x, w, group_sizes, offset, static):
+    impl, has_offset = static
+    with jax.named_scope(f"grouped_matmul_{impl}"):
+        out = _FORWARD[impl](x, w, group_sizes, offset if has_offset else None, False)
+    return out.astype(x.dtype), (x, w, group_sizes, offset)
+
+
+def _grouped_matmul_bwd(static, residuals, dy):
+    impl, has_offset = static
+    x, w, group_sizes, offset = residuals
+    offset = offset if has_offset else None
+    with jax.named_scope(f"grouped_matmul_dgrad_{impl}"):
+        dx = _FORWARD[impl](dy.astype(x.dtype), w, group_sizes, offset, True)  # dy @ w[g]^T
+    with jax.named_scope(f"grouped_matmul_wgrad_{impl}"):
+        dw = _WGRAD[impl](x, dy, group_sizes, offset, w.shape[0], w.dtype)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None, None
+
+
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+__all__ = ["IMPLS", "grouped_matmul", "grouped_matmul_impl", "grouped_matmul_reference",
+           "local_starts", "megablox_tiling", "transposed_grouped_matmul_reference"]

@@ -1,6 +1,11 @@
 """Pallas kernels, one file per kernel (each opens with its tutorial and names its jnp reference).
 
   fp8_gemm_sm90.py   FP8 block-scaled GEMM for Hopper (Mosaic GPU); reference ops.fp8.fp8_gemm_reference
+  mla_attention_sm90.py  causal flash attention for MLA training / prefill (Mosaic GPU);
+                     reference ops.attention.mla_attention_reference
+  mla_decode_sm90.py     flash-decoding over the latent cache (Mosaic GPU);
+                     reference ops.attention.mla_decode_reference
+  grouped_matmul_sm90.py  MoE grouped matmul gmm / tgmm for Hopper; references in ops.grouped_matmul
 
 Nothing here is imported by default: `dsv3_jax.ops` picks a kernel per platform and imports it when
 it is used, so CPU and TPU runs never load Mosaic GPU.
