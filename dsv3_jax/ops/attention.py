@@ -11,16 +11,28 @@ Two cores, each with its plain-jnp reference below:
   token at that absolute position, so a query at position p sees slots 0..p.
 
 Both compute scores and softmax in float32 and return the query dtype. Model code calls these
-functions and never asks which platform it runs on. Until the Pallas kernels land (GPU: Mosaic
-GPU; TPU: Mosaic TPU), every platform uses the reference.
+functions and never asks which platform it runs on. Which implementation runs is decided here, in
+`attention_impl` (read at trace time):
+- Hopper GPU (compute capability 9.x): the Pallas Mosaic GPU kernels
+  `ops/pallas/mla_attention_sm90.py` (causal flash attention; its backward is still the
+  reference's, see that file) and `ops/pallas/mla_decode_sm90.py` (flash-decoding over the latent
+  cache), when the dims and dtypes meet the kernels' requirements (bf16/f16; head dims multiples of
+  64; latent rank a multiple of 128 up to 512); anything else falls back to the reference.
+- TPU: the reference (XLA). Splash attention (Pallas Mosaic TPU) is the candidate there; not done.
+- CPU and other GPUs: the reference.
+DSV3_ATTENTION=reference|sm90 in the environment overrides the choice; "sm90" on a machine without
+a GPU runs the kernels in GPU interpret mode (slow; tests and benchmark smoke runs).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
 
 _NEG_INF = -jnp.inf
+_IMPLS = ("auto", "sm90", "reference")
 
 
 def _einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:
@@ -81,11 +93,46 @@ def mla_decode_reference(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     return out.astype(q_latent.dtype)
 
 
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def attention_impl() -> str:
+    """"sm90" (the Pallas Mosaic GPU kernels) or "reference", for this machine.
+
+    DSV3_ATTENTION=reference|sm90 overrides the choice (read at trace time).
+    """
+    forced = os.environ.get("DSV3_ATTENTION", "auto")
+    if forced not in _IMPLS:
+        raise ValueError(f"DSV3_ATTENTION={forced!r}; use one of {_IMPLS} (or leave it unset).")
+    if forced != "auto":
+        return forced
+    return "sm90" if _on_hopper() else "reference"
+
+
+def _interpret() -> bool:
+    return jax.devices()[0].platform != "gpu"
+
+
 def mla_attention(q, k, v, *, scale, segment_ids=None):
     """Training / prefill attention core; see `mla_attention_reference` for the contract."""
+    if attention_impl() == "sm90":
+        from dsv3_jax.ops.pallas import mla_attention_sm90  # Mosaic GPU only when used
+
+        if mla_attention_sm90.supports(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype)):
+            return mla_attention_sm90.mla_attention(q, k, v, scale=scale, segment_ids=segment_ids,
+                                                    interpret=_interpret())
     return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
 
 
 def mla_decode(q_latent, q_pe, cache, q_positions, *, scale):
     """Latent-cache attention core; see `mla_decode_reference` for the contract."""
+    if attention_impl() == "sm90":
+        from dsv3_jax.ops.pallas import mla_decode_sm90  # Mosaic GPU only when used
+
+        if mla_decode_sm90.supports(q_latent.shape, q_pe.shape, cache.shape, q_positions.shape,
+                                    (q_latent.dtype, q_pe.dtype, cache.dtype)):
+            return mla_decode_sm90.mla_decode(q_latent, q_pe, cache, q_positions, scale=scale,
+                                              interpret=_interpret())
     return mla_decode_reference(q_latent, q_pe, cache, q_positions, scale=scale)

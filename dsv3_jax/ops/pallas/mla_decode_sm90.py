@@ -1,0 +1,335 @@
+"""MLA decoding over the latent cache on Hopper (sm_90a), Pallas Mosaic GPU, split along the cache.
+
+The math (SPEC.md section 2, absorbed MLA), per sequence b, for every query row r = (t, h) of that
+sequence (T new tokens x H heads) at absolute position pos[r] = q_positions[b, t]:
+
+    s_rj = scale * (q_latent_r . c_j + q_pe_r . k_pe_j)      cache row j = [c_j (C=512) | k_pe_j (R=64)]
+    visible(r, j) = j <= pos[r]
+    o_r = sum_{visible j} softmax_j(s_rj) c_j                 [C], fp32 softmax and accumulation
+
+The cache rows are shared by all heads, so a sequence's T*H query rows form one matrix and each
+cached row is read once per row tile (MQA-like, head dim 576 for scores, 512 for values).
+
+Tiling (flash-decoding). The grid is (row tiles of 64 query rows, splits of the cache, batch). A CTA
+loads its 64 query rows ([64, 512] latent in two 256-column halves, [64, 64] rope part) into shared
+memory and walks its split of the cache in blocks of `block_s` rows, streamed by a TMA warpgroup
+(`plgpu.emit_pipeline_warp_specialized`); a block is three boxes of the same rows: c[:, :256],
+c[:, 256:] and k_pe. Two compute warpgroups each own one 256-column half of the output (a
+[64, 512] fp32 accumulator would need 256 registers per thread; a half needs 128):
+
+    S   = wgmma(Qlat_lo, C_lo^T) + wgmma(Qlat_hi, C_hi^T) + wgmma(Qpe, Kpe^T)   [64, block_s] fp32
+    masked to slot <= pos[r]; online softmax (base 2, as in mla_attention_sm90)
+    O_w = O_w * 2^(m_old - m_new) + wgmma(P.astype(bf16), C_w)                   [64, 256] fp32
+
+Both warpgroups compute S and the softmax (the same numbers): the score wgmma is repeated rather than
+handing P over through shared memory with an extra barrier per block (FlashMLA's scheme, the next
+step when tuning; at H = 128 decoding is close to compute-bound, see BASELINES.md). A CTA stops at
+the last block any of its rows can see (a dynamic pipeline length read from a per-tile scalar), so
+short sequences in a long cache cost only what they read. Each split writes its normalised partial
+output (bf16, staged through the query's shared memory once both warpgroups are done with it) and
+its log-sum-exp (fp32, -inf when the split holds no visible slot); the combine step is jnp:
+
+    o_r = sum_splits 2^(lse_split - lse) o_split,   lse = log2 sum_splits 2^lse_split
+
+Why Mosaic GPU and not the Triton backend: the Triton backend is deprecated (DESIGN.md) and cannot
+use wgmma with shared-memory operands and TMA warp specialisation, which the head-shared latent rows
+are made for: one TMA load of a cache block feeds 64 query rows' wgmmas.
+
+What the wrapper does (XLA, around the call): flattens q to rows [B, T*H, 576] (latent | rope),
+pads the rows to a multiple of 64 (padded rows see slot 0 only, and are sliced away), builds the
+per-row positions [B, Rp] and per-tile visible limits [B, Rp/64], pads the cache slots to a multiple
+of `block_s * splits` when needed (a copy: allocate caches in multiples of 64 slots to avoid it), and
+combines the splits. The number of splits is chosen so that batch x row tiles x splits fills the GPU
+(about two CTAs per SM) without splits shorter than two blocks. Requirements (checked): C a multiple
+of 128 and at most 512 (two 64-multiple halves), R a multiple of 64, bf16/f16 inputs of one dtype.
+
+The plain-jnp reference it is tested against is `dsv3_jax.ops.attention.mla_decode_reference`
+(tests/test_mla_kernels.py: interpret mode against it with per-sequence positions, several splits
+and blocks, and the model's prefill + decode against its forward; the sm_90a lowering at V3 shapes).
+`experiments/bench_mla_decode.py` measures GB/s of cache read on an H100.
+
+Status: NOT YET RUN ON A GPU. Interpret mode matches the reference and the sm_90a lowering passes;
+ptxas, registers, the H100 run and its speed remain to be confirmed. Paged caches: not done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from dsv3_jax.ops.pallas.mla_attention_sm90 import (LOG2E, _M_INIT, _TRANSFORMS,
+                                                    _interpret_params, _wgmma_into)
+
+ROWS = 64  # query rows per CTA (wgmma M)
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SMEM_BYTES = 227 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """block_s: cache rows per pipeline step (multiple of 64); stages: blocks in flight;
+    splits: cache splits per sequence (None: chosen from the shape, see `choose_splits`)."""
+
+    block_s: int = 64
+    stages: int = 2
+    splits: int | None = None
+    target_ctas: int = 264  # about two per SM of an H100 (132 SMs)
+
+    def __post_init__(self):
+        if self.block_s < 64 or self.block_s % 64:
+            raise ValueError(f"DecodeConfig.block_s={self.block_s}: must be a multiple of 64.")
+        if self.stages < 2:
+            raise ValueError(f"DecodeConfig.stages={self.stages}: must be >= 2.")
+        if self.splits is not None and self.splits < 1:
+            raise ValueError(f"DecodeConfig.splits={self.splits}: must be >= 1 (or None).")
+
+
+DEFAULT_CONFIG = DecodeConfig()
+
+
+def smem_bytes(cfg: DecodeConfig, c: int, r: int, itemsize: int = 2) -> int:
+    return (ROWS * (c + r) * itemsize + cfg.stages * cfg.block_s * (c + r) * itemsize
+            + ROWS * 4 + 2 * 1024)
+
+
+def check_dims(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes,
+               config: DecodeConfig | None = None) -> None:
+    """Refuses inputs the kernel cannot take (ValueError naming the field and the fix)."""
+    cfg = config or DEFAULT_CONFIG
+    if len(q_latent_shape) != 4 or len(q_pe_shape) != 4 or len(cache_shape) != 3:
+        raise ValueError(f"mla_decode_sm90: q_latent {q_latent_shape} and q_pe {q_pe_shape} must be "
+                         f"[B, T, H, *], cache {cache_shape} [B, S, C + R].")
+    b, t, h, c = q_latent_shape
+    r = q_pe_shape[-1]
+    if tuple(q_pe_shape[:3]) != (b, t, h) or cache_shape[0] != b or cache_shape[2] != c + r:
+        raise ValueError(f"mla_decode_sm90: shapes do not agree: q_latent {q_latent_shape}, q_pe "
+                         f"{q_pe_shape}, cache {cache_shape} (expected [B, S, {c} + {r}]).")
+    if tuple(positions_shape) != (b, t):
+        raise ValueError(f"mla_decode_sm90: q_positions has shape {positions_shape}; expected "
+                         f"{(b, t)}.")
+    if c % 128 or c > 512 or r % 64 or r > 256:
+        raise ValueError(f"mla_decode_sm90: latent rank {c} must be a multiple of 128 and at most "
+                         f"512, rope dim {r} a multiple of 64; use the reference for other dims.")
+    dts = {jnp.dtype(d) for d in dtypes}
+    if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
+        raise ValueError(f"mla_decode_sm90: q_latent, q_pe and cache must all be bfloat16 (or "
+                         f"float16), got {[str(jnp.dtype(d)) for d in dtypes]}.")
+    if smem_bytes(cfg, c, r) > SMEM_BYTES:
+        raise ValueError(f"mla_decode_sm90: {cfg} needs {smem_bytes(cfg, c, r)} bytes of shared "
+                         f"memory, more than {SMEM_BYTES}; use a smaller block_s or fewer stages.")
+
+
+def supports(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes) -> bool:
+    try:
+        check_dims(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes)
+    except ValueError:
+        return False
+    return True
+
+
+def choose_splits(batch: int, row_tiles: int, slots: int, cfg: DecodeConfig) -> int:
+    """Cache splits per sequence: enough CTAs to fill the GPU, each split at least two blocks."""
+    if cfg.splits is not None:
+        return cfg.splits
+    blocks = -(-slots // cfg.block_s)
+    want = -(-cfg.target_ctas // (batch * row_tiles))
+    return max(1, min(want, blocks // 2))
+
+
+def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: int, r: int,
+            blocks_per_split: int, cfg: DecodeConfig, scale: float, interpret: bool):
+    # q_gmem:     [B, Rp, C + R] bf16   rows (t, h) flattened, [q_latent | q_pe]
+    # cache_gmem: [B, Sp, C + R] bf16   [c | k_pe] per slot
+    # pos_gmem:   [B, Rp] int32         absolute position of each row (slots <= it are visible)
+    # limit_gmem: [B, Rp / 64] int32    max position over each row tile
+    # o_gmem:     [splits, B, Rp, C] bf16  normalised partial outputs
+    # lse_gmem:   [splits, B, Rp] f32   base-2 log-sum-exp of each split (-inf: nothing visible)
+    bs, half = cfg.block_s, c // 2
+    dtype = q_gmem.dtype
+    tile, split, b = lax.axis_index("rows"), lax.axis_index("split"), lax.axis_index("batch")
+    rows = pl.ds(tile * ROWS, ROWS)
+    first_block = split * blocks_per_split
+    visible_blocks = lax.div(limit_gmem[b, tile] + bs, jnp.int32(bs)) - first_block
+    steps = jnp.clip(visible_blocks, 0, blocks_per_split)
+    s_scale = scale * LOG2E
+
+    def scoped(qlat_smem, qpe_smem, pos_smem, lse_smem, q_bar, done_bar, p_smem=None):
+        # qlat_smem: [2, 64, C/2] the halves of q_latent; after the walk, the output halves
+        # qpe_smem: [64, R]   pos_smem: [64] int32   lse_smem: [64] f32
+        # p_smem: [2, 64, bs] (interpret mode only: P staged for the wgmma; see _wgmma_into)
+        wg = lax.axis_index("wg")
+        p_scratch = None if p_smem is None else p_smem.at[wg]
+
+        def body(idx, clo_smem, chi_smem, kpe_smem, carry):
+            # clo_smem, chi_smem: [bs, C/2] (c's two column halves)   kpe_smem: [bs, R]
+            (step,) = idx
+            acc, m_i, l_i = carry
+
+            def scores(acc_ref):  # acc_ref: [64, bs] f32
+                plgpu.wgmma(acc_ref, qlat_smem.at[0], clo_smem.transpose((1, 0)))
+                plgpu.wgmma(acc_ref, qlat_smem.at[1], chi_smem.transpose((1, 0)))
+                plgpu.wgmma(acc_ref, qpe_smem, kpe_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC((ROWS, bs), jnp.float32)) * s_scale
+            pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            slots = plgpu.broadcasted_iota(jnp.int32, (ROWS, bs), 1, layout=plgpu.Layout.WGMMA)
+            slots = slots + (first_block + step) * bs
+            s = jnp.where(slots <= lax.broadcast_in_dim(pos, s.shape, [0]), s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(dtype)
+            acc = lax.cond(  # O_w += P C_w: each warpgroup its own half of the latent columns
+                wg == 0,
+                lambda: _wgmma_into(acc, p16, clo_smem, interpret, p_scratch),
+                lambda: _wgmma_into(acc, p16, chi_smem, interpret, p_scratch))
+            return acc, m_new, l_i
+
+        def compute_context(run_pipeline):
+            plgpu.copy_gmem_to_smem(q_gmem.at[b, rows, pl.ds(wg * half, half)], qlat_smem.at[wg],
+                                    q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_gmem_to_smem(q_gmem.at[b, rows, pl.ds(c, r)], qpe_smem, q_bar.at[2])
+                plgpu.copy_gmem_to_smem(pos_gmem.at[b, rows], pos_smem, q_bar.at[3])
+                plgpu.barrier_wait(q_bar.at[2])
+                plgpu.barrier_wait(q_bar.at[3])
+
+            # Both halves of q, its rope part and the positions are in place before either
+            # warpgroup starts.
+            plgpu.barrier_arrive(done_bar.at[0])
+            plgpu.barrier_wait(done_bar.at[0])
+            acc = plgpu.layout_cast(jnp.zeros((ROWS, half), jnp.float32), plgpu.Layout.WGMMA)
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), _M_INIT, jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc, m_i, l_i = run_pipeline((acc, m_i, l_i))
+            # Both warpgroups are done reading q before its shared memory takes the output.
+            plgpu.barrier_arrive(done_bar.at[1])
+            plgpu.barrier_wait(done_bar.at[1])
+            seen = l_i > 0
+            l_safe = jnp.where(seen, l_i, 1.0)
+            qlat_smem[wg] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+
+            @pl.when(wg == 0)
+            def _():
+                lse_smem[...] = jnp.where(seen, m_i + jnp.log2(l_safe), -jnp.inf)
+
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qlat_smem.at[wg],
+                                    o_gmem.at[split, b, rows, pl.ds(wg * half, half)])
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[split, b, rows])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        block = lambda col: (lambda i: (first_block + i, col))
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=cfg.stages, compute_context=compute_context,
+            in_specs=[plgpu.BlockSpec((bs, half), block(0), transforms=_TRANSFORMS),
+                      plgpu.BlockSpec((bs, half), block(1), transforms=_TRANSFORMS),
+                      plgpu.BlockSpec((bs, r), block(c // r), transforms=_TRANSFORMS)])
+        cache_b = cache_gmem.at[b]
+        pipeline(cache_b, cache_b, cache_b)
+
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((2, ROWS, half), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((ROWS, r), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((ROWS,), jnp.int32),
+        plgpu.SMEM((ROWS,), jnp.float32),
+        plgpu.Barrier(num_barriers=4),
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        *([plgpu.SMEM((2, ROWS, bs), dtype, transforms=_TRANSFORMS)] if interpret else []),
+        collective_axes="wg",
+    )
+
+
+def _pad_axis(x, axis, size, value=0):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
+    """Flash-decoding combine: o_parts [splits, ...rows, C], lse_parts [splits, ...rows] (base 2,
+    -inf for a split that saw nothing) -> [...rows, C] float32."""
+    lse_max = jnp.max(lse_parts, axis=0)  # finite: the split holding slot 0 sees every row
+    w = jnp.exp2(lse_parts - lse_max[None])  # [splits, ...rows]
+    num = jnp.einsum("s...,s...c->...c", w, o_parts.astype(jnp.float32))
+    return num / jnp.sum(w, axis=0)[..., None]
+
+
+def mla_decode(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array, q_positions: jax.Array, *,
+               scale: float, config: DecodeConfig | None = None,
+               interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+    """Absorbed MLA attention over the latent cache, split along the cache (flash-decoding).
+
+    Args:
+      q_latent: [B, T, H, C]; q_pe: [B, T, H, R]; cache: [B, S, C + R]; one dtype, bf16 (or f16).
+      q_positions: int [B, T]; a query at position p sees slots 0..p (p < S).
+      scale: softmax scale.
+      config: block size, stages, splits (DEFAULT_CONFIG when None).
+      interpret: True (or `InterpretGPUParams`) runs the kernel in GPU interpret mode on the CPU.
+    Returns:
+      [B, T, H, C] in q_latent's dtype; the contract of `ops.attention.mla_decode_reference`.
+    """
+    cfg = config or DEFAULT_CONFIG
+    check_dims(q_latent.shape, q_pe.shape, cache.shape, q_positions.shape,
+               (q_latent.dtype, q_pe.dtype, cache.dtype), cfg)
+    b, t, h, c = q_latent.shape
+    r = q_pe.shape[-1]
+    rows = t * h
+    rp = -(-rows // ROWS) * ROWS
+    row_tiles = rp // ROWS
+    splits = choose_splits(b, row_tiles, cache.shape[1], cfg)
+    blocks = -(-cache.shape[1] // cfg.block_s)
+    blocks_per_split = -(-blocks // splits)
+    splits = -(-blocks // blocks_per_split)  # no empty split at the end
+    sp = splits * blocks_per_split * cfg.block_s
+
+    q = jnp.concatenate([q_latent, q_pe], axis=-1).reshape(b, rows, c + r)
+    q = _pad_axis(q, 1, rp)  # [B, Rp, C + R]
+    pos = jnp.repeat(q_positions.astype(jnp.int32), h, axis=1)  # [B, T*H], row (t, h) -> t
+    pos = _pad_axis(pos, 1, rp)  # padded rows: position 0
+    limit = jnp.max(pos.reshape(b, row_tiles, ROWS), axis=-1)  # [B, Rp/64]
+    cache_p = _pad_axis(cache, 1, sp)  # a copy only when S is not a multiple of the split
+    interp = _interpret_params(interpret)
+    call = plgpu.kernel(
+        functools.partial(_kernel, c=c, r=r, blocks_per_split=blocks_per_split, cfg=cfg,
+                          scale=float(scale), interpret=interp is not None),
+        out_type=(jax.ShapeDtypeStruct((splits, b, rp, c), q_latent.dtype),
+                  jax.ShapeDtypeStruct((splits, b, rp), jnp.float32)),
+        grid=(row_tiles, splits, b),
+        grid_names=("rows", "split", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interp,
+    )
+    o_parts, lse_parts = call(q, cache_p, pos, limit)
+    if splits == 1:
+        out = o_parts[0]
+    else:
+        out = combine(o_parts, lse_parts).astype(q_latent.dtype)
+    return out[:, :rows].reshape(b, t, h, c)
+
+
+__all__ = ["DEFAULT_CONFIG", "DecodeConfig", "ROWS", "check_dims", "choose_splits", "combine",
+           "mla_decode", "smem_bytes", "supports"]

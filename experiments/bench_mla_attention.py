@@ -1,0 +1,161 @@
+"""MLA training attention (causal, qk 192 / v 128): our flash kernel against cuDNN, tokamax and XLA.
+
+  python experiments/bench_mla_attention.py            # H100: T = 4096, 16384; H = 16, 128
+  python experiments/bench_mla_attention.py --smoke    # CPU, tiny shapes, kernel in interpret mode
+
+Rows per shape (bf16 inputs, B chosen so that B x T = 16384 tokens, at least 1):
+  pallas flash (ours)   dsv3_jax/ops/pallas/mla_attention_sm90.py (its backward is still the
+                        reference's, so its fwd+bwd column measures that)
+  cudnn, v padded       jax.nn.dot_product_attention(implementation="cudnn"), V zero-padded to 192
+                        and the output sliced back (cuDNN needs equal qk and v dims)
+  tokamax               tokamax.dot_product_attention if importable (skipped with a note otherwise)
+  xla reference         dsv3_jax.ops.attention.mla_attention_reference (what CPU/TPU run)
+
+Useful FLOPs (causal: half the score matrix): forward 2 B H (T^2 / 2) (192 + 128); forward +
+backward 3.5x that. TFLOP/s = useful FLOPs / median time. Timing: jitted, `--warmup` calls, then
+`--runs` timed runs of `--inner` calls each ended by block_until_ready.
+Accuracy: each row's output against the XLA reference (fp32 scores), max |diff| / max |ref|; ours
+must stay under 2^-6 (a few bf16 ulps; tests/test_mla_kernels.py says why). Failures are marked
+MISMATCH and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.ops import attention
+from dsv3_jax.ops.pallas import mla_attention_sm90
+
+DK, DV = 192, 128
+FULL_SHAPES = ((4096, 16), (4096, 128), (16384, 16), (16384, 128))  # (T, H)
+SMOKE_SHAPES = ((128, 2),)
+TOLERANCE = 2.0 ** -6
+
+
+def _time(fn, args, warmup, runs, inner):
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def _cudnn(q, k, v, scale):
+    vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, DK - DV)))
+    out = jax.nn.dot_product_attention(q, k, vp, scale=scale, is_causal=True,
+                                       implementation="cudnn")
+    return out[..., :DV]
+
+
+def _tokamax():
+    try:
+        import tokamax  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - optional baseline
+        return None, f"tokamax not importable ({type(e).__name__})"
+    return (lambda q, k, v, scale: tokamax.dot_product_attention(q, k, v, scale=scale,
+                                                                  is_causal=True)), ""
+
+
+def _impls(args):
+    ours = functools.partial(mla_attention_sm90.mla_attention, interpret=args.smoke)
+    impls = [("pallas flash (ours)", lambda q, k, v, s: ours(q, k, v, scale=s), "")]
+    if not args.smoke:
+        impls.append(("cudnn, v padded", _cudnn, ""))
+        tk, note = _tokamax()
+        impls.append(("tokamax", tk, note))
+    impls.append(("xla reference",
+                  lambda q, k, v, s: attention.mla_attention_reference(q, k, v, scale=s), ""))
+    return impls
+
+
+def _fmt(x, spec):
+    return "-" if x != x else format(x, spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernel interpreted")
+    ap.add_argument("--tokens", type=int, default=16384, help="B x T per shape")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--inner", type=int, default=None)
+    args = ap.parse_args(argv)
+    defaults = (0, 1, 1) if args.smoke else (3, 10, 5)
+    args.warmup = defaults[0] if args.warmup is None else args.warmup
+    args.runs = defaults[1] if args.runs is None else args.runs
+    args.inner = defaults[2] if args.inner is None else args.inner
+    device = jax.devices()[0]
+    if not args.smoke and device.platform != "gpu":
+        print(f"bench_mla_attention: needs a Hopper GPU, found {device.device_kind!r}; use --smoke "
+              "for the CPU check.", file=sys.stderr)
+        return 2
+    timing = dict(warmup=args.warmup, runs=args.runs, inner=args.inner)
+    rows, ok = [], True
+    for t, h in (SMOKE_SHAPES if args.smoke else FULL_SHAPES):
+        b = 1 if args.smoke else max(1, args.tokens // t)
+        kq, kk, kv, kd = jax.random.split(jax.random.key(t + h), 4)
+        q = jax.random.normal(kq, (b, t, h, DK), jnp.float32).astype(jnp.bfloat16)
+        k = jax.random.normal(kk, (b, t, h, DK), jnp.float32).astype(jnp.bfloat16)
+        v = jax.random.normal(kv, (b, t, h, DV), jnp.float32).astype(jnp.bfloat16)
+        do = jax.random.normal(kd, (b, t, h, DV), jnp.float32).astype(jnp.bfloat16)
+        scale = DK ** -0.5
+        ref = jax.jit(lambda q, k, v: attention.mla_attention_reference(q, k, v, scale=scale))(
+            q, k, v).astype(jnp.float32)
+        ref_scale = float(jnp.max(jnp.abs(ref)))
+        f_fwd = mla_attention_sm90.flops(b, t, h, DK, DV)
+        f_bwd = mla_attention_sm90.flops(b, t, h, DK, DV, backward=True)
+        label = f"B={b} T={t} H={h}"
+        for name, fn, note in _impls(args):
+            if fn is None:
+                rows.append((label, name, *(float("nan"),) * 5, note))
+                continue
+            fwd = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, scale))
+            fwd_bwd = jax.jit(lambda q, k, v, fn=fn: jax.vjp(
+                lambda q, k, v: fn(q, k, v, scale), q, k, v)[1](do))
+            try:
+                out = jax.block_until_ready(fwd(q, k, v))
+                t_f = _time(fwd, (q, k, v), **timing)
+                t_b = _time(fwd_bwd, (q, k, v), **timing)
+            except Exception as e:  # noqa: BLE001 - a baseline that fails is reported
+                rows.append((label, name, *(float("nan"),) * 5,
+                             f"error: {type(e).__name__}: {str(e)[:90]}"))
+                ok &= name != "pallas flash (ours)"
+                continue
+            err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) / ref_scale
+            if not err < TOLERANCE and name != "cudnn, v padded" and name != "tokamax":
+                note, ok = f"MISMATCH: error {err:.2e} >= {TOLERANCE:.2e}", False
+            rows.append((label, name, t_f * 1e3, f_fwd / t_f / 1e12, t_b * 1e3,
+                         f_bwd / t_b / 1e12, err, note))
+    print(f"\nMLA causal attention, qk {DK} / v {DV}, bf16. Device: {device.device_kind}; "
+          f"{datetime.date.today().isoformat()}; jax {jax.__version__}; median of {args.runs} x "
+          f"{args.inner} after {args.warmup} warm-up"
+          + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "") + "\n")
+    print("| shape | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
+          "| error vs reference | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, name, fm, ft, bm, bt, err, note in rows:
+        print(f"| {label} | {name} | {_fmt(fm, '.3f')} | {_fmt(ft, '.0f')} | {_fmt(bm, '.3f')} | "
+              f"{_fmt(bt, '.0f')} | {_fmt(err, '.1e')} | {note} |")
+    if not ok:
+        print("\nMISMATCH: see the notes above.", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
