@@ -6,8 +6,8 @@
 Both runs go through `train_and_evaluate` with the same seed, data order and tokenizer (the FP8 run
 reuses the one the BF16 run trained), in `<workdir>/bf16` and `<workdir>/fp8` (an existing workdir
 resumes). With fp8 on, every `Linear` (MLA projections, dense MLPs, shared experts, MTP eh_proj)
-runs its Fprop, Dgrad and Wgrad GEMMs in FP8 (dsv3_jax/ops/fp8.py); the embedding, output head,
-router, norms, attention core and routed experts stay as they are.
+and the routed experts run their Fprop, Dgrad and Wgrad GEMMs in FP8 (dsv3_jax/ops/fp8.py); the
+embedding, output head, router, norms and attention core stay as they are.
 
 Printed: a Markdown table with each run's final training cross-entropy (next-token CE, the mean
 over the last 10% of the logged steps, and the last logged value), final eval loss and throughput,

@@ -454,6 +454,34 @@ def test_fp8_grouped_matmul_vs_bf16_ragged_dot():
                                  ref[:used] if ref.ndim == 2 else ref) < 1e-3
 
 
+def test_routed_experts_run_fp8_with_the_config():
+    """The MoE experts' SwiGLU (w1, w3, then w2 on silu(w1 x) * w3 x) with fp8: three chained FP8
+    GEMMs, so calc_diff against the bf16 experts ~3 x 7e-4 (bound 5e-3, measured below 3e-3); 0
+    would mean FP8 never ran. Gradients reach the fp32 master weights in fp32."""
+    from dsv3_jax.parallel.expert_parallel import local_routed_experts
+
+    rng = _rng(34)
+    n, d, f, e, k = 96, 128, 192, 4, 2
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
+    gate = jnp.asarray(rng.random((n, k)), jnp.float32)
+    ws = [jnp.asarray(0.05 * rng.standard_normal(shape), jnp.float32)
+          for shape in ((e, d, f), (e, f, d), (e, d, f))]
+
+    def run(use_fp8):
+        def loss(ws):
+            w = ws if use_fp8 else [v.astype(jnp.bfloat16) for v in ws]
+            y = local_routed_experts(x, idx, gate, *w, fp8=use_fp8)
+            return jnp.sum(y.astype(jnp.float32) * x.astype(jnp.float32)), y
+        return jax.value_and_grad(loss, has_aux=True)(ws)
+
+    (_, y8), g8 = run(True)
+    (_, yb), gb = run(False)
+    assert 0 < fp8.calc_diff(y8, yb) < 5e-3
+    assert all(g.dtype == jnp.float32 for g in g8)
+    assert all(fp8.calc_diff(a, b) < 5e-3 for a, b in zip(g8, gb))
+
+
 def test_fp8_grouped_refuses_bad_operands():
     x, w, _, sizes = _grouped_case(33, sizes=(4, 4), pad=0, k=64, n=32)
     with pytest.raises(ValueError, match=r"\[G, K, N\]"):

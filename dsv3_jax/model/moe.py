@@ -139,10 +139,12 @@ class MoE(nn.Module):
             routing = self.gate(x, valid)
         b, t, d = x.shape
         with jax.named_scope("routed_experts"):
+            # FP8 quantizes the fp32 master weights itself; bf16 runs cast them first.
+            cast = (lambda w: w) if c.fp8 else (lambda w: w.astype(dtype))
             y = routed_experts(x.reshape(b * t, d).astype(dtype),
                                routing.indices.reshape(b * t, -1),
                                routing.weights.reshape(b * t, -1),
-                               self.w1.astype(dtype), self.w2.astype(dtype), self.w3.astype(dtype))
+                               cast(self.w1), cast(self.w2), cast(self.w3), fp8=c.fp8)
             y = y.reshape(b, t, d)
         if c.n_shared_experts:
             with jax.named_scope("shared_experts"):

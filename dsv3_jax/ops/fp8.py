@@ -29,10 +29,10 @@ Which GEMM runs (decided here, once, in `gemm_impl`; model code never asks): on 
 (CPU, TPU, other GPUs) `fp8_gemm_reference`, plain jnp whose per-block dots XLA runs in bf16 with
 fp32 results (e4m3 values and their products are exact there). No other platform has a kernel yet.
 DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice.
-The grouped product has only a plain-jnp path for now (`fp8_grouped_gemm_reference`: per 128-wide
-K block, a bf16 ragged_dot of e4m3 values with fp32 results, scaled and added in fp32; Wgrad on the
-dequantized tiles in fp32); a grouped FP8 kernel for Hopper is still to be written, so on a GPU FP8
-routed experts cost more than bf16 ones today.
+The grouped product has only a plain-jnp path for now (`fp8_grouped_gemm_reference`: the tiles
+dequantized to fp32 and one fp32 ragged_dot, the same sums up to fp32 rounding); a grouped FP8
+kernel for Hopper is still to be written, so on a GPU FP8 routed experts cost more than bf16 ones
+today.
 
 Layouts of the three training GEMMs (w is our [K_in, N_out] master kernel, x [T, K_in], dy [T, N_out];
 the GEMM takes A [M, K'] and B [N', K'], both contiguous along the contraction dim K'):
@@ -367,30 +367,21 @@ def fp8_grouped_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b
 
     a_q [M, K] e4m3 rows sorted by group, a_s [M, Kb] (1x128 tiles); b_q [G, K, N] e4m3 in our
     [group, in, out] layout, b_s [G, Kb, Nb] (128x128 blocks of each group); group_sizes int [G].
-    Rows past sum(group_sizes) come back as zeros. Like `fp8_gemm_reference`, each 128-wide K block
-    is one exact product of e4m3 values (bf16 operands, fp32 results, here through ragged_dot),
-    promoted with both scales into an fp32 accumulator.
+    Rows past sum(group_sizes) come back as zeros.
+
+    Both operands are dequantized to fp32 (q * s: exact up to one fp32 rounding) and multiplied by
+    one fp32 ragged_dot. The scales are constant within each 128-wide K block, so this is the same
+    sum as promoting each block's e4m3 partial product with a_s * b_s, up to fp32 rounding. (A loop
+    over K blocks, as `fp8_gemm_reference` has, crashed XLA:CPU's compiler once inside a scanned
+    layer under shard_map.)
     """
     _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes)
     (m, k), (g, _, n) = a_q.shape, b_q.shape
-    kb = _cdiv(k, BLOCK)
-    gs = group_sizes.astype(jnp.int32)
-    a = _pad_to(a_q.astype(jnp.bfloat16), 1, BLOCK).reshape(m, kb, BLOCK)
-    b = _pad_to(b_q.astype(jnp.bfloat16), 1, BLOCK).reshape(g, kb, BLOCK, n)
-    rows = jnp.minimum(_row_groups(gs, m), g - 1)  # padding rows: any group, their product is 0
-    sa = a_s.astype(jnp.float32)  # [M, Kb]
-    sb = jnp.repeat(b_s.astype(jnp.float32), BLOCK, axis=2)[:, :, :n]  # [G, Kb, N]
-
-    def add_block(i, acc):
-        a_blk = jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)  # [M, 128]
-        b_blk = jax.lax.dynamic_index_in_dim(b, i, axis=1, keepdims=False)  # [G, 128, N]
-        partial = jax.lax.ragged_dot(a_blk, b_blk, gs, preferred_element_type=jnp.float32)
-        sb_i = jax.lax.dynamic_index_in_dim(sb, i, axis=1, keepdims=False)[rows]  # [M, N]
-        sa_i = jax.lax.dynamic_index_in_dim(sa, i, axis=1)  # [M, 1]
-        return acc + partial * sa_i * sb_i
-
-    acc = jax.lax.fori_loop(0, kb, add_block, jnp.zeros((m, n), jnp.float32))
-    return acc.astype(out_dtype)
+    a = a_q.astype(jnp.float32) * jnp.repeat(a_s.astype(jnp.float32), BLOCK, axis=1)[:, :k]
+    sb = jnp.repeat(jnp.repeat(b_s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :k, :n]
+    b = b_q.astype(jnp.float32) * sb
+    out = jax.lax.ragged_dot(a, b, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
@@ -436,6 +427,9 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: x {x.shape} [M, K] does not match w {w.shape} "
                          "[G, K, N].")
+    from dsv3_jax.ops.grouped_matmul import same_varying_axes  # inside shard_map: see there
+
+    x, w = same_varying_axes(x, w)
     return _fp8_grouped(x, w, group_sizes.astype(jnp.int32), (bool(pow2_scale), jnp.dtype(w.dtype).name))
 
 
@@ -467,7 +461,7 @@ def _fp8_grouped_bwd(static, residuals, dy):
         # product (the scales are constant within a tile), exact up to fp32 rounding.
         x_hat = xq.astype(jnp.float32) * xs[tile]
         dy_hat = gq.astype(jnp.float32) * gs[tile]
-        zero = jnp.zeros(wq.shape, jnp.float32)
+        zero = wq.astype(jnp.float32) * 0.0  # (derived from wq: it varies over w's mesh axes)
         _, transpose = jax.vjp(lambda v: jax.lax.ragged_dot(
             x_hat, v, group_sizes, preferred_element_type=jnp.float32), zero)
         (dw,) = transpose(dy_hat)

@@ -38,15 +38,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax.ops.fp8 import fp8_grouped_matmul
 from dsv3_jax.ops.grouped_matmul import grouped_matmul
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
-def _swiglu_experts(xs, group_sizes, w1, w2, w3):
-    """Rows xs [R, D] grouped by expert (group_sizes [E]) -> w2(silu(w1 x) * w3 x) [R, D]."""
-    h = nn.silu(grouped_matmul(xs, w1, group_sizes)) * grouped_matmul(xs, w3, group_sizes)
-    return grouped_matmul(h, w2, group_sizes)
+def _swiglu_experts(xs, group_sizes, w1, w2, w3, fp8=False):
+    """Rows xs [R, D] grouped by expert (group_sizes [E]) -> w2(silu(w1 x) * w3 x) [R, D].
+
+    fp8: the three products through `ops.fp8.fp8_grouped_matmul` (FP8 Fprop, Dgrad and Wgrad with
+    block scales; the weights are the fp32 masters), else `ops.grouped_matmul` in xs's dtype."""
+    matmul = fp8_grouped_matmul if fp8 else grouped_matmul
+    h = nn.silu(matmul(xs, w1, group_sizes)) * matmul(xs, w3, group_sizes)
+    return matmul(h.astype(xs.dtype), w2, group_sizes)
 
 
 def _combine(ys, weights, dtype):
@@ -55,18 +60,18 @@ def _combine(ys, weights, dtype):
 
 
 def local_routed_experts(x: jax.Array, indices: jax.Array, weights: jax.Array, w1: jax.Array,
-                         w2: jax.Array, w3: jax.Array) -> jax.Array:
+                         w2: jax.Array, w3: jax.Array, fp8: bool = False) -> jax.Array:
     """One device. x [N, D], indices / weights [N, K], w1 / w3 [E, D, F], w2 [E, F, D] -> [N, D]."""
     n, k = indices.shape
     flat = indices.reshape(-1)  # [M]
     order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
     group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    ys = _swiglu_experts(jnp.take(x, order // k, axis=0), group_sizes, w1, w2, w3)
+    ys = _swiglu_experts(jnp.take(x, order // k, axis=0), group_sizes, w1, w2, w3, fp8)
     ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to token order
     return _combine(ys, weights, x.dtype)
 
 
-def _expert_parallel_body(x, indices, weights, w1, w2, w3):
+def _expert_parallel_body(x, indices, weights, w1, w2, w3, fp8=False):
     """Per device, inside shard_map (shapes in the module docstring)."""
     w1 = jax.lax.all_gather(w1, "fsdp", axis=1, tiled=True)  # [E_loc, D, F_loc]
     w3 = jax.lax.all_gather(w3, "fsdp", axis=1, tiled=True)
@@ -88,7 +93,7 @@ def _expert_parallel_body(x, indices, weights, w1, w2, w3):
     recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0).reshape(peers * m)
     by_expert = jnp.argsort(recv_e, stable=True)  # empty rows (id e_loc) last
     group_sizes = jnp.bincount(recv_e, length=e_loc + 1)[:e_loc].astype(jnp.int32)
-    ys = _swiglu_experts(recv_x[by_expert], group_sizes, w1, w2, w3)
+    ys = _swiglu_experts(recv_x[by_expert], group_sizes, w1, w2, w3, fp8)
     ys = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(peers, m, -1)
     back = jax.lax.all_to_all(ys, "expert", 0, 0)  # block j: my pairs that peer j computed
     pair_out = jnp.zeros((m, x.shape[1]), ys.dtype).at[order].set(back[dest_sorted, rank])
@@ -97,16 +102,21 @@ def _expert_parallel_body(x, indices, weights, w1, w2, w3):
 
 
 def routed_experts(x: jax.Array, indices: jax.Array, weights: jax.Array, w1: jax.Array,
-                   w2: jax.Array, w3: jax.Array) -> jax.Array:
-    """x [N, D], indices / weights [N, K], w1 / w3 [E, D, F], w2 [E, F, D] -> [N, D] in x's dtype."""
+                   w2: jax.Array, w3: jax.Array, fp8: bool = False) -> jax.Array:
+    """x [N, D], indices / weights [N, K], w1 / w3 [E, D, F], w2 [E, F, D] -> [N, D] in x's dtype.
+
+    fp8: the experts' GEMMs in FP8 (`ops.fp8.fp8_grouped_matmul`); pass the fp32 master weights.
+    Under tensor parallelism each device quantizes its own F slice in 128x128 blocks, and the
+    weight gradient's 128x1 token tiles restart at each device's rows of an expert: valid tiles of
+    the recipe, not bit-equal to one device's."""
     mesh = jax.sharding.get_abstract_mesh()
     batch_ways = 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if mesh.empty or mesh.size == 1 or x.shape[0] % batch_ways:
         # One device, or too few tokens to split (an init trace, a small decode batch): the
         # plain path, which XLA partitions as it can.
-        return local_routed_experts(x, indices, weights, w1, w2, w3)
+        return local_routed_experts(x, indices, weights, w1, w2, w3, fp8)
     batch = P(BATCH_AXES, None)
     w_in, w_out = P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")
-    sharded = jax.shard_map(_expert_parallel_body, mesh=mesh,
+    sharded = jax.shard_map(functools.partial(_expert_parallel_body, fp8=fp8), mesh=mesh,
                             in_specs=(batch, batch, batch, w_in, w_out, w_in), out_specs=batch)
     return sharded(x, indices, weights, w1, w2, w3)
