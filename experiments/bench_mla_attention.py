@@ -4,8 +4,8 @@
   python experiments/bench_mla_attention.py --smoke    # CPU, tiny shapes, kernel in interpret mode
 
 Rows per shape (bf16 inputs, B chosen so that B x T = 16384 tokens, at least 1):
-  pallas flash (ours)   dsv3_jax/ops/pallas/mla_attention_sm90.py (its backward is still the
-                        reference's, so its fwd+bwd column measures that)
+  pallas flash (ours)   dsv3_jax/ops/pallas/mla_attention_sm90.py (forward kernel; fwd+bwd adds
+                        its dq and dkv backward kernels)
   cudnn, v padded       jax.nn.dot_product_attention(implementation="cudnn"), V zero-padded to 192
                         and the output sliced back (cuDNN needs equal qk and v dims)
   tokamax               tokamax.dot_product_attention if importable (skipped with a note otherwise)

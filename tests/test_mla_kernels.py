@@ -10,6 +10,13 @@ both round the output to bf16. Each output element is a convex combination of va
 binade) of max|reference|. A wrong mask, block index or scale gives errors of order 1 (tested:
 masking is checked separately with poisoned inputs). Decode with several splits adds the bf16
 rounding of each split's partial output before the combine: one more ulp, same bound.
+Gradients (the flash backward kernels against `jax.vjp` of the reference): both recompute the fp32
+scores and feed bf16 operands to fp32 products, rounding dq, dk, dv to bf16; the kernel rounds
+P^T and dS = P (dP - delta) to bf16 (the wgmma A operands) where the reference rounds P and the
+cotangent of P (its probs are bf16). Those roundings are relative 2^-9 per term, of random sign,
+in sums over at most T keys or queries: a few bf16 ulps of the gradient's scale again, so the
+same 2^-6 of max|reference gradient| (observed about 2^-8: one ulp at the top binade). A missing
+segment mask in the dkv kernel gives errors of order 100x the bound (checked by mutation).
 The model comparison (bf16 model, kernels vs the reference path) uses the bound of the existing
 bf16 decode test, 3e-2 of the logit scale (bf16 activations through a whole block).
 
@@ -23,6 +30,7 @@ so this module runs with asynchronous dispatch off.
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 
 import jax
@@ -58,44 +66,65 @@ def _bf16(rng, shape, scale=1.0):
 # ------------------------------------------------------------------------------------------------
 # Training / prefill flash attention
 # ------------------------------------------------------------------------------------------------
-def test_flash_forward_one_tile_several_heads():
-    """T = 128: one CTA tile (2 warpgroups x 64 rows), two key blocks, two heads, two sequences."""
+def _flash_and_grads(fn, q, k, v, do, **kw):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
+    return out, vjp(do)
+
+
+def _kernel(backward="kernel"):
+    return lambda *a, **kw: mla_attention_sm90.mla_attention(*a, **kw, interpret=True,
+                                                             backward=backward)
+
+
+def _assert_grads_close(grads, ref_grads, what):
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        assert_close(g, r, KERNEL_RTOL, f"{what}: {name}")
+
+
+def test_flash_one_tile_several_heads_and_gradients():
+    """T = 128 at the V3 head dims (qk 192, v 128): one forward CTA tile (2 warpgroups x 64 rows),
+    one dq CTA, two dkv CTAs (the second starts at the second query block), two key blocks, two
+    heads, two sequences; forward and the kernel backward's dq, dk, dv against the reference."""
     rng = np.random.default_rng(0)
     b, t, h = 2, 128, 2
     q, k = _bf16(rng, (b, t, h, 192)), _bf16(rng, (b, t, h, 192))
-    v = _bf16(rng, (b, t, h, 128))
-    out = mla_attention_sm90.mla_attention(q, k, v, scale=192 ** -0.5, interpret=True)
+    v, do = _bf16(rng, (b, t, h, 128)), _bf16(rng, (b, t, h, 128))
+    out, grads = _flash_and_grads(_kernel(), q, k, v, do, scale=192 ** -0.5)
     assert out.shape == (b, t, h, 128) and out.dtype == jnp.bfloat16
-    ref = mla_attention_reference(q, k, v, scale=192 ** -0.5)
+    ref, ref_grads = _flash_and_grads(mla_attention_reference, q, k, v, do, scale=192 ** -0.5)
     assert_close(out, ref, KERNEL_RTOL, "flash forward")
+    _assert_grads_close(grads, ref_grads, "kernel backward")
 
 
 def test_flash_segments_ragged_length_and_gradients():
     """T = 200 (padded to 256: two CTA tiles, four key blocks, a causal dynamic length), three
     packed documents whose boundaries fall inside blocks (rows whose first key blocks are all
-    masked), and dq, dk, dv through the custom_vjp against the reference's. Reduced head dims
-    (128 / 64, the documented multiples of 64) keep interpret mode fast."""
+    masked), two heads, and dq, dk, dv through the custom_vjp against the reference's: the kernel
+    backward (two dq CTAs with 4 and 2 key steps, four dkv CTAs starting at query blocks 0..3, the
+    padded rows and keys) and the `backward="reference"` path. Reduced head dims (128 / 64, the
+    documented multiples of 64) keep interpret mode fast."""
     rng = np.random.default_rng(1)
-    b, t, h = 1, 200, 1
+    b, t, h = 1, 200, 2
     q, k = _bf16(rng, (b, t, h, 128)), _bf16(rng, (b, t, h, 128))
     v = _bf16(rng, (b, t, h, 64))
     seg = jnp.asarray(np.repeat([3, 5, 6], [70, 61, 69])[None], jnp.int32)
     do = _bf16(rng, (b, t, h, 64))
-    scale = 0.11
+    kw = dict(scale=0.11, segment_ids=seg)
 
-    def run(fn):
-        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, scale=scale, segment_ids=seg), q, k, v)
-        return out, vjp(do)
-
-    out, grads = run(lambda *a, **kw: mla_attention_sm90.mla_attention(*a, **kw, interpret=True))
-    ref, ref_grads = run(mla_attention_reference)
+    out, grads = _flash_and_grads(_kernel(), q, k, v, do, **kw)
+    ref, ref_grads = _flash_and_grads(mla_attention_reference, q, k, v, do, **kw)
     assert_close(out, ref, KERNEL_RTOL, "flash forward with segments")
     # The rows of a document equal attention over that document alone (no leak across segments).
-    alone = mla_attention_reference(q[:, 70:131], k[:, 70:131], v[:, 70:131], scale=scale)
+    alone = mla_attention_reference(q[:, 70:131], k[:, 70:131], v[:, 70:131], scale=0.11)
     assert_close(out[:, 70:131], alone, KERNEL_RTOL, "second document alone")
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert g.shape == r.shape and g.dtype == r.dtype
-        assert_close(g, r, KERNEL_RTOL, name)  # the backward recomputes through the reference
+    _assert_grads_close(grads, ref_grads, "kernel backward with segments")
+    # The second document's keys get gradient only from its own queries.
+    _, alone_grads = _flash_and_grads(mla_attention_reference, q[:, 70:131], k[:, 70:131],
+                                      v[:, 70:131], do[:, 70:131], scale=0.11)
+    _assert_grads_close([g[:, 70:131] for g in grads], alone_grads, "second document alone")
+    _, ref_path_grads = _flash_and_grads(_kernel("reference"), q, k, v, do, **kw)
+    _assert_grads_close(ref_path_grads, ref_grads, "reference backward")
 
 
 def test_flash_refuses_unsupported_inputs():
@@ -111,6 +140,9 @@ def test_flash_refuses_unsupported_inputs():
                                          scale=0.1, segment_ids=jnp.zeros((1, 63), jnp.int32))
     with pytest.raises(ValueError, match="block_q"):
         mla_attention_sm90.TileConfig(block_q=96)
+    with pytest.raises(ValueError, match="backward"):
+        mla_attention_sm90.mla_attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), v,
+                                         scale=0.1, backward="xla")
     assert not mla_attention_sm90.supports((1, 8, 4, 48), (1, 8, 4, 48), (1, 8, 4, 32),
                                            (jnp.bfloat16,) * 3)
 
@@ -248,17 +280,31 @@ def test_dispatch(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # The Mosaic GPU lowering for an H100 at DeepSeek-V3 shapes (no execution)
 # ------------------------------------------------------------------------------------------------
-def test_flash_attention_lowers_for_h100():
-    """sm_90a lowering at V3 training shapes (T = 4096, H = 128, qk 192 / v 128, segments): wgmma
+def _mosaic_kernels(text):
+    return len(re.findall(r"custom_call @mosaic_gpu", text))
+
+
+@pytest.mark.parametrize("segments", [True, False])
+def test_flash_attention_lowers_for_h100(segments):
+    """sm_90a lowering at V3 training shapes (T = 4096, H = 128, qk 192 / v 128, with and without
+    segments) of the forward alone and of forward + backward (the dq and dkv kernels): wgmma
     operand layouts, TMA boxes on the [B, T, H, dim] layout, shared memory. Not checked: ptxas,
     register spills, the run."""
     s = jax.ShapeDtypeStruct
     args = (s((1, 4096, 128, 192), jnp.bfloat16), s((1, 4096, 128, 192), jnp.bfloat16),
             s((1, 4096, 128, 128), jnp.bfloat16), s((1, 4096), jnp.int32))
-    f = lambda q, k, v, seg: mla_attention_sm90.mla_attention(q, k, v, scale=0.135,
-                                                              segment_ids=seg)
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+
+    def f(q, k, v, seg):
+        return mla_attention_sm90.mla_attention(q, k, v, scale=0.135,
+                                                segment_ids=seg if segments else None)
+
+    def f_grad(q, k, v, seg):
+        out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, seg), q, k, v)
+        return vjp(out)
+
+    lower = lambda fn: jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_kernels(lower(f)) == 1
+    assert _mosaic_kernels(lower(f_grad)) == 3  # forward, dq, dkv
 
 
 def test_decode_lowers_for_h100():
@@ -275,12 +321,17 @@ def test_decode_lowers_for_h100():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a GPU")
 def test_kernels_on_the_gpu():
-    """On an H100: both kernels compiled for real, at V3-like shapes, against the references."""
+    """On an H100: the kernels compiled for real, at V3-like shapes, against the references (the
+    flash forward and its backward kernels' dq, dk, dv, with segments)."""
     rng = np.random.default_rng(7)
     q, k = _bf16(rng, (1, 1024, 4, 192)), _bf16(rng, (1, 1024, 4, 192))
-    v = _bf16(rng, (1, 1024, 4, 128))
-    assert_close(mla_attention_sm90.mla_attention(q, k, v, scale=0.135),
-                 mla_attention_reference(q, k, v, scale=0.135), KERNEL_RTOL, "flash on GPU")
+    v, do = _bf16(rng, (1, 1024, 4, 128)), _bf16(rng, (1, 1024, 4, 128))
+    seg = jnp.asarray(np.repeat([0, 1, 2], [300, 500, 224])[None], jnp.int32)
+    kw = dict(scale=0.135, segment_ids=seg)
+    out, grads = _flash_and_grads(mla_attention_sm90.mla_attention, q, k, v, do, **kw)
+    ref, ref_grads = _flash_and_grads(mla_attention_reference, q, k, v, do, **kw)
+    assert_close(out, ref, KERNEL_RTOL, "flash on GPU")
+    _assert_grads_close(grads, ref_grads, "flash backward on GPU")
     q_lat, q_pe, cache = _decode_case(8, 4, 1, 128, 512, 64, 4096)
     pos = jnp.asarray([[4095], [1000], [1], [2048]], jnp.int32)
     assert_close(mla_decode_sm90.mla_decode(q_lat, q_pe, cache, pos, scale=0.135),

@@ -14,8 +14,7 @@ Both compute scores and softmax in float32 and return the query dtype. Model cod
 functions and never asks which platform it runs on. Which implementation runs is decided here, in
 `attention_impl` (read at trace time):
 - Hopper GPU (compute capability 9.x): the Pallas Mosaic GPU kernels
-  `ops/pallas/mla_attention_sm90.py` (causal flash attention; its backward is still the
-  reference's, see that file) and `ops/pallas/mla_decode_sm90.py` (flash-decoding over the latent
+  `ops/pallas/mla_attention_sm90.py` (causal flash attention, forward and backward kernels) and `ops/pallas/mla_decode_sm90.py` (flash-decoding over the latent
   cache), when the dims and dtypes meet the kernels' requirements (bf16/f16; head dims multiples of
   64; latent rank a multiple of 128 up to 512); anything else falls back to the reference.
 - TPU: the reference (XLA). Splash attention (Pallas Mosaic TPU) is the candidate there; not done.

@@ -25,19 +25,31 @@ not skipped by segment (a packed document still reads the earlier documents' key
 The running max starts at -1e30, not -inf, so a row whose first key blocks are all masked (a later
 document) never computes exp2(-inf - -inf).
 
-Backward: NOT A KERNEL YET. `mla_attention` is a `custom_vjp` whose forward is the kernel above
-(saving o and the lse) and whose backward today recomputes the gradients through the jnp reference
-(`jax.vjp` of `mla_attention_reference`: correct, but it materialises the [T, T] scores). The
-planned kernels (same file), for which the saved lse is already there:
+Backward (FlashAttention-2 style, two kernels and an XLA preprocess; `_backward_kernels`). With
+the saved base-2 lse, P is recomputed block by block instead of stored:
 
-    P  = 2^(S log2 e - lse);  delta_i = o_i . do_i (XLA)
-    dV = P^T dO;   dP = dO V^T;   dS = P * (dP - delta);   dQ = scale * dS K;   dK = scale * dS^T Q
+    delta_i = o_i . do_i                                   (XLA, fp32 [B, H, T])
+    P  = 2^(S log2 e - lse)   (masked entries: 2^-inf = 0);   dP = dO V^T;   dS = P * (dP - delta)
+    dV = P^T dO;   dK = scale * dS^T Q;   dQ = scale * dS K
 
-  * dq kernel: a CTA owns `block_q` query rows, the key/value blocks stream in (TMA pipeline, causal
-    dynamic length), dQ accumulates in fp32 registers [block_q, K].
-  * dkv kernel: a CTA owns `block_kv` key rows, the query-side blocks (Q, dO, lse, delta) stream in
-    from the first query block that can see them (a dynamic start); dK [block_kv, K] and
-    dV [block_kv, V] accumulate in fp32 registers (96 + 64 per thread: one compute warpgroup).
+  * dq kernel: a CTA owns `2 * block_q_bwd` query rows of one (batch, head), one compute warpgroup
+    per `block_q_bwd` rows and a TMA warpgroup streaming the key/value (and key segment) blocks,
+    `stages_bwd` in flight, up to the tile's last row (causal dynamic length, longest tiles first).
+    Per key block: S = wgmma(Q, K_blk^T), mask, P, dP = wgmma(dO, V_blk^T), dS, and
+    dQ += wgmma(dS.astype(bf16) [registers], K_blk) into fp32 registers [block_q_bwd, K].
+  * dkv kernel: a CTA owns `block_kv_bwd` key rows (one compute warpgroup: dK [block_kv_bwd, K] and
+    dV [block_kv_bwd, V] take 96 + 64 fp32 registers per thread at V3 dims); the query-side blocks
+    (Q, dO, lse, delta, query segments) stream in from the first query block that can see its keys
+    (a dynamic start, `q_first`) to the end. The tiles are transposed, keys on rows: S^T =
+    wgmma(K, Q_blk^T), P^T, dV += wgmma(P^T.astype(bf16), dO_blk), dP^T = wgmma(V, dO_blk^T),
+    dS^T, dK += wgmma(dS^T.astype(bf16), Q_blk), so that the register operand is always the A
+    operand. Key tiles with the most work (the first keys) are launched first.
+
+  Both write their bf16 results through the shared-memory tile of the input they no longer need
+  (Q's, K's and V's) and TMA. Segments are masked, never skipped (as in the forward). Padded rows
+  have dO = 0 (the cotangent of the slice), so they add nothing; padded keys are seen only by them.
+  `mla_attention(..., backward="reference")` keeps the previous backward (dq, dk, dv recomputed
+  through `jax.vjp` of the jnp reference, materialising the [T, T] scores) to compare against.
 
 Layouts: q, k [B, T, H, K] and v [B, T, H, V] are read in place; each TMA box is one head's
 [rows, dim] slice (strided in global memory by H * dim). Shared-memory tiles are 128-byte swizzled
@@ -48,15 +60,22 @@ outputs back. Requirements, checked with clear errors: bf16 (or f16) q, k, v of 
 multiples of 64, at most 256; segment_ids int [B, T].
 
 The plain-jnp reference it is tested against is `dsv3_jax.ops.attention.mla_attention_reference`
-(tests/test_mla_kernels.py: interpret mode on CPU against it, outputs and the custom_vjp's
-dq, dk, dv, segments, ragged T; and the sm_90a lowering at DeepSeek-V3 shapes).
+(tests/test_mla_kernels.py: interpret mode on CPU against it, outputs and the backward kernels'
+dq, dk, dv, segments, ragged T; and the sm_90a lowering of the forward and both backward kernels
+at DeepSeek-V3 shapes).
 `experiments/bench_mla_attention.py` times it on an H100 against cuDNN, tokamax and XLA.
 
-Status: NOT YET RUN ON A GPU. The forward matches the reference in interpret mode and its Mosaic
-GPU lowering for sm_90a passes; the backward kernels are not written (above). ptxas, register
-pressure (spills), the run on an H100 and its speed remain to be confirmed there. Tuning ideas,
-not done: the causal mask only on diagonal blocks, overlap of softmax and wgmma across the two
-warpgroups (FA3's ping-pong schedule barrier), skipping key blocks of other documents.
+Status: NOT YET RUN ON A GPU (forward and backward). In interpret mode the forward and the backward
+kernels match the reference (outputs; dq, dk, dv within the same 2^-6 bound, observed ~2^-8), and
+the Mosaic GPU lowering for sm_90a of all three kernels passes. The interpret-mode differences are
+those of `_wgmma_into` (register operands P, P^T, dS, dS^T staged through shared memory there; on
+the GPU they feed the wgmma from registers). ptxas, register pressure (the dkv kernel holds dK,
+dV, S^T and dP^T: ~224 fp32 registers per thread before temporaries at V3 dims, spills likely;
+a 32-row dkv tile is not possible with 64-row wgmma, splitting dK's columns is the usual fix),
+the run on an H100 and its speed remain to be confirmed there. Tuning ideas, not done: the causal
+mask only on diagonal blocks, overlap of softmax and wgmma across the two warpgroups (FA3's
+ping-pong schedule barrier), skipping key blocks of other documents, issuing dV and dP^T as one
+wgmma group (one wait instead of two), manual consumed barriers so the next blocks load earlier.
 """
 
 from __future__ import annotations
@@ -78,18 +97,20 @@ _MAX_DIM = 256  # wgmma N and the fp32 register accumulators
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SMEM_BYTES = 227 * 1024
 _SMEM_SLACK = 2 * 1024
+_DQ_WGS = 2  # compute warpgroups of the dq kernel (block_q_bwd rows each)
+_DKV_WGS = 1  # compute warpgroups of the dkv kernel: dK + dV take 160 fp32 registers per thread
 
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Block sizes (to be tuned on an H100). block_q and block_kv are multiples of 64 (wgmma M)."""
+    """Block sizes (to be tuned on an H100). All block sizes are multiples of 64 (wgmma M)."""
 
     block_q: int = 64  # query rows per compute warpgroup (forward: 2 warpgroups per CTA)
     block_kv: int = 64  # key rows per pipeline step
     stages: int = 3  # key/value blocks in flight (forward)
-    block_q_bwd: int = 64  # planned backward kernels (module docstring): reserved, T is padded
-    block_kv_bwd: int = 64  # to their multiples already
-    stages_bwd: int = 2
+    block_q_bwd: int = 64  # backward: query rows per dq warpgroup (2 per CTA) and per dkv step
+    block_kv_bwd: int = 64  # backward: key rows per dkv CTA (1 compute warpgroup) and per dq step
+    stages_bwd: int = 2  # blocks in flight (both backward kernels)
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
@@ -106,8 +127,12 @@ class TileConfig:
         return 2 * self.block_q  # two compute warpgroups per forward CTA
 
     @property
+    def dq_tile(self) -> int:
+        return _DQ_WGS * self.block_q_bwd  # two compute warpgroups per dq CTA
+
+    @property
     def t_multiple(self) -> int:
-        return math.lcm(self.q_tile, self.block_kv, self.block_q_bwd, self.block_kv_bwd)
+        return math.lcm(self.q_tile, self.block_kv, self.dq_tile, self.block_kv_bwd)
 
 
 DEFAULT_CONFIG = TileConfig()
@@ -118,6 +143,17 @@ def smem_bytes_fwd(cfg: TileConfig, dk: int, dv: int, itemsize: int = 2) -> int:
     stage = cfg.block_kv * (dk + dv) * itemsize + 4 * cfg.block_kv
     fixed = 2 * cfg.block_q * (dk + dv) * itemsize + 2 * cfg.block_q * 8
     return cfg.stages * stage + fixed + _SMEM_SLACK
+
+
+def smem_bytes_bwd(cfg: TileConfig, dk: int, dv: int, itemsize: int = 2) -> int:
+    """Shared memory of the larger backward kernel. dq: Q and dO tiles, lse / delta / segment rows,
+    the K/V stages. dkv: K and V tiles, segment rows, the Q/dO/lse/delta/segment stages."""
+    bq, bkv = cfg.block_q_bwd, cfg.block_kv_bwd
+    dq = (_DQ_WGS * bq * ((dk + dv) * itemsize + 12)
+          + cfg.stages_bwd * (bkv * (dk + dv) * itemsize + 4 * bkv))
+    dkv = (_DKV_WGS * bkv * ((dk + dv) * itemsize + 4)
+           + cfg.stages_bwd * (bq * (dk + dv) * itemsize + 12 * bq))
+    return max(dq, dkv) + _SMEM_SLACK
 
 
 def check_dims(q_shape, k_shape, v_shape, dtypes, config: TileConfig | None = None) -> None:
@@ -138,7 +174,7 @@ def check_dims(q_shape, k_shape, v_shape, dtypes, config: TileConfig | None = No
     if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
         raise ValueError(f"mla_attention_sm90: q, k, v must all be bfloat16 (or float16), got "
                          f"{[str(jnp.dtype(d)) for d in dtypes]}.")
-    need = smem_bytes_fwd(cfg, dk, dv)
+    need = max(smem_bytes_fwd(cfg, dk, dv), smem_bytes_bwd(cfg, dk, dv))
     if need > SMEM_BYTES:
         raise ValueError(f"mla_attention_sm90: {cfg} needs {need} bytes of shared memory at dims "
                          f"{dk}/{dv}, more than {SMEM_BYTES}; use smaller blocks or fewer stages.")
@@ -163,16 +199,28 @@ def _interpret_params(interpret):
     return plgpu.InterpretGPUParams() if interpret else None
 
 
-def _mask(s, row0, col0, shape, qseg=None, kseg=None):
+def _mask(s, row0, col0, shape, rowseg=None, colseg=None, keys_on_rows: bool = False):
     """s with invisible entries at -inf. row0/col0: global index of the tile's first row/column;
-    qseg [rows] (WGMMA.reduce(1)) and kseg [cols] (WGMMA.reduce(0)) segment ids, or None."""
+    rowseg [rows] (WGMMA.reduce(1)) and colseg [cols] (WGMMA.reduce(0)) segment ids, or None.
+    Queries on rows and keys on columns (visible: col <= row), or the transposed tile of the dkv
+    kernel with `keys_on_rows` (visible: row <= col)."""
     rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row0
     cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col0
-    visible = cols <= rows
-    if qseg is not None:
-        visible = visible & (lax.broadcast_in_dim(qseg, shape, [0])
-                             == lax.broadcast_in_dim(kseg, shape, [1]))
+    visible = rows <= cols if keys_on_rows else cols <= rows
+    if rowseg is not None:
+        visible = visible & (lax.broadcast_in_dim(rowseg, shape, [0])
+                             == lax.broadcast_in_dim(colseg, shape, [1]))
     return jnp.where(visible, s, -jnp.inf)
+
+
+def _wgmma_new(shape, a, b):
+    """a @ b into a fresh fp32 accumulator (both operands in shared memory)."""
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
 def _wgmma_into(acc, a, b, interpret: bool, a_scratch=None):
@@ -323,6 +371,210 @@ def _forward(q, k, v, seg, cfg: TileConfig, scale: float, interpret):
 
 
 # ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+def _dq_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg: TileConfig,
+               scale: float, has_segments: bool, interpret: bool):
+    # q_gmem, k_gmem: [B, Tp, H, K]    v_gmem, do_gmem: [B, Tp, H, V]    (bf16)
+    # lse_gmem (base 2), delta_gmem: [B, H, Tp] f32    qseg_gmem, kseg_gmem: [B, Tp] i32
+    # dq_gmem: [B, Tp, H, K] bf16
+    if has_segments:
+        qseg_gmem, kseg_gmem, dq_gmem = rest
+    else:
+        (dq_gmem,), qseg_gmem, kseg_gmem = rest, None, None
+    dk, dv = q_gmem.shape[-1], v_gmem.shape[-1]
+    dtype = q_gmem.dtype
+    bq, bkv, wgs = cfg.block_q_bwd, cfg.block_kv_bwd, _DQ_WGS
+    n_q_tiles = q_gmem.shape[1] // (wgs * bq)
+    qi = n_q_tiles - 1 - lax.axis_index("q_seq")  # the longest rows first
+    h, b = lax.axis_index("heads"), lax.axis_index("batch")
+    kv_steps = lax.div((qi + 1) * (wgs * bq) + (bkv - 1), jnp.int32(bkv))  # causal
+    s_scale = scale * LOG2E
+
+    def scoped(q_smem, do_smem, lse_smem, delta_smem, qseg_smem, bars, ds_smem=None):
+        # q_smem: [2, bq, K]  do_smem: [2, bq, V]  lse/delta_smem: [2, bq] f32  qseg: [2, bq] i32
+        # bars: q, dO, lse, delta, segments (one barrier per warpgroup each)
+        # ds_smem: [2, bq, bkv] (interpret mode only: dS staged for the wgmma; see _wgmma_into)
+        wg = lax.axis_index("wg")
+        q_base = qi * (wgs * bq) + wg * bq
+
+        def body(idx, k_smem, v_smem, *seg_and_carry):
+            # k_smem: [bkv, K]  v_smem: [bkv, V]  kseg_smem: [bkv] i32 (with segments)
+            (step,) = idx
+            dq_acc, lse, delta = seg_and_carry[-1]
+            s = _wgmma_new((bq, bkv), q_smem.at[wg], k_smem.transpose((1, 0))) * s_scale
+            qseg = kseg = None
+            if has_segments:
+                qseg = plgpu.load(qseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                kseg = plgpu.load(seg_and_carry[0], layout=plgpu.Layout.WGMMA.reduce(0))
+            s = _mask(s, q_base, step * bkv, (bq, bkv), qseg, kseg)
+            p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))  # masked: exp2(-inf) = 0
+            dp = _wgmma_new((bq, bkv), do_smem.at[wg], v_smem.transpose((1, 0)))  # dO V^T
+            ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+            dq_acc = _wgmma_into(dq_acc, ds.astype(dtype), k_smem, interpret,  # [bq, K] += dS K
+                                 None if ds_smem is None else ds_smem.at[wg])
+            return dq_acc, lse, delta
+
+        def compute_context(run_pipeline):
+            rows = pl.ds(q_base, bq)
+            plgpu.copy_gmem_to_smem(q_gmem.at[b, rows, h], q_smem.at[wg], bars[0].at[wg])
+            plgpu.copy_gmem_to_smem(do_gmem.at[b, rows, h], do_smem.at[wg], bars[1].at[wg])
+            plgpu.copy_gmem_to_smem(lse_gmem.at[b, h, rows], lse_smem.at[wg], bars[2].at[wg])
+            plgpu.copy_gmem_to_smem(delta_gmem.at[b, h, rows], delta_smem.at[wg], bars[3].at[wg])
+            if has_segments:
+                plgpu.copy_gmem_to_smem(qseg_gmem.at[b, rows], qseg_smem.at[wg], bars[4].at[wg])
+            for bar in bars[:5 if has_segments else 4]:
+                plgpu.barrier_wait(bar.at[wg])
+            lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            dq_acc = plgpu.layout_cast(jnp.zeros((bq, dk), jnp.float32), plgpu.Layout.WGMMA)
+            dq_acc, _, _ = run_pipeline((dq_acc, lse, delta))
+            q_smem[wg] = (dq_acc * scale).astype(dtype)  # Q's tile is free once the loop is done
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_gmem.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=_TRANSFORMS),
+                 plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=_TRANSFORMS)]
+        refs = [k_gmem.at[b, :, h, :], v_gmem.at[b, :, h, :]]
+        if has_segments:
+            specs.append(plgpu.BlockSpec((bkv,), lambda i: (i,)))
+            refs.append(kseg_gmem.at[b])
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            body, grid=(kv_steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
+            num_compute_wgs=wgs, max_concurrent_steps=cfg.stages_bwd,
+            compute_context=compute_context)
+        pipeline(*refs)
+
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((wgs, bq, dk), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((wgs, bq, dv), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((wgs, bq), jnp.float32),
+        plgpu.SMEM((wgs, bq), jnp.float32),
+        plgpu.SMEM((wgs, bq), jnp.int32),
+        tuple(plgpu.Barrier(num_barriers=wgs) for _ in range(5)),
+        *([plgpu.SMEM((wgs, bq, bkv), dtype, transforms=_TRANSFORMS)] if interpret else []),
+        collective_axes="wg",
+    )
+
+
+def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg: TileConfig,
+                scale: float, has_segments: bool, interpret: bool):
+    # Inputs as _dq_kernel's; dk_gmem: [B, Tp, H, K] bf16, dv_gmem: [B, Tp, H, V] bf16.
+    # Tiles are transposed (keys on rows): S^T = K Q^T [bkv, bq], so that P^T and dS^T are the
+    # register A operands of dV += P^T dO and dK += dS^T Q.
+    if has_segments:
+        qseg_gmem, kseg_gmem, dk_gmem, dv_gmem = rest
+    else:
+        (dk_gmem, dv_gmem), qseg_gmem, kseg_gmem = rest, None, None
+    dk, dv = q_gmem.shape[-1], v_gmem.shape[-1]
+    dtype = q_gmem.dtype
+    bq, bkv, wgs = cfg.block_q_bwd, cfg.block_kv_bwd, _DKV_WGS
+    kj = lax.axis_index("kv_seq")  # the first keys are seen by the most queries: launched first
+    h, b = lax.axis_index("heads"), lax.axis_index("batch")
+    q_first = lax.div(kj * (wgs * bkv), jnp.int32(bq))  # causal: the first block that sees a key
+    q_steps = q_gmem.shape[1] // bq - q_first
+    s_scale = scale * LOG2E
+
+    def scoped(k_smem, v_smem, kseg_smem, bars, pt_smem=None, dst_smem=None):
+        # k_smem: [1, bkv, K]  v_smem: [1, bkv, V]  kseg_smem: [1, bkv] i32; bars: k, v, segments
+        # pt_smem, dst_smem: [1, bkv, bq] (interpret mode only: P^T, dS^T staged for the wgmma)
+        wg = lax.axis_index("wg")
+        k_base = kj * (wgs * bkv) + wg * bkv
+
+        def body(idx, q_smem, do_smem, lse_smem, delta_smem, *seg_and_carry):
+            # q_smem: [bq, K]  do_smem: [bq, V]  lse/delta_smem: [bq] f32  qseg_smem: [bq] i32
+            (step,) = idx
+            dk_acc, dv_acc = seg_and_carry[-1]
+            st = _wgmma_new((bkv, bq), k_smem.at[wg], q_smem.transpose((1, 0))) * s_scale
+            kseg = qseg = None
+            if has_segments:
+                kseg = plgpu.load(kseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                qseg = plgpu.load(seg_and_carry[0], layout=plgpu.Layout.WGMMA.reduce(0))
+            st = _mask(st, k_base, (q_first + step) * bq, (bkv, bq), kseg, qseg, keys_on_rows=True)
+            lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+            pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+            dv_acc = _wgmma_into(dv_acc, pt.astype(dtype), do_smem, interpret,  # += P^T dO
+                                 None if pt_smem is None else pt_smem.at[wg])
+            dpt = _wgmma_new((bkv, bq), v_smem.at[wg], do_smem.transpose((1, 0)))  # V dO^T
+            delta = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+            dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
+            dk_acc = _wgmma_into(dk_acc, dst.astype(dtype), q_smem, interpret,  # += dS^T Q
+                                 None if dst_smem is None else dst_smem.at[wg])
+            return dk_acc, dv_acc
+
+        def compute_context(run_pipeline):
+            rows = pl.ds(k_base, bkv)
+            plgpu.copy_gmem_to_smem(k_gmem.at[b, rows, h], k_smem.at[wg], bars[0].at[wg])
+            plgpu.copy_gmem_to_smem(v_gmem.at[b, rows, h], v_smem.at[wg], bars[1].at[wg])
+            if has_segments:
+                plgpu.copy_gmem_to_smem(kseg_gmem.at[b, rows], kseg_smem.at[wg], bars[2].at[wg])
+            for bar in bars[:3 if has_segments else 2]:
+                plgpu.barrier_wait(bar.at[wg])
+            dk_acc = plgpu.layout_cast(jnp.zeros((bkv, dk), jnp.float32), plgpu.Layout.WGMMA)
+            dv_acc = plgpu.layout_cast(jnp.zeros((bkv, dv), jnp.float32), plgpu.Layout.WGMMA)
+            dk_acc, dv_acc = run_pipeline((dk_acc, dv_acc))
+            k_smem[wg] = (dk_acc * scale).astype(dtype)  # K's and V's tiles are free now
+            v_smem[wg] = dv_acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_gmem.at[b, rows, h])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_gmem.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        specs = [plgpu.BlockSpec((bq, dk), lambda i: (q_first + i, 0), transforms=_TRANSFORMS),
+                 plgpu.BlockSpec((bq, dv), lambda i: (q_first + i, 0), transforms=_TRANSFORMS),
+                 plgpu.BlockSpec((bq,), lambda i: (q_first + i,)),
+                 plgpu.BlockSpec((bq,), lambda i: (q_first + i,))]
+        refs = [q_gmem.at[b, :, h, :], do_gmem.at[b, :, h, :], lse_gmem.at[b, h],
+                delta_gmem.at[b, h]]
+        if has_segments:
+            specs.append(plgpu.BlockSpec((bq,), lambda i: (q_first + i,)))
+            refs.append(qseg_gmem.at[b])
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            body, grid=(q_steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
+            num_compute_wgs=wgs, max_concurrent_steps=cfg.stages_bwd,
+            compute_context=compute_context)
+        pipeline(*refs)
+
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((wgs, bkv, dk), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((wgs, bkv, dv), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((wgs, bkv), jnp.int32),
+        tuple(plgpu.Barrier(num_barriers=wgs) for _ in range(3)),
+        *([plgpu.SMEM((wgs, bkv, bq), dtype, transforms=_TRANSFORMS)] * 2 if interpret else []),
+        collective_axes="wg",
+    )
+
+
+def _backward_kernels(q, k, v, seg, o, lse, do, cfg: TileConfig, scale: float, interpret):
+    """Padded inputs and residuals -> (dq, dk, dv), through the dq and dkv kernels."""
+    b, tp, h, dk = q.shape
+    dv = v.shape[-1]
+    has_segments = seg is not None
+    do = do.astype(q.dtype)
+    # delta_i = o_i . do_i, [B, H, Tp] f32 (XLA; the rows of dP - delta).
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    args = (q, k, v, do, lse, delta) + ((seg, seg) if has_segments else ())
+    static = dict(cfg=cfg, scale=scale, has_segments=has_segments, interpret=bool(interpret))
+    common = dict(thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                  interpret=_interpret_params(interpret))
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, **static),
+        out_type=jax.ShapeDtypeStruct((b, tp, h, dk), q.dtype),
+        grid=(tp // cfg.dq_tile, h, b), grid_names=("q_seq", "heads", "batch"),
+        num_threads=_DQ_WGS + 1, **common)(*args)
+    dk_, dv_ = plgpu.kernel(
+        functools.partial(_dkv_kernel, **static),
+        out_type=(jax.ShapeDtypeStruct((b, tp, h, dk), k.dtype),
+                  jax.ShapeDtypeStruct((b, tp, h, dv), v.dtype)),
+        grid=(tp // (_DKV_WGS * cfg.block_kv_bwd), h, b), grid_names=("kv_seq", "heads", "batch"),
+        num_threads=_DKV_WGS + 1, **common)(*args)
+    return dq, dk_, dv_
+
+
+# ------------------------------------------------------------------------------------------------
 # The differentiable wrapper
 # ------------------------------------------------------------------------------------------------
 def _pad_t(x: jax.Array, tp: int, value=0) -> jax.Array:
@@ -339,15 +591,18 @@ def _flash(q, k, v, seg, static):
 
 
 def _flash_fwd(q, k, v, seg, static):
-    cfg, scale, interpret = static
+    cfg, scale, interpret, _ = static
     o, lse = _forward(q, k, v, seg, cfg, scale, interpret)
     return o, (q, k, v, seg, o, lse)
 
 
 def _flash_bwd(static, res, do):
-    cfg, scale, interpret = static
+    cfg, scale, interpret, backward = static
     q, k, v, seg, o, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cfg, scale, interpret)
+    if backward == "kernel":
+        dq, dk, dv = _backward_kernels(q, k, v, seg, o, lse, do, cfg, scale, interpret)
+    else:
+        dq, dk, dv = _backward_reference(q, k, v, seg, do, scale)
     dseg = None if seg is None else jnp.zeros(seg.shape, jax.dtypes.float0)
     return dq, dk, dv, dseg
 
@@ -357,7 +612,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                   segment_ids: jax.Array | None = None, config: TileConfig | None = None,
-                  interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+                  interpret: bool | plgpu.InterpretGPUParams = False,
+                  backward: str = "kernel") -> jax.Array:
     """Causal flash attention with qk head dim K and v head dim V (differentiable: custom_vjp).
 
     Args:
@@ -367,10 +623,15 @@ def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       segment_ids: optional int [B, T]; a query sees only keys of its own segment.
       config: block sizes (DEFAULT_CONFIG when None).
       interpret: True (or `InterpretGPUParams`) runs the kernels in GPU interpret mode on the CPU.
+      backward: "kernel" (the dq and dkv kernels) or "reference" (dq, dk, dv recomputed through
+        `jax.vjp` of the jnp reference: materialises [T, T] scores; kept to compare against).
     Returns:
       [B, T, H, V] in q's dtype; the same contract as `ops.attention.mla_attention_reference`.
     """
     cfg = config or DEFAULT_CONFIG
+    if backward not in ("kernel", "reference"):
+        raise ValueError(f"mla_attention_sm90: backward={backward!r}; expected 'kernel' or "
+                         "'reference'.")
     check_dims(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), cfg)
     b, t = q.shape[:2]
     if segment_ids is not None and segment_ids.shape != (b, t):
@@ -378,14 +639,14 @@ def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                          f"{(b, t)} (one id per token).")
     tp = -(-t // cfg.t_multiple) * cfg.t_multiple
     seg = None if segment_ids is None else _pad_t(segment_ids.astype(jnp.int32), tp, -1)
-    o = _flash(_pad_t(q, tp), _pad_t(k, tp), _pad_t(v, tp), seg, (cfg, float(scale), interpret))
+    o = _flash(_pad_t(q, tp), _pad_t(k, tp), _pad_t(v, tp), seg, (cfg, float(scale), interpret,
+                                                                  backward))
     return o[:, :t] if tp != t else o
 
 
-def _backward(q, k, v, seg, o, lse, do, cfg, scale, interpret):
-    """dq, dk, dv through the jnp reference (recomputed; the backward kernels are not written yet,
-    module docstring). o and lse are unused until they are."""
-    del o, lse, cfg, interpret
+def _backward_reference(q, k, v, seg, do, scale):
+    """dq, dk, dv recomputed through `jax.vjp` of the jnp reference (the `backward="reference"`
+    path: correct, but it materialises the [T, T] scores)."""
     from dsv3_jax.ops.attention import mla_attention_reference
 
     _, vjp = jax.vjp(lambda q, k, v: mla_attention_reference(q, k, v, scale=scale,
@@ -400,5 +661,5 @@ def flops(b: int, t: int, h: int, dk: int, dv: int, backward: bool = False) -> f
     return fwd * 3.5 if backward else fwd
 
 
-__all__ = ["DEFAULT_CONFIG", "TileConfig", "check_dims", "flops", "mla_attention", "smem_bytes_fwd",
-           "supports"]
+__all__ = ["DEFAULT_CONFIG", "TileConfig", "check_dims", "flops", "mla_attention", "smem_bytes_bwd",
+           "smem_bytes_fwd", "supports"]
