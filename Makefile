@@ -32,7 +32,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	echo "creating $(VENV) with $$py ($$($$py -V))"; \
 	rm -rf $(VENV) && $$py -m venv $(VENV) && \
 	$(PY) -m pip install -q --upgrade pip && \
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]' && \
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,notebooks]' && \
 	touch $@
 
 train: setup
