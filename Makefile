@@ -39,9 +39,10 @@ train: setup
 	$(PY) -m dsv3_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
 
 # The second run gives the mesh tests 8 simulated CPU devices (tests marked multidevice).
+# --durations: the slowest tests in the log, to keep the suite's time in view.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -m multidevice tests/test_parallel.py
+	$(PY) -m pytest $(PYTEST_ARGS) --durations=15
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest $(PYTEST_ARGS) --durations=5 -m multidevice tests/test_parallel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

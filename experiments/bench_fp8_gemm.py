@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import statistics
 import sys
 import time
 
@@ -36,6 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.ops import fp8
+
+from benchutil import fmt as _fmt, time_median as _time
 
 # (label, M, K, N): 8192^3, then the DeepSeek-V3 671B projections at 4096 tokens.
 FULL_SHAPES = (
@@ -61,22 +62,6 @@ def _sweep_configs():
         "64x192 m-split (CTA 128x192)": TileConfig(tile_n=192),
         "64x128 m-split, snake m/8": TileConfig(grid_minor_dim="m", grid_tile_width=8),
     }
-
-
-def _time(fn, args, warmup: int, runs: int, inner: int) -> float:
-    """Median seconds per call."""
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
 
 
 @jax.jit
@@ -183,10 +168,6 @@ def _bench_shape(label, m, k, n, args, configs, rows, detail_rows) -> bool:
     rows.append((label, f"{m}x{k}x{n}", "quantize a, b", t_quant * 1e3, float("nan"),
                  float("nan"), float("nan"), "act_quant 1x128 + weight_quant 128x128"))
     return ok
-
-
-def _fmt(x, spec):
-    return "-" if x != x else format(x, spec)  # NaN -> "-"
 
 
 def main(argv=None) -> int:

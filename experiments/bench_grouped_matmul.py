@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import statistics
 import sys
 import time
 
@@ -39,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.ops import grouped_matmul as gm
+
+from benchutil import fmt as _fmt, time_median as _time
 
 # (label, M rows, K, N, G local experts)
 FULL_SHAPES = tuple(
@@ -61,22 +62,6 @@ def router_like_sizes(m: int, groups: int, seed: int = 0) -> np.ndarray:
     n_empty = groups // 8 if groups >= 8 else int(groups >= 4)
     p[rng.choice(groups, n_empty, replace=False)] = 0.0
     return rng.multinomial(m, p / p.sum()).astype(np.int32)
-
-
-def _time(fn, args, warmup: int, runs: int, inner: int) -> float:
-    """Median seconds per call."""
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
 
 
 def _grouped(impl):
@@ -156,10 +141,6 @@ def _bench_shape(label, m, k, n, g, impls, args, rows) -> bool:
             seconds = first_call if args.smoke else _time(fn, fargs, **timing)
             rows.append((label, dims, g, mode, name, seconds, flops[mode], t_dense[mode], note))
     return ok
-
-
-def _fmt(x, spec):
-    return "-" if x != x else format(x, spec)  # NaN -> "-"
 
 
 def main(argv=None) -> int:

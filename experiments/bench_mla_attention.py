@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import statistics
 import sys
 import time
 
@@ -34,25 +33,12 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_attention_sm90
 
+from benchutil import fmt as _fmt, time_median as _time
+
 DK, DV = 192, 128
 FULL_SHAPES = ((4096, 16), (4096, 128), (16384, 16), (16384, 128))  # (T, H)
 SMOKE_SHAPES = ((128, 2),)
 TOLERANCE = 2.0 ** -6
-
-
-def _time(fn, args, warmup, runs, inner):
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
 
 
 def _cudnn(q, k, v, scale):
@@ -81,10 +67,6 @@ def _impls(args):
     impls.append(("xla reference",
                   lambda q, k, v, s: attention.mla_attention_reference(q, k, v, scale=s), ""))
     return impls
-
-
-def _fmt(x, spec):
-    return "-" if x != x else format(x, spec)
 
 
 def main(argv=None) -> int:

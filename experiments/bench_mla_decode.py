@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import time
 
@@ -27,30 +26,13 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_decode_sm90
 
+from benchutil import fmt as _fmt, time_median as _time
+
 H, C, R = 128, 512, 64
 FULL_GRID = ((1, 1024), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (64, 4096),
              (64, 16384), (128, 1024), (128, 4096))
 SMOKE_GRID = ((2, 128),)
 TOLERANCE = 2.0 ** -6
-
-
-def _time(fn, args, warmup, runs, inner):
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
-
-
-def _fmt(x, spec):
-    return "-" if x != x else format(x, spec)
 
 
 def main(argv=None) -> int:

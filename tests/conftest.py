@@ -115,8 +115,14 @@ def jitted_loss_grad(cfg: ds.ModelConfig):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `multidevice` need 8 devices; `make test` runs them in a second pytest with
+    """Tests marked `slow` (minutes each: the notebooks) run first, so that with `pytest -n 2` the
+    two workers share them instead of one worker finishing them alone at the end. (Only mark
+    tests whose fixtures are function-scoped: moving a test away from its module would set a
+    module-scoped fixture up twice.)
+
+    Tests marked `multidevice` need 8 devices; `make test` runs them in a second pytest with
     XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: order kept otherwise
     if jax.device_count() >= 8:
         return
     skip = pytest.mark.skip(reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
