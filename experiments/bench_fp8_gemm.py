@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.ops import fp8
 
-from benchutil import fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
 
 # (label, M, K, N): 8192^3, then the DeepSeek-V3 671B projections at 4096 tokens.
 FULL_SHAPES = (
@@ -176,14 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernel interpreted")
     ap.add_argument("--sweep", action="store_true", help="try several kernel tilings per shape")
     ap.add_argument("--shapes", default="", help="only shapes whose label contains this text")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--inner", type=int, default=None)
+    add_timing_flags(ap)
     args = ap.parse_args(argv)
-    defaults = (0, 1, 1) if args.smoke else (3, 15, 10)
-    args.warmup = defaults[0] if args.warmup is None else args.warmup
-    args.runs = defaults[1] if args.runs is None else args.runs
-    args.inner = defaults[2] if args.inner is None else args.inner
+    fill_timing(args, full=(3, 15, 10))
 
     device = jax.devices()[0]
     if not args.smoke and not fp8.gemm_impl() == "sm90":

@@ -39,7 +39,7 @@ import numpy as np
 
 from dsv3_jax.ops import grouped_matmul as gm
 
-from benchutil import fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
 
 # (label, M rows, K, N, G local experts)
 FULL_SHAPES = tuple(
@@ -149,14 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernels interpreted")
     ap.add_argument("--shapes", default="", help="only shapes whose label contains this text")
     ap.add_argument("--no_xla", action="store_true", help="skip the (slow on GPU) ragged_dot rows")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--inner", type=int, default=None)
+    add_timing_flags(ap)
     args = ap.parse_args(argv)
-    defaults = (0, 1, 1) if args.smoke else (3, 10, 5)
-    args.warmup = defaults[0] if args.warmup is None else args.warmup
-    args.runs = defaults[1] if args.runs is None else args.runs
-    args.inner = defaults[2] if args.inner is None else args.inner
+    fill_timing(args, full=(3, 10, 5))
 
     device = jax.devices()[0]
     ours = gm.grouped_matmul_impl()

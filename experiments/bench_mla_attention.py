@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_attention_sm90
 
-from benchutil import fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
 
 DK, DV = 192, 128
 FULL_SHAPES = ((4096, 16), (4096, 128), (16384, 16), (16384, 128))  # (T, H)
@@ -74,20 +74,14 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernel interpreted")
     ap.add_argument("--tokens", type=int, default=16384, help="B x T per shape")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--inner", type=int, default=None)
+    add_timing_flags(ap)
     args = ap.parse_args(argv)
-    defaults = (0, 1, 1) if args.smoke else (3, 10, 5)
-    args.warmup = defaults[0] if args.warmup is None else args.warmup
-    args.runs = defaults[1] if args.runs is None else args.runs
-    args.inner = defaults[2] if args.inner is None else args.inner
+    timing = fill_timing(args, full=(3, 10, 5))
     device = jax.devices()[0]
     if not args.smoke and device.platform != "gpu":
         print(f"bench_mla_attention: needs a Hopper GPU, found {device.device_kind!r}; use --smoke "
               "for the CPU check.", file=sys.stderr)
         return 2
-    timing = dict(warmup=args.warmup, runs=args.runs, inner=args.inner)
     rows, ok = [], True
     for t, h in (SMOKE_SHAPES if args.smoke else FULL_SHAPES):
         b = 1 if args.smoke else max(1, args.tokens // t)

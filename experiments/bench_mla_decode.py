@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_decode_sm90
 
-from benchutil import fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
 
 H, C, R = 128, 512, 64
 FULL_GRID = ((1, 1024), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (64, 4096),
@@ -39,21 +39,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernel interpreted")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--inner", type=int, default=None)
+    add_timing_flags(ap)
     args = ap.parse_args(argv)
-    defaults = (0, 1, 1) if args.smoke else (3, 10, 10)
-    args.warmup = defaults[0] if args.warmup is None else args.warmup
-    args.runs = defaults[1] if args.runs is None else args.runs
-    args.inner = defaults[2] if args.inner is None else args.inner
+    timing = fill_timing(args, full=(3, 10, 10))
     device = jax.devices()[0]
     if not args.smoke and device.platform != "gpu":
         print(f"bench_mla_decode: needs a Hopper GPU, found {device.device_kind!r}; use --smoke "
               "for the CPU check.", file=sys.stderr)
         return 2
     heads, c, r = (2, 128, 64) if args.smoke else (H, C, R)
-    timing = dict(warmup=args.warmup, runs=args.runs, inner=args.inner)
     rows, ok = [], True
     for b, s in (SMOKE_GRID if args.smoke else FULL_GRID):
         kq, kp, kc = jax.random.split(jax.random.key(b * 7 + s), 3)

@@ -29,3 +29,20 @@ def time_median(fn, args, warmup: int, runs: int, inner: int) -> float:
 def fmt(x, spec: str) -> str:
     """format(x, spec), or "-" for NaN (a cell with no number)."""
     return "-" if x != x else format(x, spec)
+
+
+def add_timing_flags(parser) -> None:
+    """--warmup, --runs, --inner (unset: `fill_timing` picks the defaults)."""
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first")
+    parser.add_argument("--runs", type=int, default=None, help="timed samples (the median is kept)")
+    parser.add_argument("--inner", type=int, default=None, help="back-to-back calls per sample")
+
+
+def fill_timing(args, full: tuple[int, int, int]) -> dict:
+    """Sets args.warmup / runs / inner left unset: (0, 1, 1) with --smoke, else `full`; returns
+    them as the keyword arguments of `time_median`."""
+    defaults = (0, 1, 1) if args.smoke else full
+    for name, default in zip(("warmup", "runs", "inner"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return dict(warmup=args.warmup, runs=args.runs, inner=args.inner)
