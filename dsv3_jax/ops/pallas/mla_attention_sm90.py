@@ -252,6 +252,24 @@ def _wgmma_into(acc, a, b, interpret: bool, a_scratch=None):
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
+def _stream_kv_blocks(body, compute_context, k_rows, v_rows, kseg_row, bkv: int, steps: int,
+                      wgs: int, stages: int) -> None:
+    """Runs `body` over the first `steps` key blocks of one (batch, head): a TMA warpgroup streams
+    K [bkv, dk] and V [bkv, dv] tiles (and the keys' segment ids when kseg_row is given) through
+    `stages` buffers to the `wgs` compute warpgroups (the forward and the dq kernel share this)."""
+    dk, dv = k_rows.shape[-1], v_rows.shape[-1]
+    specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=_TRANSFORMS),
+             plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=_TRANSFORMS)]
+    refs = [k_rows, v_rows]
+    if kseg_row is not None:
+        specs.append(plgpu.BlockSpec((bkv,), lambda i: (i,)))
+        refs.append(kseg_row)
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
+        num_compute_wgs=wgs, max_concurrent_steps=stages, compute_context=compute_context)
+    pipeline(*refs)
+
+
 def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, has_segments: bool,
                 interpret: bool):
     # q_gmem, k_gmem: [B, Tp, H, K] bf16     v_gmem: [B, Tp, H, V] bf16
@@ -324,17 +342,9 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[b, h, pl.ds(q_base, bq)])
             plgpu.wait_smem_to_gmem(0)
 
-        specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=_TRANSFORMS),
-                 plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=_TRANSFORMS)]
-        refs = [k_gmem.at[b, :, h, :], v_gmem.at[b, :, h, :]]
-        if has_segments:
-            specs.append(plgpu.BlockSpec((bkv,), lambda i: (i,)))
-            refs.append(kseg_gmem.at[b])
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            body, grid=(kv_steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
-            num_compute_wgs=wgs, max_concurrent_steps=cfg.stages,
-            compute_context=compute_context)
-        pipeline(*refs)
+        _stream_kv_blocks(body, compute_context, k_gmem.at[b, :, h, :], v_gmem.at[b, :, h, :],
+                          kseg_gmem.at[b] if has_segments else None, bkv, kv_steps, wgs,
+                          cfg.stages)
 
     pl.run_scoped(
         scoped,
@@ -434,17 +444,9 @@ def _dq_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg
             plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_gmem.at[b, rows, h])
             plgpu.wait_smem_to_gmem(0)
 
-        specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=_TRANSFORMS),
-                 plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=_TRANSFORMS)]
-        refs = [k_gmem.at[b, :, h, :], v_gmem.at[b, :, h, :]]
-        if has_segments:
-            specs.append(plgpu.BlockSpec((bkv,), lambda i: (i,)))
-            refs.append(kseg_gmem.at[b])
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            body, grid=(kv_steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
-            num_compute_wgs=wgs, max_concurrent_steps=cfg.stages_bwd,
-            compute_context=compute_context)
-        pipeline(*refs)
+        _stream_kv_blocks(body, compute_context, k_gmem.at[b, :, h, :], v_gmem.at[b, :, h, :],
+                          kseg_gmem.at[b] if has_segments else None, bkv, kv_steps, wgs,
+                          cfg.stages_bwd)
 
     pl.run_scoped(
         scoped,
