@@ -25,10 +25,11 @@ a GPU runs the kernels in GPU interpret mode (slow; tests and benchmark smoke ru
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
+
+from dsv3_jax.ops.platform import forced_impl, on_hopper
 
 _NEG_INF = -jnp.inf
 _IMPLS = ("auto", "sm90", "reference")
@@ -92,22 +93,12 @@ def mla_decode_reference(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     return out.astype(q_latent.dtype)
 
 
-def _on_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
-
-
 def attention_impl() -> str:
     """"sm90" (the Pallas Mosaic GPU kernels) or "reference", for this machine.
 
     DSV3_ATTENTION=reference|sm90 overrides the choice (read at trace time).
     """
-    forced = os.environ.get("DSV3_ATTENTION", "auto")
-    if forced not in _IMPLS:
-        raise ValueError(f"DSV3_ATTENTION={forced!r}; use one of {_IMPLS} (or leave it unset).")
-    if forced != "auto":
-        return forced
-    return "sm90" if _on_hopper() else "reference"
+    return forced_impl("DSV3_ATTENTION", _IMPLS) or ("sm90" if on_hopper() else "reference")
 
 
 def _interpret() -> bool:

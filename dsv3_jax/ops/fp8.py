@@ -48,11 +48,12 @@ The forward keeps x (compute dtype) and the fp8 weight with its scales for the b
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dsv3_jax.ops.platform import forced_impl, on_hopper
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -219,24 +220,13 @@ def fp8_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.
     return acc.astype(out_dtype)
 
 
-def _on_hopper() -> bool:
-    device = jax.devices()[0]
-    capability = str(getattr(device, "compute_capability", ""))
-    return device.platform == "gpu" and capability.startswith("9.")
-
-
 def gemm_impl() -> str:
     """The implementation `fp8_gemm(impl="auto")` uses on this machine: "sm90" or "reference".
 
     The environment variable DSV3_FP8_GEMM=reference|sm90 overrides the choice (read at trace
     time), e.g. to compare a training run on the kernel with one on the reference.
     """
-    forced = os.environ.get("DSV3_FP8_GEMM", "auto")
-    if forced not in _GEMM_IMPLS:
-        raise ValueError(f"DSV3_FP8_GEMM={forced!r}; use one of {_GEMM_IMPLS} (or leave it unset).")
-    if forced != "auto":
-        return forced
-    return "sm90" if _on_hopper() else "reference"
+    return forced_impl("DSV3_FP8_GEMM", _GEMM_IMPLS) or ("sm90" if on_hopper() else "reference")
 
 
 def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,

@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import jax
 import jax.numpy as jnp
+
+from dsv3_jax.ops.platform import forced_impl, on_hopper
 
 IMPLS = ("auto", "ragged_dot", "sm90", "megablox")
 _16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -201,20 +202,13 @@ _WGRAD = {"ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad, "megablox": _megablo
 # ------------------------------------------------------------------------------------------------
 # Dispatch and the custom_vjp
 # ------------------------------------------------------------------------------------------------
-def _on_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
-
-
 def grouped_matmul_impl() -> str:
     """The backend `grouped_matmul(impl="auto")` uses here: "sm90" on a Hopper GPU, "megablox" on
     a TPU, "ragged_dot" elsewhere; DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox overrides it."""
-    forced = os.environ.get("DSV3_GROUPED_MATMUL", "auto")
-    if forced not in IMPLS:
-        raise ValueError(f"DSV3_GROUPED_MATMUL={forced!r}; use one of {IMPLS} (or leave it unset).")
-    if forced != "auto":
+    forced = forced_impl("DSV3_GROUPED_MATMUL", IMPLS)
+    if forced:
         return forced
-    if _on_hopper():
+    if on_hopper():
         return "sm90"
     return "megablox" if jax.devices()[0].platform == "tpu" else "ragged_dot"
 
