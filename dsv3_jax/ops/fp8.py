@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.ops.grouped_matmul import same_varying_axes, transposed_grouped_matmul_reference
 from dsv3_jax.ops.platform import forced_impl, on_hopper
 
 E4M3 = jnp.float8_e4m3fn
@@ -366,10 +367,9 @@ def fp8_grouped_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b
     layer under shard_map.)
     """
     _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes)
-    (m, k), (g, _, n) = a_q.shape, b_q.shape
+    k = a_q.shape[1]
     a = a_q.astype(jnp.float32) * jnp.repeat(a_s.astype(jnp.float32), BLOCK, axis=1)[:, :k]
-    sb = jnp.repeat(jnp.repeat(b_s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :k, :n]
-    b = b_q.astype(jnp.float32) * sb
+    b = jax.vmap(weight_dequant)(b_q, b_s)  # each group's [K, N] in its 128x128 blocks
     out = jax.lax.ragged_dot(a, b, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
     return out.astype(out_dtype)
 
@@ -417,9 +417,7 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: x {x.shape} [M, K] does not match w {w.shape} "
                          "[G, K, N].")
-    from dsv3_jax.ops.grouped_matmul import same_varying_axes  # inside shard_map: see there
-
-    x, w = same_varying_axes(x, w)
+    x, w = same_varying_axes(x, w)  # inside shard_map: see ops/grouped_matmul
     return _fp8_grouped(x, w, group_sizes.astype(jnp.int32), (bool(pow2_scale), jnp.dtype(w.dtype).name))
 
 
@@ -451,10 +449,7 @@ def _fp8_grouped_bwd(static, residuals, dy):
         # product (the scales are constant within a tile), exact up to fp32 rounding.
         x_hat = xq.astype(jnp.float32) * xs[tile]
         dy_hat = gq.astype(jnp.float32) * gs[tile]
-        zero = wq.astype(jnp.float32) * 0.0  # (derived from wq: it varies over w's mesh axes)
-        _, transpose = jax.vjp(lambda v: jax.lax.ragged_dot(
-            x_hat, v, group_sizes, preferred_element_type=jnp.float32), zero)
-        (dw,) = transpose(dy_hat)
+        dw = transposed_grouped_matmul_reference(x_hat, dy_hat, group_sizes)  # [G, K, N] fp32
     return dx, dw.astype(w_dtype), None
 
 
