@@ -26,7 +26,6 @@ scales; only the summation order differs). Any failure is marked MISMATCH and ex
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import sys
 import time
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.ops import fp8
 
-from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, provenance, fmt as _fmt, time_median as _time
 
 # (label, M, K, N): 8192^3, then the DeepSeek-V3 671B projections at 4096 tokens.
 FULL_SHAPES = (
@@ -193,10 +192,7 @@ def main(argv=None) -> int:
     for label, m, k, n in shapes:
         ok &= _bench_shape(label, m, k, n, args, configs, rows, detail_rows)
 
-    print(f"\nFP8 GEMM, C = A B^T, bf16 out. Device: {device.device_kind}; "
-          f"{datetime.date.today().isoformat()}; jax {jax.__version__}; median of {args.runs} runs x "
-          f"{args.inner} calls after {args.warmup} warm-up"
-          + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "") + "\n")
+    print(f"\nFP8 GEMM, C = A B^T, bf16 out. {provenance(args)}\n")
     print("| shape | M x K x N | implementation | ms | TFLOP/s | vs xla bf16 | calc_diff vs bf16 "
           "| note |")
     print("|---|---|---|---|---|---|---|---|")

@@ -28,7 +28,6 @@ runs of `--inner` back-to-back calls each ended by block_until_ready; the median
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import sys
 import time
@@ -39,7 +38,7 @@ import numpy as np
 
 from dsv3_jax.ops import grouped_matmul as gm
 
-from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, provenance, fmt as _fmt, time_median as _time
 
 # (label, M rows, K, N, G local experts)
 FULL_SHAPES = tuple(
@@ -170,10 +169,7 @@ def main(argv=None) -> int:
     for label, m, k, n, g in shapes:
         ok &= _bench_shape(label, m, k, n, g, impls, args, rows)
 
-    print(f"\nMoE grouped matmul, bf16. Device: {device.device_kind}; "
-          f"{datetime.date.today().isoformat()}; jax {jax.__version__}; median of {args.runs} runs x "
-          f"{args.inner} calls after {args.warmup} warm-up"
-          + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "") + "\n")
+    print(f"\nMoE grouped matmul, bf16. {provenance(args)}\n")
     print("| shape | M x K x N | G | pass | implementation | ms | TFLOP/s | % of dense | note |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, dims, g, mode, impl, seconds, flop, t_dense, note in rows:

@@ -22,7 +22,6 @@ MISMATCH and exit 1.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import sys
 import time
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_attention_sm90
 
-from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, provenance, fmt as _fmt, time_median as _time
 
 DK, DV = 192, 128
 FULL_SHAPES = ((4096, 16), (4096, 128), (16384, 16), (16384, 128))  # (T, H)
@@ -118,10 +117,7 @@ def main(argv=None) -> int:
                 note, ok = f"MISMATCH: error {err:.2e} >= {TOLERANCE:.2e}", False
             rows.append((label, name, t_f * 1e3, f_fwd / t_f / 1e12, t_b * 1e3,
                          f_bwd / t_b / 1e12, err, note))
-    print(f"\nMLA causal attention, qk {DK} / v {DV}, bf16. Device: {device.device_kind}; "
-          f"{datetime.date.today().isoformat()}; jax {jax.__version__}; median of {args.runs} x "
-          f"{args.inner} after {args.warmup} warm-up"
-          + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "") + "\n")
+    print(f"\nMLA causal attention, qk {DK} / v {DV}, bf16. {provenance(args)}\n")
     print("| shape | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
           "| error vs reference | note |")
     print("|---|---|---|---|---|---|---|---|")

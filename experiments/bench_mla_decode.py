@@ -16,7 +16,6 @@ reference, under 2^-6 (tests/test_mla_kernels.py says why); failures are marked 
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_decode_sm90
 
-from benchutil import add_timing_flags, fill_timing, fmt as _fmt, time_median as _time
+from benchutil import add_timing_flags, fill_timing, provenance, fmt as _fmt, time_median as _time
 
 H, C, R = 128, 512, 64
 FULL_GRID = ((1, 1024), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (64, 4096),
@@ -82,9 +81,7 @@ def main(argv=None) -> int:
                     note, ok = f"MISMATCH: error {err:.2e} >= {TOLERANCE:.2e}", False
             rows.append((label, name, sec * 1e6, nbytes / sec / 1e9, err, note))
     print(f"\nMLA decode over the latent cache, H={heads}, C={c}, R={r}, bf16, one token per "
-          f"sequence. Device: {device.device_kind}; {datetime.date.today().isoformat()}; jax "
-          f"{jax.__version__}; median of {args.runs} x {args.inner} after {args.warmup} warm-up"
-          + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "") + "\n")
+          f"sequence. {provenance(args)}\n")
     print("| shape | implementation | us | GB/s of cache read | error vs reference | note |")
     print("|---|---|---|---|---|---|")
     for label, name, us, gbs, err, note in rows:

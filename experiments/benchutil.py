@@ -3,6 +3,7 @@ folder is on sys.path when it runs, and the tests put it there before importing 
 
 from __future__ import annotations
 
+import datetime
 import statistics
 import time
 
@@ -46,3 +47,13 @@ def fill_timing(args, full: tuple[int, int, int]) -> dict:
         if getattr(args, name) is None:
             setattr(args, name, default)
     return dict(warmup=args.warmup, runs=args.runs, inner=args.inner)
+
+
+def provenance(args) -> str:
+    """"Device: ...; date; jax version; median of R runs x I calls after W warm-up" for a table's
+    title (and, with --smoke, that the times are meaningless)."""
+    device = jax.devices()[0]
+    text = (f"Device: {device.device_kind}; {datetime.date.today().isoformat()}; jax "
+            f"{jax.__version__}; median of {args.runs} runs x {args.inner} calls after "
+            f"{args.warmup} warm-up")
+    return text + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "")
