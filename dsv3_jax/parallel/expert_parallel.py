@@ -51,7 +51,7 @@ def _swiglu_experts(xs, group_sizes, w1, w2, w3, fp8=False):
     block scales; the weights are the fp32 masters), else `ops.grouped_matmul` in xs's dtype."""
     matmul = fp8_grouped_matmul if fp8 else grouped_matmul
     h = nn.silu(matmul(xs, w1, group_sizes)) * matmul(xs, w3, group_sizes)
-    return matmul(h.astype(xs.dtype), w2, group_sizes)
+    return matmul(h, w2, group_sizes)
 
 
 def _combine(ys, weights, dtype):
