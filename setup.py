@@ -21,6 +21,7 @@ setup(
         "grain>=0.2.18,<0.3",
         "tensorstore>=0.1.80",
         "sentencepiece>=0.2.2,<0.3",
+        "safetensors>=0.8.0,<0.9",
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "tensorboardX>=2.6",

@@ -47,6 +47,10 @@ class ModelConfig:
     n_limited_groups: int = 2
     score_func: str = "sigmoid"
     route_scale: float = 2.5
+    # Sigmoid routers: divide the K chosen gate values by their sum before route_scale (V3: True;
+    # transformers' DeepseekV3 `norm_topk_prob`). Softmax routers never renormalise, whatever this
+    # says (DeepSeek-V2 / the 16B preset, as DeepSeek's reference code).
+    norm_topk_prob: bool = True
     # Multi-head latent attention.
     q_lora_rank: int = 96  # 0: no query compression (q = wq(x))
     kv_lora_rank: int = 64
@@ -137,6 +141,9 @@ class ModelConfig:
                 refuse(field, f"must be one of {_DTYPES}", 'use "bfloat16" or "float32"')
         if self.remat_policy not in REMAT_POLICIES:
             refuse("remat_policy", f"must be one of {REMAT_POLICIES}", 'use "none" or "full"')
+        if not isinstance(self.norm_topk_prob, bool):
+            refuse("norm_topk_prob", "must be a bool",
+                   "use True (renormalise the chosen sigmoid gate values, V3) or False")
         if not isinstance(self.fp8, bool):
             refuse("fp8", "must be a bool", "use True (FP8 linear layers) or False (compute dtype)")
 

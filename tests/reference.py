@@ -126,7 +126,7 @@ def route(cfg, p_gate, x_t):
         sel = masked.reshape(-1)
     idx = np.argsort(-sel, kind="stable")[:cfg.n_activated_experts]
     w = s[idx]
-    if cfg.score_func == "sigmoid":
+    if cfg.score_func == "sigmoid" and cfg.norm_topk_prob:  # softmax: never renormalised
         w = w / w.sum()
     return idx, w * cfg.route_scale
 

@@ -19,7 +19,7 @@ def test_671b_preset_is_the_official_config():
     assert (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (128, 64, 128)
     assert (c.rope_theta, c.original_seq_len, c.rope_factor) == (10000.0, 4096, 40.0)
     assert (c.beta_fast, c.beta_slow, c.mscale, c.mtp_depth, c.norm_eps) == (32, 1, 1.0, 1, 1e-6)
-    assert c.use_yarn and c.has_score_correction_bias
+    assert c.use_yarn and c.has_score_correction_bias and c.norm_topk_prob is True
     assert (c.dtype, c.param_dtype) == ("bfloat16", "float32")
 
 
@@ -74,6 +74,8 @@ def test_overrides_and_unknown_names():
     (dict(remat_policy="some"), r"remat_policy='some' is invalid: must be one of"),
     (dict(mtp_depth=-1), r"mtp_depth=-1 is invalid"),
     (dict(max_seq_len=0), r"max_seq_len=0 is invalid"),
+    (dict(norm_topk_prob=1), r"norm_topk_prob=1 is invalid: must be a bool; use True"),
+    (dict(norm_topk_prob="false"), r"norm_topk_prob='false' is invalid: must be a bool"),
 ])
 def test_bad_config_is_refused_with_its_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -82,3 +84,13 @@ def test_bad_config_is_refused_with_its_message(overrides, message):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_field_annotations_are_plain_scalar_types():
+    """The run config builds its model section from these annotations ({int, float, str, bool})."""
+    import dataclasses
+
+    types = {f.name: f.type for f in dataclasses.fields(ds.ModelConfig)}
+    assert set(types.values()) <= {"int", "float", "str", "bool"}, types
+    assert types["norm_topk_prob"] == "bool" and ds.ModelConfig().norm_topk_prob is True
+    assert ds.ModelConfig(norm_topk_prob=False).to_dict()["norm_topk_prob"] is False

@@ -65,6 +65,29 @@ def test_bias_changes_the_selection_but_not_the_weights():
     np.testing.assert_allclose(biased.weights[0, 0], [0.5 / 1.2, 0.7 / 1.2], rtol=1e-6)
 
 
+def test_sigmoid_weights_without_renormalisation_hand_checked():
+    """norm_topk_prob=False (transformers' DeepseekV3 option): the chosen sigmoid scores times
+    route_scale, not divided by their sum; selection is unchanged."""
+    cfg = _cfg(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, route_scale=2.5,
+               norm_topk_prob=False)
+    s = np.array([0.7, 0.6, 0.5, 0.4])
+    r = _gate(cfg, s[None, None], bias=[0.0, 0.0, 0.3, 0.0])  # expert 2 selects at 0.8
+    assert np.asarray(r.indices[0, 0]).tolist() == [2, 0]
+    np.testing.assert_allclose(r.weights[0, 0], [0.5 * 2.5, 0.7 * 2.5], rtol=1e-6)
+    renormalised = _gate(cfg.replace(norm_topk_prob=True), s[None, None], bias=[0.0, 0.0, 0.3, 0.0])
+    np.testing.assert_allclose(renormalised.weights[0, 0], [0.5 / 1.2 * 2.5, 0.7 / 1.2 * 2.5], rtol=1e-6)
+
+
+def test_softmax_router_ignores_norm_topk_prob():
+    """Softmax routers never renormalise (SPEC.md "Gate"), whatever norm_topk_prob says."""
+    s = np.array([0.4, 0.3, 0.2, 0.1])
+    for norm in (True, False):
+        cfg = _cfg(score_func="softmax", n_routed_experts=4, n_expert_groups=1, n_limited_groups=1,
+                   route_scale=1.0, norm_topk_prob=norm)
+        r = _gate(cfg, s[None, None])
+        np.testing.assert_allclose(r.weights[0, 0], [0.4, 0.3], rtol=1e-5)
+
+
 def test_unbiased_group_score_is_the_group_max():
     cfg = _cfg(score_func="softmax", n_routed_experts=4, n_expert_groups=2, n_limited_groups=1,
                n_activated_experts=2, route_scale=1.0)
@@ -107,8 +130,9 @@ def test_balance_loss_is_one_when_routing_is_uniform():
 
 
 def test_router_matches_reference_per_token():
+    """Indices exactly, weights to rtol 1e-5 (float32 gate vs the float64 reference)."""
     rng = np.random.default_rng(0)
-    for cfg in (TINY32, V2_STYLE):
+    for cfg in (TINY32, TINY32.replace(norm_topk_prob=False), V2_STYLE):
         x = rng.standard_normal((3, 5, cfg.dim))
         params = {"kernel": 0.3 * rng.standard_normal((cfg.dim, cfg.n_routed_experts))}
         if cfg.has_score_correction_bias:
@@ -125,7 +149,8 @@ def test_router_matches_reference_per_token():
         np.testing.assert_array_equal(r.expert_load, counts)
 
 
-@pytest.mark.parametrize("cfg", [TINY32, V2_STYLE], ids=["v3-style", "v2-style"])
+@pytest.mark.parametrize("cfg", [TINY32, TINY32.replace(norm_topk_prob=False), V2_STYLE],
+                         ids=["v3-style", "v3-unnormalised", "v2-style"])
 def test_moe_equals_per_token_loop(cfg):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 6, cfg.dim))

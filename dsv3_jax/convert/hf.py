@@ -98,12 +98,38 @@ _OPTIONAL_KEYS = (
     "num_nextn_predict_layers", "num_mtp_layers", "quantization_config", "num_key_value_heads",
     "head_dim", "qk_head_dim", "rope_interleave", "hidden_act", "attention_bias",
     "tie_word_embeddings", "moe_layer_freq")
-# Keys that do not change the forward pass (training-only settings, token ids, bookkeeping).
+# DeepSeek keys that do not change the forward pass (training-only settings, bookkeeping).
 _IGNORED_KEYS = (
-    "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
-    "attention_dropout", "pretraining_tp", "ep_size", "aux_loss_alpha", "seq_aux",
-    "output_router_logits", "router_aux_loss_coef")
+    "auto_map", "use_cache", "initializer_range", "attention_dropout", "pretraining_tp", "ep_size",
+    "aux_loss_alpha", "seq_aux", "output_router_logits", "router_aux_loss_coef")
+# The generic attributes every transformers config carries (`PretrainedConfig`, written by its
+# `to_dict()` / `save_pretrained`, across 4.x and 5.x): output switches, task heads, token ids,
+# encoder-decoder plumbing, bookkeeping and the legacy generation settings. None of them changes a
+# decoder-only model's logits, so they are ignored without a word. (tie_word_embeddings, also
+# generic, does change the model and is checked with the optional keys.)
+_GENERIC_KEYS = (
+    # bookkeeping
+    "_name_or_path", "name_or_path", "transformers_version", "architectures",
+    "_commit_hash", "_attn_implementation", "_attn_implementation_autoset",
+    "_attn_implementation_internal", "attn_implementation", "_experts_implementation",
+    "torch_dtype", "dtype", "use_bfloat16", "torchscript", "tf_legacy_loss",
+    # what forward returns, not what it computes
+    "output_attentions", "output_hidden_states", "return_dict", "output_scores",
+    "return_dict_in_generate", "use_return_dict", "chunk_size_feed_forward", "pruned_heads",
+    # encoder-decoder and task-head plumbing, unused by a causal LM
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "id2label", "label2id", "num_labels", "problem_type",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
+    # token ids
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "forced_bos_token_id", "forced_eos_token_id",
+    # generation settings (generation_config.json's, older files keep them here)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "epsilon_cutoff",
+    "eta_cutoff", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "max_new_tokens", "min_new_tokens", "guidance_scale")
 _ROPE_KEYS = ("rope_type", "type", "rope_theta", "factor", "beta_fast", "beta_slow", "mscale",
               "mscale_all_dim", "original_max_position_embeddings", "attention_factor", "truncate",
               "partial_rotary_factor")
@@ -234,12 +260,15 @@ def _rope_fields(keys: _Keys) -> dict[str, Any]:
 
 
 def _routing_fields(keys: _Keys) -> dict[str, Any]:
-    """score_func, groups and route_scale; refuses routers that ModelConfig cannot express.
+    """score_func, norm_topk_prob, groups and route_scale; refuses routers that ModelConfig cannot
+    express.
 
     dsv3_jax's sigmoid router always selects with `e_score_correction_bias`, scores groups by their
-    top-2 biased scores and renormalises the chosen weights (transformers' DeepseekV3, topk_method
-    "noaux_tc", norm_topk_prob true); its softmax router has no bias, scores groups by their max
-    and does not renormalise (DeepSeek-V2's "greedy" / "group_limited_greedy", norm_topk_prob false).
+    top-2 biased scores, and renormalises the chosen weights when norm_topk_prob (transformers'
+    DeepseekV3, topk_method "noaux_tc"; both values of norm_topk_prob); its softmax router has no
+    bias, scores groups by their max and does not renormalise (DeepSeek-V2's "greedy" /
+    "group_limited_greedy", norm_topk_prob false; ModelConfig.norm_topk_prob is left at its
+    default, which softmax routers ignore).
     """
     hf = keys.hf
     score_func = hf.get("scoring_func", "sigmoid")
@@ -251,9 +280,6 @@ def _routing_fields(keys: _Keys) -> dict[str, Any]:
             keys.refuse("topk_method", "is not supported with scoring_func='sigmoid': dsv3_jax's "
                         "sigmoid router always selects with e_score_correction_bias",
                         "use topk_method 'noaux_tc' (DeepSeek-V3)")
-        if not norm:
-            keys.refuse("norm_topk_prob", "is not supported with scoring_func='sigmoid': dsv3_jax "
-                        "renormalises sigmoid gate values (SPEC.md 'Gate')", "use true (DeepSeek-V3)")
     elif score_func == "softmax":
         if norm:
             keys.refuse("norm_topk_prob", "is not supported with scoring_func='softmax': dsv3_jax's "
@@ -266,8 +292,11 @@ def _routing_fields(keys: _Keys) -> dict[str, Any]:
                         "use 'greedy' or 'group_limited_greedy'")
     else:
         keys.refuse("scoring_func", "is not supported", "use 'sigmoid' (V3) or 'softmax' (V2)")
-    return dict(score_func=score_func, n_expert_groups=n_group, n_limited_groups=topk_group,
-                route_scale=keys.float("routed_scaling_factor"))
+    fields = dict(score_func=score_func, n_expert_groups=n_group, n_limited_groups=topk_group,
+                  route_scale=keys.float("routed_scaling_factor"))
+    if score_func == "sigmoid":
+        fields["norm_topk_prob"] = norm
+    return fields
 
 
 def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> ModelConfig:
@@ -280,8 +309,13 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
     n_limited_groups, scoring_func -> score_func, routed_scaling_factor -> route_scale,
     q_lora_rank (null: 0), kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
     max_position_embeddings -> max_seq_len, rope_theta and rope_scaling / rope_parameters -> the
-    RoPE/YaRN fields, num_nextn_predict_layers -> mtp_depth, rms_norm_eps -> norm_eps.
-    Unknown keys, missing required keys and values the model cannot represent are refused by name.
+    RoPE/YaRN fields, num_nextn_predict_layers -> mtp_depth, rms_norm_eps -> norm_eps,
+    norm_topk_prob (sigmoid routers).
+
+    Missing required keys and values the model cannot represent are refused by name. The generic
+    keys every transformers config carries (`PretrainedConfig`'s: id2label, return_dict, token ids,
+    generation settings, ...) are ignored silently; any other key dsv3_jax does not know is
+    reported in one warning (it is ignored, so check that it does not change the model).
     """
     if not isinstance(hf, Mapping):
         raise HFCheckpointError(f"{source} holds a JSON {type(hf).__name__}; expected an object.")
@@ -289,11 +323,12 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
     if missing:
         raise HFCheckpointError(f"{source} lacks required key(s) {missing}; a DeepSeek-V3 "
                                 "config.json sets them (see the model's release).")
-    unknown = sorted(set(hf) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS) - set(_IGNORED_KEYS))
+    unknown = sorted(set(hf) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS) - set(_IGNORED_KEYS)
+                     - set(_GENERIC_KEYS))
     if unknown:
-        raise HFCheckpointError(f"{source} has unknown key(s) {unknown}: dsv3_jax does not know "
-                                "what they change, so it refuses rather than guess. Remove them if "
-                                "they do not affect the forward pass.")
+        logging.warning("%s has key(s) dsv3_jax does not know, ignored: %s. If one of them changes "
+                        "the model's math, the loaded model will not reproduce the checkpoint's "
+                        "outputs.", source, unknown)
     keys = _Keys(hf, source)
     if hf["model_type"] not in _MODEL_TYPES:
         keys.refuse("model_type", "is not a DeepSeek-V3-family model", f"use one of {_MODEL_TYPES}")
@@ -358,7 +393,8 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32",
         "n_group": cfg.n_expert_groups, "topk_group": cfg.n_limited_groups,
         "scoring_func": cfg.score_func,
         "topk_method": "noaux_tc" if sigmoid else ("group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy"),
-        "norm_topk_prob": sigmoid, "routed_scaling_factor": cfg.route_scale,
+        "norm_topk_prob": sigmoid and cfg.norm_topk_prob,  # softmax routers never renormalise
+        "routed_scaling_factor": cfg.route_scale,
         "q_lora_rank": cfg.q_lora_rank or None, "kv_lora_rank": cfg.kv_lora_rank,
         "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
         "v_head_dim": cfg.v_head_dim, "head_dim": cfg.qk_rope_head_dim,

@@ -1,4 +1,4 @@
-"""Safetensors files, read and written without the `safetensors` package.
+"""Safetensors files: validated by the `safetensors` package, read by memory map, written streaming.
 
 The format (https://github.com/huggingface/safetensors, "Format"):
 
@@ -7,13 +7,33 @@ The format (https://github.com/huggingface/safetensors, "Format"):
                         {"__metadata__": {str: str},                      (optional)
                          "<name>": {"dtype": "BF16", "shape": [d0, d1, ...],
                                     "data_offsets": [begin, end]}, ...}
-  bytes [8 + N, ...)  the data section; tensor bytes lie at [begin, end) of it, C order, little-endian
+  bytes [8 + N, ...)  the data section; tensor bytes lie at [begin, end) of it, C order, little-endian.
+                      The tensors tile it exactly: sorted by `begin`, each starts where the previous
+                      one ends, the last ends at the end of the file (no overlap, no hole, no
+                      trailing bytes).
 
-Reading maps one tensor at a time (`numpy.memmap` over exactly its bytes), so a reader holds in memory
-only the pages of the tensors it is using; dropping the returned array unmaps them. Writing streams:
-the header is computed from the tensors' names, dtypes and shapes, then each tensor is produced and
-written in turn, so a writer holds one tensor at a time. Files are written under a temporary name and
-renamed when complete, so a failed write never leaves a truncated file under the final name.
+Opening a file runs the `safetensors` package's own header check (`safe_open`), the field's
+reference implementation, so a file it refuses (overlapping or out-of-order offsets, holes, offsets
+past the end of the file, a truncated file, a header that is not valid JSON, an unknown dtype, a
+size that disagrees with the shape) is refused here too, as a `SafetensorsError` naming the file,
+the library's reason and, where this module can tell, the tensors involved. The header is then
+parsed here as well (duplicate names refused), and its names, dtypes and shapes are checked to be
+the ones the library read.
+
+Why reads do not go through the library. `safe_open(path, framework="numpy")` of safetensors 0.8.0
+(the version pinned in constraints.txt) cannot return F8_E4M3 or F8_E5M2 tensors: `get_tensor` and
+`get_slice(...)[rows]` raise `AttributeError: module 'numpy' has no attribute 'float8_e4m3fn'` (the
+same for framework "flax" / "jax"; measured on the installed version), and F8_E4M3 is the dtype
+of DeepSeek's released weights. BF16 does read, but only because `ml_dtypes` registers the name
+with numpy. So reading keeps one path for every dtype: `numpy.memmap` over exactly one tensor's bytes
+(or only the rows asked for), at the offsets the validated header gives. A reader therefore holds in
+memory only the pages of the tensors it is using; dropping the returned array unmaps them.
+
+Writing streams (the library's `save_file` needs every tensor in memory at once): the header is
+computed from the tensors' names, dtypes and shapes, then each tensor is produced and written in
+turn, so a writer holds one tensor at a time. What it writes is a file the library reads back (the
+tests check every dtype). Files are written under a temporary name and renamed when complete, so a
+failed write never leaves a truncated file under the final name.
 
 This module assumes a little-endian host (x86, ARM), as the format stores little-endian data.
 """
@@ -27,8 +47,9 @@ import os
 import struct
 from typing import Callable, Iterable, Mapping
 
-import ml_dtypes
+import ml_dtypes  # also registers "bfloat16" with numpy, which the library's BF16 support needs
 import numpy as np
+import safetensors
 
 # The format's dtype codes and their numpy dtypes (ml_dtypes for the ones numpy lacks).
 DTYPES: dict[str, np.dtype] = {
@@ -50,6 +71,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's limit
+_DAMAGED = "the file is truncated or damaged, or not a safetensors file; download or export it again"
 
 
 class SafetensorsError(ValueError):
@@ -76,71 +98,174 @@ class TensorInfo:
     nbytes: int
 
 
-class SafetensorsFile:
-    """One safetensors file, its header parsed and checked; tensors are read on demand.
+# ------------------------------------------------------------------------------------ the header
 
-    Every tensor entry is checked against the file: a known dtype code, a shape of non-negative
-    integers, and `data_offsets` that lie inside the data section and span exactly
-    prod(shape) x itemsize bytes. Errors name the file and the tensor.
+class _Duplicate(Exception):
+    """A JSON object names a key twice (json.loads would silently keep the last)."""
+
+
+def _no_duplicates(pairs):
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
+def _read_header(path: str) -> tuple[int, dict, int]:
+    """(N, the parsed header, the file size); SafetensorsError naming what is wrong otherwise."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{path} is {size} bytes long, too short for a safetensors "
+                                       f"file (8-byte header length, then a JSON header); {_DAMAGED}.")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER_BYTES):
+                raise SafetensorsError(
+                    f"{path}: its first 8 bytes give a header length of {n} bytes but the file "
+                    f"holds {size} bytes (and headers are at most {_MAX_HEADER_BYTES}); {_DAMAGED}.")
+            raw = f.read(n)
+    except OSError as e:
+        raise SafetensorsError(f"cannot read {path}: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise SafetensorsError(f"{path}: the header names tensor {e.args[0]!r} twice; {_DAMAGED}.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: the header is not UTF-8 JSON ({e}); {_DAMAGED}.") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the header is a JSON {type(header).__name__}, expected "
+                               f"an object of tensor entries; {_DAMAGED}.")
+    return n, header, size
+
+
+def _entry(path: str, name: str, entry) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype code, shape, begin, end) of one header entry, its types checked."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise SafetensorsError(f"{where}: header entry {entry!r} needs the keys dtype, shape and "
+                               f"data_offsets; {_DAMAGED}.")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if code not in DTYPES:
+        raise SafetensorsError(f"{where} has dtype {code!r}, which this reader does not know; "
+                               f"known: {sorted(DTYPES)}.")
+    if (not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise SafetensorsError(f"{where} has shape {shape!r}; expected a list of non-negative "
+                               f"integers; {_DAMAGED}.")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise SafetensorsError(f"{where} has data_offsets {offsets!r}; expected [begin, end] with "
+                               f"0 <= begin <= end; {_DAMAGED}.")
+    return code, tuple(shape), offsets[0], offsets[1]
+
+
+def _layout_problem(path: str, header: dict, data_size: int) -> str | None:
+    """What is wrong with where the tensors lie, in words, or None: each entry's size against its
+    dtype and shape, then, in order of `begin`, overlaps, holes, the end of the file."""
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        code, shape, begin, end = _entry(path, name, entry)
+        nbytes = math.prod(shape) * DTYPES[code].itemsize
+        if end - begin != nbytes:
+            return (f"tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes), but "
+                    f"a {code} tensor of shape {list(shape)} takes {nbytes} bytes")
+        spans.append((begin, end, name))
+    spans.sort()
+    cursor, previous = 0, None
+    for begin, end, name in spans:
+        if begin < cursor:
+            return (f"tensors {previous[2]!r} (data_offsets [{previous[0]}, {previous[1]}]) and "
+                    f"{name!r} ([{begin}, {end}]) overlap: reading one would return bytes of the other")
+        if begin > cursor:
+            after = f" (after {previous[2]!r})" if previous else ""
+            return (f"bytes [{cursor}, {begin}) of the data section belong to no tensor{after}: "
+                    f"tensor {name!r} starts at {begin}, leaving a hole")
+        if end > data_size:
+            return (f"tensor {name!r}: data_offsets [{begin}, {end}] run past the end of the "
+                    f"{data_size}-byte data section")
+        cursor, previous = end, (begin, end, name)
+    if cursor != data_size:
+        return (f"the data section holds {data_size} bytes but the tensors cover only {cursor}: "
+                f"{data_size - cursor} trailing bytes belong to no tensor")
+    return None
+
+
+def _diagnose(path: str) -> str:
+    """Best effort, for an error message: what this module's own parse finds wrong with the file."""
+    try:
+        n, header, size = _read_header(path)
+        problem = _layout_problem(path, header, size - 8 - n)
+    except SafetensorsError as e:
+        message = str(e).split(f"; {_DAMAGED}")[0].rstrip(".")
+        if message.startswith(f"{path}: "):
+            return message[len(path) + 2:]
+        return message.replace(f"{path} ", "the file ", 1) if message.startswith(path) else message
+    except Exception:  # the diagnosis must never hide the library's refusal
+        return ""
+    return problem or ""
+
+
+def _library_view(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Opens `path` with the safetensors package, which checks the header and the layout, and
+    returns {name: (dtype code, shape)} as it reads them. Anything it refuses becomes a
+    SafetensorsError with its reason and this module's own diagnosis."""
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            view = {}
+            for name in f.keys():
+                tensor = f.get_slice(name)  # metadata only: nothing is read
+                view[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+            return view
+    except OSError as e:  # missing, unreadable
+        raise SafetensorsError(f"cannot read {path}: {e}") from None
+    except Exception as e:  # the library's SafetensorError, or anything else: never raised raw
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        detail = _diagnose(path)
+        raise SafetensorsError(f"{path} is not a valid safetensors file (the safetensors library "
+                               f"refuses it: {reason})" + (f": {detail}" if detail else "")
+                               + f"; {_DAMAGED}.") from None
+
+
+class SafetensorsFile:
+    """One safetensors file, its header validated (by the safetensors library, then parsed here);
+    tensors are read on demand, mapped from the file.
+
+    Every tensor entry has a known dtype code, a shape of non-negative integers, and `data_offsets`
+    that span exactly prod(shape) x itemsize bytes; together they tile the data section. Errors
+    name the file and, where one is at fault, the tensor.
     """
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        try:
-            size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise SafetensorsError(f"{self.path} is {size} bytes long, too short for a "
-                                           "safetensors file (8-byte header length, then a JSON "
-                                           "header); the file is truncated or not safetensors.")
-                (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, _MAX_HEADER_BYTES):
-                    raise SafetensorsError(
-                        f"{self.path}: its first 8 bytes give a header length of {n} bytes but the "
-                        f"file holds {size} bytes (and headers are at most {_MAX_HEADER_BYTES}); "
-                        "it is truncated or not a safetensors file.")
-                raw = f.read(n)
-        except OSError as e:
-            raise SafetensorsError(f"cannot read {self.path}: {e}") from e
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{self.path}: the header is not UTF-8 JSON ({e}); the file is "
-                                   "damaged or not a safetensors file.") from e
-        if not isinstance(header, dict):
-            raise SafetensorsError(f"{self.path}: the header is a JSON {type(header).__name__}, "
-                                   "expected an object of tensor entries.")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        data_start, data_size = 8 + n, size - 8 - n
+        theirs = _library_view(self.path)
+        n, header, size = _read_header(self.path)
+        problem = _layout_problem(self.path, header, size - 8 - n)
+        if problem:
+            raise SafetensorsError(f"{self.path}: {problem}; {_DAMAGED}.")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise SafetensorsError(f"{self.path}: __metadata__ is {metadata!r}; expected an object "
+                                   f"of strings; {_DAMAGED}.")
+        self.metadata: dict[str, str] = metadata
+        data_start = 8 + n
         self._infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():
-            self._infos[name] = self._check_entry(name, entry, data_start, data_size)
-
-    def _check_entry(self, name, entry, data_start, data_size) -> TensorInfo:
-        where = f"{self.path}: tensor {name!r}"
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise SafetensorsError(f"{where}: header entry {entry!r} needs the keys dtype, shape "
-                                   "and data_offsets.")
-        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if code not in DTYPES:
-            raise SafetensorsError(f"{where} has dtype {code!r}, which this reader does not know; "
-                                   f"known: {sorted(DTYPES)}.")
-        if (not isinstance(shape, list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise SafetensorsError(f"{where} has shape {shape!r}; expected a list of non-negative "
-                                   "integers.")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise SafetensorsError(f"{where} has data_offsets {offsets!r}; expected [begin, end].")
-        begin, end = offsets
-        nbytes = math.prod(shape) * DTYPES[code].itemsize
-        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
-            raise SafetensorsError(
-                f"{where}: data_offsets [{begin}, {end}] do not hold a {code} tensor of shape "
-                f"{shape} ({nbytes} bytes) inside the {data_size}-byte data section; the file is "
-                "truncated or damaged.")
-        return TensorInfo(name, code, tuple(shape), data_start + begin, nbytes)
+            code, shape, begin, end = _entry(self.path, name, entry)
+            if theirs.get(name) != (code, shape):
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} reads as {code} {list(shape)} here but as "
+                    f"{theirs.get(name, '<absent>')} in the safetensors library; {_DAMAGED}.")
+            self._infos[name] = TensorInfo(name, code, shape, data_start + begin, end - begin)
+        extra = sorted(set(theirs) - set(self._infos))
+        if extra:
+            raise SafetensorsError(f"{self.path}: the safetensors library reads tensor(s) {extra[:5]} "
+                                   f"that this module's parse lacks; {_DAMAGED}.")
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -171,7 +296,12 @@ class SafetensorsFile:
             shape, offset, nbytes = (stop - start,) + shape[1:], offset + start * row_bytes, (stop - start) * row_bytes
         if nbytes == 0:
             return np.zeros(shape, dtype)
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+        try:
+            raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+        except (OSError, ValueError) as e:  # e.g. the file was truncated or removed since it was opened
+            raise SafetensorsError(f"{self.path}: cannot map tensor {name!r} (bytes [{offset}, "
+                                   f"{offset + nbytes}) of the file): {e}; the file changed after it "
+                                   "was opened, or is damaged.") from e
         return raw.view(dtype).reshape(shape)
 
 

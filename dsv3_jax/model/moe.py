@@ -9,7 +9,7 @@ Routing (`Gate`):
   sel   = s + stop_gradient(e_score_correction_bias)         selection only (sigmoid routers)
   group score = sum of the top-2 sel per group (max when there is no bias); all but the best
   n_limited_groups groups set to -inf; indices = top-K of sel
-  weights = s[indices] (/ their sum for sigmoid) * route_scale
+  weights = s[indices] (/ their sum for sigmoid when cfg.norm_topk_prob) * route_scale
 The bias is a parameter (checkpoints carry it) that no gradient reaches; the balance rule in the
 training loop updates it from `expert_load`.
 
@@ -106,7 +106,7 @@ class Gate(nn.Module):
             selection = jnp.where(kept[..., None], grouped, -jnp.inf).reshape(selection.shape)
         indices = _top_k_indices(selection, c.n_activated_experts)
         weights = jnp.take_along_axis(scores, indices, axis=-1)
-        if c.score_func == "sigmoid":
+        if c.score_func == "sigmoid" and c.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         weights = weights * c.route_scale
         load = jnp.einsum("btke,bt->e", jax.nn.one_hot(indices, e, dtype=jnp.int32),
