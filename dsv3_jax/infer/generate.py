@@ -154,31 +154,169 @@ def _programs(cfg: ModelConfig, s: Sampling, speculative: bool, chunk: int):
     return (jax.jit(prefill, donate_argnums=(3, 4)), jax.jit(run_chunk, donate_argnums=1))
 
 
-def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[list[int]]:
-    """Validated prompts as lists of ints; refuses what generation cannot serve."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists (one per prompt); "
-                         "encode text with the tokenizer first.")
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
-    out = []
-    for i, prompt in enumerate(prompts):
+_PROMPTS_FIX = "pass a list of token-id lists (one per prompt) or a [B, T] integer array"
+
+
+def _show(value, limit: int = 60) -> str:
+    """repr of a user's value, cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, (np.ndarray, jax.Array))
+
+
+def _check_ids_dtype(what: str, dtype, vocab_size: int) -> None:
+    """Refuses arrays whose dtype is not an integer type (floats, bools, objects, strings)."""
+    if not np.issubdtype(dtype, np.integer):
+        hint = " (ids held as floats: .astype(np.int32))" if np.issubdtype(dtype, np.floating) else ""
+        raise ValueError(f"{what} is a {dtype} array; token ids are integers in [0, {vocab_size}): "
+                         f"{_PROMPTS_FIX}{hint}.")
+
+
+def _row_ids(i: int, prompt, vocab_size: int) -> list[int]:
+    """Prompt i (a list/tuple of ints or a 1-D integer array) as a list of Python ints."""
+    if isinstance(prompt, (str, bytes)):
+        raise ValueError(f"prompt {i} is the string {_show(prompt)}; prompts are token ids: encode "
+                         f"the text with the model's tokenizer first and {_PROMPTS_FIX}.")
+    if sampling_lib.as_int(prompt) is not None:
+        raise ValueError(f"prompt {i} is the single token id {_show(prompt)}, not a list of ids; "
+                         f"{_PROMPTS_FIX} (one prompt: [ids]).")
+    if _is_array(prompt):
         ids = np.asarray(prompt)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"prompt {i} is empty or not a flat list of token ids; every prompt "
-                             "needs at least one token.")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt {i} holds {ids.dtype} values; token ids are integers.")
-        bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
-        if bad.size:
-            raise ValueError(f"prompt {i} holds token id {int(bad[0])}, outside the vocabulary "
-                             f"[0, {cfg.vocab_size}); was it encoded with this model's tokenizer?")
-        if ids.size + max_new_tokens > cfg.max_seq_len:
-            raise ValueError(f"prompt {i} has {ids.size} tokens; with max_new_tokens="
-                             f"{max_new_tokens} that exceeds the model's context (max_seq_len="
-                             f"{cfg.max_seq_len}). Shorten the prompt or ask for fewer tokens.")
-        out.append([int(t) for t in ids])
-    return out
+        if ids.ndim != 1:
+            raise ValueError(f"prompt {i} is an array of shape {ids.shape}; each prompt is a flat "
+                             f"(1-D) sequence of token ids: {_PROMPTS_FIX}.")
+        _check_ids_dtype(f"prompt {i}", ids.dtype, vocab_size)
+        return ids.tolist()
+    if not isinstance(prompt, Sequence):
+        raise ValueError(f"prompt {i} has type {type(prompt).__name__} ({_show(prompt)}); each "
+                         f"prompt is a list of token ids: {_PROMPTS_FIX}.")
+    ids = []
+    for j, token in enumerate(prompt):
+        as_integer = sampling_lib.as_int(token)
+        if as_integer is not None:
+            ids.append(as_integer)
+        elif (isinstance(token, Sequence) and not isinstance(token, (str, bytes))) or \
+                (_is_array(token) and token.ndim > 0):
+            raise ValueError(f"prompt {i} holds a sequence at position {j} ({_show(token)}): "
+                             "prompts nest two levels deep, a batch of flat token-id lists; "
+                             f"{_PROMPTS_FIX}.")
+        else:
+            raise ValueError(f"prompt {i} holds {_show(token)} ({type(token).__name__}) at position "
+                             f"{j}; token ids are integers in [0, {vocab_size}): {_PROMPTS_FIX}.")
+    return ids
+
+
+def _prompt_rows(prompts, vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of Python ints, before any check of their values."""
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError(f"prompts is the string {_show(prompts)}; encode the text with the "
+                         f"model's tokenizer first and {_PROMPTS_FIX}.")
+    if _is_array(prompts):
+        ids = np.asarray(prompts)
+        if ids.ndim == 1:
+            raise ValueError(f"prompts is a 1-D array of shape {ids.shape}: one prompt or a "
+                             f"batch? Give the batch axis: {_PROMPTS_FIX} (one prompt: "
+                             "prompts[None]).")
+        if ids.ndim != 2:
+            raise ValueError(f"prompts is a {ids.ndim}-D array of shape {ids.shape}; "
+                             f"{_PROMPTS_FIX}.")
+        _check_ids_dtype(f"prompts (shape {ids.shape})", ids.dtype, vocab_size)
+        if ids.shape[0] == 0:
+            raise ValueError(f"prompts has shape {ids.shape}: no prompts to continue; "
+                             f"{_PROMPTS_FIX} with at least one prompt.")
+        if ids.shape[1] == 0:
+            raise ValueError(f"prompts has shape {ids.shape}: every prompt is empty; each needs "
+                             "at least one token (e.g. BOS).")
+        return ids.tolist()
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts has type {type(prompts).__name__} ({_show(prompts)}); "
+                         f"{_PROMPTS_FIX}.")
+    if not prompts:
+        raise ValueError(f"prompts is empty: no prompts to continue; {_PROMPTS_FIX} with at least "
+                         "one prompt.")
+    if all(sampling_lib.as_int(p) is not None for p in prompts):
+        raise ValueError(f"prompts is a flat list of {len(prompts)} token ids ({_show(prompts)}), "
+                         f"not a batch; {_PROMPTS_FIX} (one prompt: [ids]).")
+    return [_row_ids(i, p, vocab_size) for i, p in enumerate(prompts)]
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    value = sampling_lib.as_int(max_new_tokens)
+    if value is None or value < 1:
+        raise ValueError(f"max_new_tokens={_show(max_new_tokens)} must be a positive integer "
+                         "(how many tokens to generate per prompt).")
+    return value
+
+
+def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[list[int]]:
+    """Validated prompts as lists of ints; refuses what generation cannot serve.
+
+    prompts: a list (or tuple) of prompts, each a list/tuple of ints or a 1-D integer array, or a
+    [B, T] integer array (numpy or jax). Every prompt needs at least one token, ids lie in
+    [0, vocab_size), and each prompt's length + max_new_tokens fits in cfg.max_seq_len.
+    """
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    context = cfg.max_seq_len
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                         f"model's context (max_seq_len={context}); ask for at most {context - 1}.")
+    rows = _prompt_rows(prompts, cfg.vocab_size)
+    for i, ids in enumerate(rows):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. "
+                             "BOS), or leave the empty one out.")
+        if not 0 <= min(ids) <= max(ids) < cfg.vocab_size:
+            j, token = next((j, t) for j, t in enumerate(ids) if not 0 <= t < cfg.vocab_size)
+            raise ValueError(f"prompt {i} holds token id {token} at position {j}, outside the "
+                             f"vocabulary [0, {cfg.vocab_size}); was it encoded with this model's "
+                             "tokenizer?")
+        if len(ids) + max_new_tokens > context:
+            room = context - len(ids)
+            fewer = f" or ask for at most {room} new tokens" if room >= 1 else ""
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
+                f"{len(ids) + max_new_tokens} positions, which exceeds the model's context "
+                f"(max_seq_len={context}). Shorten the prompt to at most {context - max_new_tokens} "
+                f"tokens{fewer}.")
+    return rows
+
+
+def check_stop_tokens(cfg: ModelConfig, stop_tokens) -> list[int]:
+    """stop_tokens (a list/tuple/set of ints or a 1-D integer array; None = none) as sorted ints."""
+    if stop_tokens is None:
+        return []
+    fix = "pass a list of token ids, e.g. stop_tokens=[tokenizer.eos_id]"
+    if sampling_lib.as_int(stop_tokens) is not None:
+        raise ValueError(f"stop_tokens={_show(stop_tokens)} is a single id; {fix} "
+                         f"([{int(stop_tokens)}] for this one).")
+    if isinstance(stop_tokens, (str, bytes)):
+        raise ValueError(f"stop_tokens={_show(stop_tokens)} is a string; {fix}.")
+    if _is_array(stop_tokens):
+        if np.ndim(stop_tokens) != 1:
+            raise ValueError(f"stop_tokens is an array of shape {np.shape(stop_tokens)}; {fix}.")
+        stop_tokens = list(np.asarray(stop_tokens))
+    elif not isinstance(stop_tokens, (Sequence, set, frozenset)):
+        raise ValueError(f"stop_tokens={_show(stop_tokens)} has type "
+                         f"{type(stop_tokens).__name__}; {fix}.")
+    out = set()
+    for token in stop_tokens:
+        value = sampling_lib.as_int(token)
+        if value is None or not 0 <= value < cfg.vocab_size:
+            raise ValueError(f"stop_tokens holds {_show(token)}; stop tokens are token ids in "
+                             f"[0, {cfg.vocab_size}): {fix}.")
+        out.add(value)
+    return sorted(out)
+
+
+def check_seed(seed) -> int:
+    value = sampling_lib.as_int(seed)
+    if value is None or not -2**63 <= value < 2**63:
+        raise ValueError(f"seed={_show(seed)} must be an integer in [-2**63, 2**63) (it seeds "
+                         "jax.random.key; the same seed gives the same samples).")
+    return value
 
 
 def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
@@ -188,10 +326,26 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
     """Generates for a batch of prompts; see `generate`. The device runs `chunk` steps between host
     visits; `on_tokens(row, new_tokens)` is called after each (for streaming)."""
     prompts = check_prompts(cfg, prompts, max_new_tokens)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling={_show(sampling)} must be a Sampling(temperature=..., "
+                         "top_k=..., top_p=...) from dsv3_jax.infer.sampling.")
+    if not isinstance(speculative, (bool, np.bool_)):
+        raise ValueError(f"speculative={_show(speculative)} must be True or False.")
+    speculative = bool(speculative)
+    seed = check_seed(seed)
+    stop = check_stop_tokens(cfg, stop_tokens)
+    chunk_steps = sampling_lib.as_int(chunk)
+    if chunk_steps is None or chunk_steps < 1:
+        raise ValueError(f"chunk={_show(chunk)} must be a positive integer (decode steps between "
+                         "host visits).")
+    if on_tokens is not None and not callable(on_tokens):
+        raise ValueError(f"on_tokens={_show(on_tokens)} must be a function (row, new_tokens) or "
+                         "None.")
     if speculative and not cfg.mtp_depth:
         raise ValueError("speculative=True needs an MTP module, but this model has mtp_depth=0; "
                          "generate without speculation or use a checkpoint trained with MTP.")
-    prefill, run_chunk = _programs(cfg, sampling, speculative, chunk)
+    prefill, run_chunk = _programs(cfg, sampling, speculative, chunk_steps)
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded_len = _bucket(int(lengths.max()), cfg.max_seq_len)
@@ -199,7 +353,7 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
     tokens = np.zeros((b, padded_len), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
-    stop = np.array(sorted(set(int(t) for t in stop_tokens)) or [-1], np.int32)
+    stop = np.array(stop or [-1], np.int32)
     mtp_cache = init_mtp_cache(cfg, b, slots) if speculative else None
 
     t0 = time.perf_counter()
@@ -238,7 +392,10 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
 def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, speculative: bool = False, seed: int = 0,
              stop_tokens: Sequence[int] = ()) -> list[list[int]]:
-    """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+    """Continues each prompt by up to `max_new_tokens` tokens.
+
+    `prompts` is a list of prompts, each a list of token ids (lengths may differ), or a [B, T]
+    integer array (numpy or jax) of B prompts of T tokens. Invalid arguments raise ValueError.
 
     Greedy when temperature is 0, else sampled (temperature, then top_k, then top_p), seeded by
     `seed`. Generation of a prompt stops after a token in `stop_tokens` (which is kept). With

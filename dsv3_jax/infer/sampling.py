@@ -15,24 +15,61 @@ emitted token is argmax p either way.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def as_int(value) -> int | None:
+    """value as a Python int when it is an integer (Python, numpy, or a 0-d integer array; not a
+    bool), else None. The one test of "is an integer" for user-facing generation arguments."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and \
+            np.issubdtype(value.dtype, np.integer):
+        return int(value)
+    return None
+
+
+def as_real(value) -> float | None:
+    """value as a Python float when it is a real number (int or float of Python or numpy, or a
+    0-d array of either; not a bool), else None. NaN and infinities pass: callers check range."""
+    as_integer = as_int(value)
+    if as_integer is not None:
+        return float(as_integer)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and \
+            np.issubdtype(value.dtype, np.floating):
+        return float(value)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
+    """How logits become tokens. Validated here, the one place for these three checks; the fields
+    are stored as Python numbers (the object is a cache key of the compiled programs)."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        temperature, top_k, top_p = as_real(self.temperature), as_int(self.top_k), as_real(self.top_p)
+        if temperature is None or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 "
+                             "(0 = greedy, 1 = the model's own distribution).")
+        if top_k is None or top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no top-k cut).")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus cut).")
+        if top_p is None or not 0 < top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be a number in (0, 1] (1 = no nucleus cut).")
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "top_p", top_p)
 
     @property
     def greedy(self) -> bool:
