@@ -1,12 +1,40 @@
-"""What the command-line entry points (train, generate, convert) share."""
+"""What the command-line entry points (train, generate, convert, plan) share.
+
+`run(main)` replaces `absl.app.run(main)` and gives every entry point the same contract:
+- a mistake in the command line (an unknown flag, a flag value that does not parse, a misspelt
+  `--config.<section>.<key>` override, a `--config=` file that does not exist) is one line on stderr
+  and exit status 2;
+- an error while running (a bad setting, a corpus or checkpoint that cannot be used, a path that
+  cannot be written: our ValueError subclasses and OSError) is one or two lines on stderr, what is
+  wrong, the value and the fix, and exit status 1; anything else is reported the same way, named as
+  an internal error;
+- `--verbose` or `DSV3_DEBUG=1` shows the traceback instead;
+- Ctrl-C is exit status 130. The process always ends with its status, never with a signal: after
+  the message it flushes its streams and leaves without running the interpreter's shutdown, where
+  native libraries' threads (tensorstore, XLA, TensorBoard's writer) have crashed it before.
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+import re
+import sys
 
+from absl import app, flags
 from absl import logging as absl_logging
 
 _NOISY_LIBRARIES = ("orbax", "grain", "jax")
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+_MAX_LINE = 600
+
+if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback (also DSV3_DEBUG=1).")
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run as given (exit status 2)."""
 
 
 class _QuietLibraries(logging.Filter):
@@ -18,5 +46,171 @@ class _QuietLibraries(logging.Filter):
 
 
 def quiet_library_logs() -> None:
-    """Keeps the run's own log readable; call once from an entry point's main."""
+    """Keeps the run's own log readable; `run` calls it once."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def debug_requested() -> bool:
+    verbose = flags.FLAGS["verbose"].value if flags.FLAGS.is_parsed() else "--verbose" in sys.argv
+    return bool(verbose) or os.environ.get("DSV3_DEBUG", "") not in ("", "0")
+
+
+def run(main) -> None:
+    """`absl.app.run(main)` with the error contract in the module docstring."""
+    _check_config_file(sys.argv)
+    app.run(_guarded(main), flags_parser=_parse_flags)
+
+
+def _guarded(main):
+    def wrapped(argv):
+        quiet_library_logs()
+        try:
+            main(argv)
+        except SystemExit:
+            raise
+        except KeyboardInterrupt:
+            if debug_requested():
+                raise
+            fail("interrupted.", EXIT_INTERRUPTED)
+        except (app.UsageError, UsageError) as e:
+            if debug_requested():
+                raise
+            fail(str(e), EXIT_USAGE)
+        except Exception as e:  # every error a user can meet ends in a message, not a traceback
+            if debug_requested():
+                raise
+            fail(describe(e), EXIT_ERROR)
+
+    return wrapped
+
+
+def describe(error: BaseException) -> str:
+    """One or two lines for the user: our own errors as they are worded; anything else with its
+    type, named as an internal error."""
+    text = _short(str(error)) or type(error).__name__
+    ours = type(error).__module__.startswith("dsv3_jax")
+    if ours or isinstance(error, (OSError, ValueError)):
+        return text
+    return (f"internal error ({type(error).__name__}): {text}\n"
+            "Run again with --verbose (or DSV3_DEBUG=1) for the traceback.")
+
+
+def _short(text: str) -> str:
+    """At most two non-empty lines of `text`, each at most _MAX_LINE characters."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line if len(line) <= _MAX_LINE else line[:_MAX_LINE] + " ..." for line in lines[:2]]
+    return "\n".join(lines)
+
+
+def fail(message: str, status: int = EXIT_ERROR) -> None:
+    """Prints `error: message` on stderr and ends the process with `status` (see the docstring)."""
+    print(f"error: {message}", file=sys.stderr)
+    absl_logging.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+# ------------------------------------------------------------------------------- flag parsing
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except SystemExit:
+        raise
+    except Exception as e:  # flags.Error, and what ml_collections raises for a bad override
+        if debug_requested():
+            raise
+        fail(_flag_error_message(argv, e), EXIT_USAGE)
+
+
+def _check_config_file(argv) -> None:
+    """A `--config=` file that does not exist: name the path (ml_collections would report it
+    deep inside a traceback, and only when the config is first read)."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is None:
+            continue
+        path = value.split(":", 1)[0] if not os.path.isfile(value) else value
+        if not path:
+            fail("--config is empty; pass a run config file, e.g. --config=configs/tiny.py.", EXIT_USAGE)
+        if not os.path.isfile(path):
+            fail(f"--config={value}: no such file {os.path.abspath(path)!r}; pass a run config "
+                 "file, e.g. --config=configs/tiny.py (a ':variant' may follow the path).", EXIT_USAGE)
+
+
+def _flag_error_message(argv, error: BaseException) -> str:
+    """The message for a command line that does not parse; a misspelt --config.* override gets
+    the message a misspelt key in a config file gets."""
+    for name in _config_overrides(argv):
+        problem = unknown_setting(name)
+        if problem:
+            return problem
+    text = str(error).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # a KeyError's repr
+    lines = [line.strip() for line in text.replace("\\n", "\n").splitlines() if line.strip()]
+    if "Traceback" in text:  # ml_collections wraps the config file's own error in its traceback
+        head = lines[0].split(": Error whilst")[0].removeprefix("flag ")
+        tail = [line for line in lines if not line.startswith(("File ", "^", "~", "Traceback"))]
+        return _short(f"{head}: {tail[-1]}")
+    lines = [line for line in lines if not line.startswith("Pass --help")]
+    message = _short("\n".join(lines)) or type(error).__name__
+    if isinstance(error, flags.UnrecognizedFlagError):
+        message += "; --helpfull lists the flags."
+    return message
+
+
+def _config_overrides(argv) -> list[str]:
+    """Dotted setting names given as --config.<a>.<b>=... (or --noconfig.<a>.<b>)."""
+    names = []
+    for arg in argv:
+        match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+        if match:
+            names.append(match.group(1))
+    return names
+
+
+def unknown_setting(dotted: str) -> str | None:
+    """None when `dotted` ('train.steps') names a run-config setting, else the message that says
+    so and names the closest real one (the message check_run_config gives for a config file)."""
+    from dsv3_jax.train.run_config import base_config, unknown_key_message
+
+    node, prefix = base_config(), "config"
+    for key in dotted.split("."):
+        if not hasattr(node, "keys"):
+            return f"{prefix} is a value, not a section; it has no setting {key!r}."
+        if key not in node:
+            return unknown_key_message(prefix, key, list(node.keys()))
+        node, prefix = node[key], f"{prefix}.{key}"
+    return None
+
+
+# ------------------------------------------------------------------------------- flag values
+
+def check_host_port(flag: str, value: str) -> None:
+    """Refuses anything but host:port with a port in [1, 65535] ([v6]:port for IPv6)."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"{flag}={value!r} is not host:port (e.g. host0:1234, a port in "
+                         "[1, 65535]).")
+
+
+def positive_ints(flag: str, values) -> list[int]:
+    """A list flag's values as ints >= 1, or a UsageError naming the one that is not."""
+    if not values:
+        raise UsageError(f"{flag} is empty; give one or more counts, e.g. {flag}=256,2048.")
+    out = []
+    for v in values:
+        v = str(v).strip()
+        if not v.isdigit() or int(v) < 1:
+            raise UsageError(f"{flag}: {v!r} is not a positive integer; e.g. {flag}=256,2048.")
+        out.append(int(v))
+    return out

@@ -7,9 +7,9 @@ timing and, with --speculative, the MTP draft acceptance rate go to stderr.
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from dsv3_jax.cli import quiet_library_logs
+from dsv3_jax import cli
 from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.infer.generate import generate_tokens
 from dsv3_jax.infer.load import load_for_inference
@@ -32,18 +32,35 @@ flags.mark_flags_as_required(["checkpoint", "prompt"])
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; quote a prompt with spaces: "
+                             '--prompt="..."')
+    # What can be checked before loading a checkpoint is checked first.
+    if not _CHECKPOINT.value.strip():
+        raise cli.UsageError("--checkpoint is empty; pass a training workdir, an Orbax folder or "
+                             "a Hugging Face folder.")
+    if not _PROMPT.value:
+        raise cli.UsageError("--prompt is empty; give the text to continue.")
+    if _MAX_NEW.value < 1:
+        raise cli.UsageError(f"--max_new_tokens={_MAX_NEW.value} must be >= 1.")
+    try:
+        sampling = Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+    except ValueError as e:
+        raise cli.UsageError(f"--{e}") from e
     cfg, params, tokenizer_path = load_for_inference(_CHECKPOINT.value)
     tokenizer_path = _TOKENIZER.value or tokenizer_path
     if not tokenizer_path:
-        raise app.UsageError(f"{_CHECKPOINT.value} has no tokenizer.model; pass --tokenizer=<a "
+        raise cli.UsageError(f"{_CHECKPOINT.value} has no tokenizer.model; pass --tokenizer=<a "
                              "sentencepiece .model matching the checkpoint>.")
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise app.UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+        raise cli.UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
                              f"{cfg.vocab_size}; pass the tokenizer the model was trained with.")
     prompt = tokenizer.encode(_PROMPT.value)
+    if not prompt:
+        raise cli.UsageError(f"--prompt={_PROMPT.value!r} encodes to no tokens; give some text.")
+    if len(prompt) + _MAX_NEW.value > cfg.max_seq_len:
+        raise cli.UsageError(f"the prompt ({len(prompt)} tokens) + --max_new_tokens={_MAX_NEW.value} "
+                             f"exceed the model's max_seq_len={cfg.max_seq_len}; shorten one of them.")
     generated: list[int] = []
     printed = [""]
 
@@ -58,7 +75,7 @@ def main(argv):
     sys.stdout.write(_PROMPT.value)
     result = generate_tokens(
         cfg, params, [prompt], max_new_tokens=_MAX_NEW.value,
-        sampling=Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value),
+        sampling=sampling,
         speculative=_SPECULATIVE.value, seed=_SEED.value,
         stop_tokens=(tokenizer.eos_id,) if _STOP_AT_EOS.value else (), on_tokens=stream)
     sys.stdout.write("\n")
@@ -71,4 +88,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from absl import app, flags
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+from dsv3_jax import cli
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.train.run_config import check_run_config, model_config
 
@@ -116,8 +117,11 @@ def parse_mesh(text: str, default) -> ml_collections.ConfigDict:
     sizes = dict(data=1, fsdp=1, expert=1, tensor=1)
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name.strip() not in sizes or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh: {part!r} is not axis=size with axis in {list(sizes)}.")
+        value = value.strip()
+        if (name.strip() not in sizes or not (value.isdigit() or value == "-1")
+                or int(value) == 0):
+            raise cli.UsageError(f"--mesh: {part!r} is not axis=size with axis in {list(sizes)} "
+                                 "and size a positive int or -1, e.g. --mesh=expert=64,fsdp=-1.")
         sizes[name.strip()] = int(value)
     return ml_collections.ConfigDict(sizes)
 
@@ -137,12 +141,16 @@ def table(plans: list[Plan], cfg_name: str, seq_len: int, remat: str) -> str:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}.")
     config = _CONFIG.value
+    devices = cli.positive_ints("--devices", _DEVICES.value)
+    if _BATCH.value < 0:
+        raise cli.UsageError(f"--per_device_batch={_BATCH.value} must be >= 1 (or 0: the "
+                             "config's batch size split over the batch axes).")
     mesh_cfg = parse_mesh(_MESH.value, config.mesh)
-    plans = [plan(config, int(n), mesh_cfg, _BATCH.value) for n in _DEVICES.value]
+    plans = [plan(config, n, mesh_cfg, _BATCH.value) for n in devices]
     print(table(plans, config.model.preset, config.data.seq_len, model_config(config).remat_policy))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,12 +19,14 @@ existing non-empty --out and write nothing under it when they fail.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import tempfile
 
-from absl import app, flags
+from absl import flags
 
-from dsv3_jax.cli import quiet_library_logs
+from dsv3_jax import cli
 from dsv3_jax.train.checkpoint import MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE
 
 _COMMANDS = ("hf-to-orbax", "orbax-to-hf")
@@ -58,9 +60,9 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: str = "float32", progress: bool
 
     out = _check_out(out)
     cfg, params = load_hf_checkpoint(hf_dir, jnp.dtype(dtype), progress=progress)
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    # A fresh temporary folder beside --out (never an existing one: nothing of the user's goes).
+    partial = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(partial, PARAMS_DIR), params)
@@ -114,28 +116,31 @@ def _define_flags():
 
 
 def main(argv):
-    quiet_library_logs()
     if len(argv) != 2 or argv[1] not in _COMMANDS:
-        raise app.UsageError(f"give one command, {' or '.join(_COMMANDS)}; got {argv[1:]}.")
+        raise cli.UsageError(f"give one command, {' or '.join(_COMMANDS)}; got {argv[1:]} "
+                             "(e.g. python -m dsv3_jax.convert hf-to-orbax --hf_dir=... --out=...).")
     command, f = argv[1], flags.FLAGS
-    if not f.out:
-        raise app.UsageError("--out is required.")
-    try:
-        if command == "hf-to-orbax":
-            if not f.hf_dir:
-                raise app.UsageError("hf-to-orbax needs --hf_dir.")
-            cfg = hf_to_orbax(f.hf_dir, f.out, dtype=f.dtype or "float32")
-        else:
-            if not f.orbax_dir:
-                raise app.UsageError("orbax-to-hf needs --orbax_dir.")
-            cfg = orbax_to_hf(f.orbax_dir, f.out, fp8=f.fp8, dtype=f.dtype,
-                              max_shard_bytes=int(f.max_shard_gb * 2**30))
-    except ValueError as e:  # HFCheckpointError, ConversionError, ConfigError: a message for the user
-        raise app.UsageError(str(e)) from e
+    if not (f.out or "").strip():
+        raise cli.UsageError(f"{command} needs --out=<a new folder to write>.")
+    if command == "hf-to-orbax":
+        if not (f.hf_dir or "").strip():
+            raise cli.UsageError("hf-to-orbax needs --hf_dir=<a Hugging Face checkpoint folder>.")
+        if f.fp8:
+            raise cli.UsageError("--fp8 is an orbax-to-hf option; hf-to-orbax keeps the "
+                                 "checkpoint's weights in --dtype.")
+        cfg = hf_to_orbax(f.hf_dir, f.out, dtype=f.dtype or "float32")
+    else:
+        if not (f.orbax_dir or "").strip():
+            raise cli.UsageError("orbax-to-hf needs --orbax_dir=<an Orbax folder or a training "
+                                 "workdir>.")
+        if not math.isfinite(f.max_shard_gb) or f.max_shard_gb <= 0:
+            raise cli.UsageError(f"--max_shard_gb={f.max_shard_gb} must be a positive number.")
+        cfg = orbax_to_hf(f.orbax_dir, f.out, fp8=f.fp8, dtype=f.dtype,
+                          max_shard_bytes=max(int(f.max_shard_gb * 2**30), 1))
     print(f"{command}: wrote {os.path.abspath(f.out)} ({cfg.n_layers} layers, dim {cfg.dim}, "
           f"{cfg.n_routed_experts} experts, MTP depth {cfg.mtp_depth})")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

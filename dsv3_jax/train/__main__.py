@@ -7,11 +7,10 @@ start one per host with `--coordinator_address=host0:port --num_processes=N --pr
 overridden with `--config.<section>.<key>=value` (unknown keys are refused).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from dsv3_jax.cli import quiet_library_logs
-
+from dsv3_jax import cli
 from dsv3_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
@@ -26,6 +25,29 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                  "the cluster's own settings (implied by --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _check_flags() -> None:
+    """Refuses flag combinations that would run something other than what was meant."""
+    if not _WORKDIR.value.strip():
+        raise cli.UsageError("--workdir is empty; pass the directory the run writes to (and "
+                             "resumes from), e.g. --workdir=runs/tiny.")
+    multi = _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None
+    if _COORDINATOR.value is not None:
+        cli.check_host_port("--coordinator_address", _COORDINATOR.value)
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise cli.UsageError("--coordinator_address needs --num_processes and --process_id "
+                                 "(this process's index); give all three.")
+    elif multi and not _DISTRIBUTED.value:
+        raise cli.UsageError("--num_processes/--process_id need --coordinator_address=host:port of "
+                             "process 0 (or --distributed on a cluster JAX detects); without it "
+                             "each process would train alone in the same workdir.")
+    if _NUM_PROCESSES.value is not None and _NUM_PROCESSES.value < 1:
+        raise cli.UsageError(f"--num_processes={_NUM_PROCESSES.value} must be >= 1.")
+    if _PROCESS_ID.value is not None and not (
+            0 <= _PROCESS_ID.value < (_NUM_PROCESSES.value or _PROCESS_ID.value + 1)):
+        raise cli.UsageError(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes="
+                             f"{_NUM_PROCESSES.value}).")
 
 
 def _initialize_distributed() -> None:
@@ -44,8 +66,9 @@ def _initialize_distributed() -> None:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; every setting is a flag "
+                             "(--config.<section>.<key>=value).")
+    _check_flags()
     _initialize_distributed()
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("finished at step %d: train %s, eval %s", result["step"], result["train"],
@@ -59,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

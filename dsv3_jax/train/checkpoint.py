@@ -13,10 +13,10 @@ moving any damaged newer one aside (`<step>.unreadable-<time>`) rather than dele
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
-
-import json
 
 from absl import logging
 import jax
@@ -64,36 +64,62 @@ class Checkpointer:
     def restore_latest(self, abstract_state, meta: dict):
         """(step, state, data_state) of the newest readable checkpoint, or None when there is none.
 
-        Raises CheckpointMismatchError when the newest checkpoint belongs to another config.
+        A checkpoint whose meta, state or data item does not read back (truncated, garbage, an
+        empty step folder) is moved aside and the one before it tried. Raises
+        CheckpointMismatchError when the newest readable checkpoint belongs to another config.
         """
         steps = sorted(self._manager.all_steps(), reverse=True)
-        for i, step in enumerate(steps):
-            saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            if i == 0:
-                _check_meta(saved, meta, self.directory)
+        for step in steps:
+            try:
+                saved = _meta_of(self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+                self._set_aside(step, e)
+                continue
+            _check_meta(saved, meta, self.directory)
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            except Exception as e:  # a damaged checkpoint: set it aside, fall back to the one before
-                aside = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
-                os.rename(os.path.join(self.directory, str(step)), aside)
-                self._manager.reload()
-                logging.warning("checkpoint at step %d does not read back (%s); moved it to %s and "
-                                "trying an older one", step, str(e)[:500], aside)
+            except Exception as e:  # noqa: BLE001
+                self._set_aside(step, e)
                 continue
             return step, restored["state"], restored["data"]
         return None
 
+    def _set_aside(self, step: int, error: BaseException) -> None:
+        """Moves a damaged `<step>/` to `<step>.unreadable-<time>` (never deletes it)."""
+        aside = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
+        os.rename(os.path.join(self.directory, str(step)), aside)
+        self._manager.reload()
+        logging.warning("checkpoint at step %d does not read back (%s); moved it to %s and trying "
+                        "an older one", step, _brief(error), aside)
+
     def close(self) -> None:
-        self._manager.close()
+        """Waits for saves in flight, then releases the manager; closing again does nothing."""
+        if self._manager is not None:
+            manager, self._manager = self._manager, None
+            manager.close()
+
+
+def _brief(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def _meta_of(saved) -> dict:
+    """A checkpoint's meta item, checked to be ours (a dict with the model config)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ValueError("its meta item is not a dsv3_jax meta (no 'model' config)")
+    return saved
 
 
 def _check_meta(saved: dict, current: dict, directory: str) -> None:
     diffs = []
+    # A field added after a checkpoint was written holds its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     for key in sorted(set(saved["model"]) | set(current["model"])):
         if key in _RESTART_MAY_CHANGE:
             continue
-        a, b = saved["model"].get(key), current["model"].get(key)
+        a, b = saved["model"].get(key, defaults.get(key)), current["model"].get(key, defaults.get(key))
         if a != b:
             diffs.append(f"model.{key}: checkpoint {a!r}, this run {b!r}")
     if saved.get("tokenizer_vocab_size") != current.get("tokenizer_vocab_size"):
@@ -118,45 +144,79 @@ def _params_target(cfg: ModelConfig):
                         abstract_params(cfg))
 
 
-def newest_step_dir(checkpoints: str) -> str:
-    """`<checkpoints>/<step>` of the newest finished checkpoint (state and meta written)."""
-    steps = [int(n) for n in os.listdir(checkpoints)
-             if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n, "state"))
-             and os.path.isfile(os.path.join(checkpoints, n, "meta", "metadata"))]
-    if not steps:
-        raise CheckpointNotFoundError(f"{checkpoints} holds no finished checkpoint (<step>/state "
-                                      "and <step>/meta/metadata); train first or point at another run.")
-    return os.path.join(checkpoints, str(max(steps)))
+def _step_dirs(checkpoints: str) -> list[tuple[int, str]]:
+    """(step, `<checkpoints>/<step>`) of the step folders, newest first."""
+    try:
+        names = os.listdir(checkpoints)
+    except OSError as e:
+        raise CheckpointNotFoundError(f"{checkpoints} cannot be read ({e.strerror or e}).") from e
+    steps = sorted((int(n) for n in names if n.isdigit()
+                    and os.path.isdir(os.path.join(checkpoints, n))), reverse=True)
+    return [(step, os.path.join(checkpoints, str(step))) for step in steps]
+
+
+def _read_workdir_params(checkpoints: str) -> tuple[ModelConfig, dict, dict]:
+    """The newest checkpoint under `checkpoints` whose meta and params read back (training's rule,
+    except that a damaged checkpoint is only skipped, not moved: readers never change a run)."""
+    skipped = []
+    for step, step_dir in _step_dirs(checkpoints):
+        try:
+            with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
+                meta = _meta_of(json.load(f))
+            cfg = ModelConfig(**meta["model"])
+            target = _params_target(cfg)
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+            restored = ocp.PyTreeCheckpointer().restore(
+                os.path.join(step_dir, "state"),
+                args=ocp.args.PyTreeRestore(item={"params": target},
+                                            restore_args={"params": restore_args},
+                                            partial_restore=True))
+            params = jax.block_until_ready(restored["params"])
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the one before it
+            logging.warning("skipping the checkpoint at step %d of %s: it does not read back (%s)",
+                            step, checkpoints, _brief(e))
+            skipped.append(step)
+            continue
+        if skipped:
+            logging.warning("using the checkpoint at step %d (newer ones do not read back: %s)",
+                            step, skipped)
+        logging.info("restored the parameters of %s", step_dir)
+        return cfg, params, dict(meta, step=step)
+    what = f"none of its checkpoints (steps {skipped}) reads back" if skipped else "it holds no checkpoint"
+    raise CheckpointNotFoundError(f"{checkpoints}: {what}; train first or point at another run.")
 
 
 def read_params(path: str) -> tuple[ModelConfig, dict, dict]:
     """(ModelConfig, params, meta) from a converted-parameters folder or a training workdir.
 
-    A workdir gives its newest checkpoint: only the `params` of its state are read (a partial
-    restore: no optimizer moments). `meta` is the checkpoint's meta (`tokenizer_path`, ...), or {}.
+    A workdir gives its newest checkpoint that reads back: only the `params` of its state are read
+    (a partial restore: no optimizer moments). `meta` is the checkpoint's meta (`tokenizer_path`,
+    ...) with the `step` used, or {} for a converted folder.
     """
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        with open(os.path.join(path, MODEL_CONFIG_FILE), encoding="utf-8") as f:
-            cfg = ModelConfig(**json.load(f))
-        params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR), _params_target(cfg))
+        config_file = os.path.join(path, MODEL_CONFIG_FILE)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                fields = json.load(f)
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise CheckpointNotFoundError(f"{config_file} is not a model config ({e}); rewrite it "
+                                          "with python -m dsv3_jax.convert.") from e
+        try:
+            cfg = ModelConfig(**fields)
+        except TypeError as e:
+            raise CheckpointNotFoundError(f"{config_file} does not hold ModelConfig fields ({e}).") from e
+        try:
+            params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR),
+                                                        _params_target(cfg))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointNotFoundError(f"{os.path.join(path, PARAMS_DIR)} does not read back as "
+                                          f"the parameters of {config_file} ({_brief(e)}).") from e
         return cfg, params, {}
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        step_dir = newest_step_dir(os.path.join(path, "checkpoints"))
-        with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
-            meta = json.load(f)
-        if "model" not in meta:
-            raise CheckpointNotFoundError(f"{step_dir}/meta/metadata has no 'model' key; it is not "
-                                          "a dsv3_jax training checkpoint.")
-        cfg = ModelConfig(**meta["model"])
-        target = _params_target(cfg)
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-        restored = ocp.PyTreeCheckpointer().restore(
-            os.path.join(step_dir, "state"),
-            args=ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
-                                        partial_restore=True))
-        logging.info("restored the parameters of %s", step_dir)
-        return cfg, restored["params"], meta
+        return _read_workdir_params(os.path.join(path, "checkpoints"))
     raise CheckpointNotFoundError(
         f"{path} is neither a converted Orbax folder ({PARAMS_DIR}/ + {MODEL_CONFIG_FILE}) nor a "
         "training workdir (checkpoints/<step>/state).")

@@ -134,6 +134,9 @@ def _replicated_batch(full: dict, sharding) -> dict:
 
 
 def _prepare_workdir(workdir: str) -> str:
+    if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
+        raise ValueError(f"workdir={workdir!r} is empty; give the directory the run writes to "
+                         "(and resumes from).")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -178,13 +181,30 @@ def _in_main_thread() -> bool:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last logged
-    training metrics and the last evaluation (dicts of floats)."""
+    training metrics and the last evaluation (dicts of floats).
+
+    On every exit, an error's included, the checkpointer (its saves in flight finished), the
+    metrics files and the progress bar are closed."""
+    with contextlib.ExitStack() as resources:
+        return _train_and_evaluate(config, workdir, resources)
+
+
+def _close_on_exit(resources: contextlib.ExitStack, resource) -> None:
+    """Closes `resource` when the run ends; a failure to close does not hide the run's error."""
+    def close():
+        try:
+            resource.close()
+        except Exception as e:  # noqa: BLE001
+            logging.warning("closing %s failed: %s", type(resource).__name__, e)
+
+    resources.callback(close)
+
+
+def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- config, workdir, mesh
     check_run_config(config)
     cfg = model_config(config)
     tc, dc = config.train, config.data
-    if tc.steps < 1:
-        raise ValueError(f"config.train.steps={tc.steps} must be >= 1.")
     if dc.seq_len > cfg.max_seq_len:
         raise ValueError(f"config.data.seq_len={dc.seq_len} exceeds the model's max_seq_len="
                          f"{cfg.max_seq_len}; shorten it or set config.model.max_seq_len.")
@@ -218,6 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---------------------------------------------------------------- restore or initialise
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoint)
+    _close_on_exit(resources, ckpt)
     restored = ckpt.restore_latest(abstract_state, meta)
 
     # ---------------------------------------------------------------- compiled steps
@@ -247,6 +268,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tokens_per_step = dc.batch_size * dc.seq_len
     writer = metrics_lib.MetricsWriter(workdir, total_steps=tc.steps, start_step=start_step,
                                        enabled=is_main)
+    _close_on_exit(resources, writer)
 
     def evaluate(step: int) -> dict:
         totals = None

@@ -99,7 +99,9 @@ class MetricsWriter:
         self._bar.refresh()
 
     def close(self) -> None:
+        """Closes the progress bar, metrics.jsonl and TensorBoard; closing again does nothing."""
         if self.enabled:
+            self.enabled = False
             self._bar.close()
             self._jsonl.close()
             self._tb.close()

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
 import ml_collections
 from ml_collections import config_dict
 
 from dsv3_jax.config import ModelConfig, get_model_config
+from dsv3_jax.data.corpus import FORMATS
+from dsv3_jax.train.optimizer import SCHEDULES
 
 _MODEL_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -88,20 +91,129 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return get_model_config(config.model.preset, **overrides)
 
 
+def unknown_key_message(prefix: str, key: str, known: list[str]) -> str:
+    """'config.train.stepz is not a setting; did you mean config.train.steps? ...'"""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {prefix}.{close[0]}?" if close else "."
+    return f"{prefix}.{key} is not a setting{hint} Known: {sorted(known)}."
+
+
 def check_run_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses settings that base_config does not know (typos), naming the closest real key."""
+    """Refuses settings that base_config does not know (typos), naming the closest real key, and
+    values no run can use (the setting, the value and what it must be)."""
     reference = base_config()
 
     def walk(node, ref, prefix):
         for key in node.keys():
             name = f"{prefix}.{key}"
             if key not in ref:
-                close = difflib.get_close_matches(key, list(ref.keys()), n=1)
-                hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
-                raise ValueError(f"{name} is not a setting{hint} Known: {sorted(ref.keys())}.")
+                raise ValueError(unknown_key_message(prefix, key, list(ref.keys())))
             if isinstance(ref[key], ml_collections.ConfigDict):
                 if not isinstance(node[key], ml_collections.ConfigDict):
                     raise ValueError(f"{name} must be a section with keys {sorted(ref[key].keys())}.")
                 walk(node[key], ref[key], name)
 
     walk(config, reference, "config")
+    for section in ("model", "data", "train", "mesh"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing; start the config from "
+                             "dsv3_jax.train.run_config.base_config().")
+    _check_values(config.train, "config.train", _TRAIN_RULES)
+    _check_values(config.data, "config.data", _DATA_RULES)
+    for axis in config.mesh.keys():
+        value = config.mesh[axis]
+        if not _is_int(value) or (value < 1 and value != -1):
+            raise ValueError(f"config.mesh.{axis}={value!r} must be a positive device count or -1 "
+                             "(the devices the other axes leave).")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(minimum: int, why: str):
+    return lambda v: (_is_int(v) and v >= minimum, f"an int >= {minimum} ({why})")
+
+
+def _number(low: float, high: float | None = None, *, low_open=False, high_open=False, why=""):
+    def rule(v):
+        ok = _is_number(v) and (v > low if low_open else v >= low)
+        if high is not None:
+            ok = ok and (v < high if high_open else v <= high)
+        lo = f"> {low}" if low_open else f">= {low}"
+        hi = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+        return ok, f"a finite number {lo}{hi}" + (f" ({why})" if why else "")
+    return rule
+
+
+def _bool(v):
+    return isinstance(v, bool), "True or False"
+
+
+def _one_of(options):
+    return lambda v: (v in options, f"one of {list(options)}")
+
+
+def _string(v):
+    return isinstance(v, str), "a string"
+
+
+def _nonempty_string(v):
+    return isinstance(v, str) and bool(v.strip()), "a non-empty string"
+
+
+_TRAIN_RULES = {
+    "steps": _int_at_least(1, "optimizer steps of the run"),
+    "lr": _number(0, low_open=True, why="the peak learning rate"),
+    "warmup_steps": _int_at_least(0, "linear warmup from 0"),
+    "schedule": _one_of(SCHEDULES),
+    "decay_start_fraction": _number(0, 1, why="where the cosine decay starts, as a fraction of steps"),
+    "final_lr_ratio": _number(0, 1, why="the last learning rate over the peak"),
+    "b1": _number(0, 1, high_open=True, why="Adam's first-moment decay"),
+    "b2": _number(0, 1, high_open=True, why="Adam's second-moment decay"),
+    "eps": _number(0, low_open=True, why="Adam's epsilon"),
+    "weight_decay": _number(0, why="decoupled weight decay"),
+    "clip": _number(0, low_open=True, why="the gradient's global-norm clip"),
+    "bf16_moments": _bool,
+    "mtp_lambda": _number(0, why="the MTP loss weight; 0 disables it"),
+    "balance_alpha": _number(0, why="the balance loss weight; 0 disables it"),
+    "bias_gamma": _number(0, why="the router-bias update speed; 0 disables it"),
+    "seed": _int_at_least(0, "the initialisation seed"),
+    "checkpoint_every": _int_at_least(1, "steps between checkpoints"),
+    "keep_checkpoints": _int_at_least(1, "checkpoints kept; fewer would delete every checkpoint"),
+    "async_checkpoint": _bool,
+    "eval_every": _int_at_least(1, "steps between evaluations"),
+    "eval_batches": _int_at_least(0, "validation batches per evaluation; 0 disables evaluation"),
+    "log_every": _int_at_least(1, "steps between logged rows"),
+    "log_expert_load": _bool,
+    "profile_start_step": lambda v: (_is_int(v), "an int (the first traced step; -1: none)"),
+    "profile_steps": _int_at_least(0, "steps traced; 0 disables the profiler"),
+    "peak_tflops_per_device": _number(0, why="for MFU; 0 uses the known accelerators' peak"),
+    "max_nonfinite_steps": _int_at_least(0, "consecutive NaN/Inf steps skipped before stopping"),
+}
+
+_DATA_RULES = {
+    "corpus": _nonempty_string,
+    "format": _one_of(FORMATS),
+    "text_field": _nonempty_string,
+    "validation_fraction": _number(0, 1, low_open=True, high_open=True,
+                                   why="the share of documents held out for evaluation"),
+    "tokenizer": _string,
+    "tokenizer_train_bytes": _int_at_least(1, "text fed to the tokenizer trainer"),
+    "seq_len": _int_at_least(2, "a sequence needs an input token and its next-token target"),
+    "batch_size": _int_at_least(1, "sequences per training step, over all processes"),
+    "num_threads": _int_at_least(0, "grain read threads; 0 reads in the calling thread"),
+    "prefetch": _int_at_least(0, "batches read ahead; 0 disables prefetching"),
+}
+
+
+def _check_values(section, prefix: str, rules: dict) -> None:
+    for key, rule in rules.items():
+        if key in section:
+            ok, what = rule(section[key])
+            if not ok:
+                raise ValueError(f"{prefix}.{key}={section[key]!r} is invalid: it must be {what}.")
