@@ -42,6 +42,10 @@ class _QuietLibraries(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         noisy = any(f"/{lib}/" in record.pathname for lib in _NOISY_LIBRARIES)
+        if noisy and record.exc_info and not debug_requested():
+            # A library logging an error it also raises (orbax's background saves): its message
+            # stays, its traceback shows only with --verbose; our own message follows.
+            record.exc_info, record.exc_text = None, None
         return record.levelno >= logging.WARNING or not noisy
 
 
@@ -141,6 +145,9 @@ def _check_config_file(argv) -> None:
         path = value.split(":", 1)[0] if not os.path.isfile(value) else value
         if not path:
             fail("--config is empty; pass a run config file, e.g. --config=configs/tiny.py.", EXIT_USAGE)
+        if os.path.isdir(path):
+            fail(f"--config={value}: {os.path.abspath(path)!r} is a directory; pass a run config "
+                 "file in it, e.g. --config=configs/tiny.py.", EXIT_USAGE)
         if not os.path.isfile(path):
             fail(f"--config={value}: no such file {os.path.abspath(path)!r}; pass a run config "
                  "file, e.g. --config=configs/tiny.py (a ':variant' may follow the path).", EXIT_USAGE)

@@ -120,6 +120,17 @@ def test_train_config_file_errors(tmp_path):
     assert_refused(run("train", f"--config={TINY}:nope", f"--workdir={tmp_path}"), 2,
                    r"unknown variant 'nope'")
     assert_refused(run("train", f"--config={TINY}"), 2, r"--workdir")
+    assert_refused(run("train", f"--config={tmp_path}", f"--workdir={tmp_path}"), 2,
+                   r"is a directory; pass a run config file")
+    for name, text, status, pattern in [
+            ("syntax.py", "def get_config(:\n", 2, r"invalid syntax"),
+            ("none.py", "x = 1\n", 2, r"get_config"),
+            ("number.py", "def get_config():\n    return 5\n", 1, r"not an ml_collections\.ConfigDict"),
+            ("raises.py", "def get_config():\n    raise ValueError('this config needs a GPU')\n", 2,
+             r"this config needs a GPU")]:
+        (tmp_path / name).write_text(text)
+        assert_refused(run("train", f"--config={tmp_path / name}", f"--workdir={tmp_path / 'w'}"),
+                       status, pattern)
 
 
 def test_empty_workdir_is_refused(tmp_path):
@@ -133,7 +144,7 @@ TRAIN_VALUES = [
     ("train.lr=-1", r"config\.train\.lr=-1\.0 is invalid: it must be a finite number > 0"),
     ("train.lr=nan", r"config\.train\.lr=nan is invalid"),
     ("train.lr=inf", r"config\.train\.lr=inf is invalid"),
-    ("train.steps=0", r"config\.train\.steps=0 is invalid: it must be an int >= 1"),
+    ("train.steps=0", r"config\.train\.steps=0 is invalid: it must be an int in \[1, 2147483647\]"),
     ("train.checkpoint_every=0", r"config\.train\.checkpoint_every=0 is invalid"),
     ("train.keep_checkpoints=-2", r"config\.train\.keep_checkpoints=-2 is invalid"),
     ("train.log_every=0", r"config\.train\.log_every=0 is invalid"),
@@ -143,6 +154,7 @@ TRAIN_VALUES = [
     ("train.clip=0", r"config\.train\.clip=0\.0 is invalid"),
     ("train.schedule=linear", r"config\.train\.schedule='linear' is invalid: it must be one of"),
     ("train.seed=-1", r"config\.train\.seed=-1 is invalid"),
+    ("train.steps=100000000000", r"config\.train\.steps=100000000000 is invalid"),
     ("train.mtp_lambda=-0.5", r"config\.train\.mtp_lambda=-0\.5 is invalid"),
     ("data.batch_size=0", r"config\.data\.batch_size=0 is invalid"),
     ("data.seq_len=1", r"config\.data\.seq_len=1 is invalid"),
@@ -177,7 +189,7 @@ def test_keep_checkpoints_zero_loses_nothing(trained, corpus, tmp_path):
     workdir = copy_run(trained, tmp_path)
     out = run("train", *train_args(workdir, corpus, "--config.train.steps=6",
                                    "--config.train.keep_checkpoints=0"))
-    assert_refused(out, 1, r"keep_checkpoints=0 is invalid.*>= 1")
+    assert_refused(out, 1, r"keep_checkpoints=0 is invalid.*\[1, .*fewer would delete every checkpoint")
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
 
@@ -209,6 +221,33 @@ def test_an_error_after_the_first_step_is_one_message_and_status_1(trained, corp
     bad_step = re.search(r"error: step (\d+):", out.stderr).group(1)
     assert 5 <= int(bad_step) <= 8
     assert {"4", bad_step} <= set(os.listdir(workdir / "checkpoints"))  # nothing older went
+
+
+def test_a_full_disk_is_one_message_and_keeps_the_last_good_checkpoint(trained, corpus, tmp_path):
+    """The workdir on a 40 MB filesystem: the first checkpoint save runs out of space. The run
+    ends with status 1 and one message (no library traceback, no signal); the checkpoints saved
+    before are intact, and the failed save left no step folder behind."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        workdir = mount / "run"
+        shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("tb", "tokens"))
+        shutil.rmtree(workdir / "checkpoints" / "4")
+        filler = mount / "filler"
+        free = shutil.disk_usage(mount).free
+        filler.write_bytes(b"\0" * max(free - 6 * 2**20, 0))  # about 6 MB left: tokens, no checkpoint
+        out = run("train", *train_args(workdir, corpus, "--config.train.steps=6",
+                                       "--config.train.eval_batches=0"))
+        assert_refused(out, 1, r"(?i)no space|resource_exhausted|space left|disk")
+        assert "Fatal Python error" not in out.stderr and out.returncode == 1
+        steps = sorted(p for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+        assert steps == ["2"], os.listdir(workdir / "checkpoints")
+        assert (workdir / "checkpoints" / "2" / "state").is_dir()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_verbose_and_dsv3_debug_show_the_traceback(tmp_path):

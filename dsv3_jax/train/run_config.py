@@ -101,6 +101,10 @@ def unknown_key_message(prefix: str, key: str, known: list[str]) -> str:
 def check_run_config(config: ml_collections.ConfigDict) -> None:
     """Refuses settings that base_config does not know (typos), naming the closest real key, and
     values no run can use (the setting, the value and what it must be)."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"the run config is a {type(config).__name__}, not an ml_collections."
+                         "ConfigDict; a config file's get_config() must return one (start from "
+                         "dsv3_jax.train.run_config.base_config()).")
     reference = base_config()
 
     def walk(node, ref, prefix):
@@ -135,8 +139,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_INT_MAX = 2**31 - 1  # steps and counts meet int32 arithmetic on the device
+
+
 def _int_at_least(minimum: int, why: str):
-    return lambda v: (_is_int(v) and v >= minimum, f"an int >= {minimum} ({why})")
+    return lambda v: (_is_int(v) and minimum <= v <= _INT_MAX,
+                      f"an int in [{minimum}, {_INT_MAX}] ({why})")
 
 
 def _number(low: float, high: float | None = None, *, low_open=False, high_open=False, why=""):
@@ -182,7 +190,7 @@ _TRAIN_RULES = {
     "mtp_lambda": _number(0, why="the MTP loss weight; 0 disables it"),
     "balance_alpha": _number(0, why="the balance loss weight; 0 disables it"),
     "bias_gamma": _number(0, why="the router-bias update speed; 0 disables it"),
-    "seed": _int_at_least(0, "the initialisation seed"),
+    "seed": _int_at_least(0, "the initialisation and shuffle seed"),
     "checkpoint_every": _int_at_least(1, "steps between checkpoints"),
     "keep_checkpoints": _int_at_least(1, "checkpoints kept; fewer would delete every checkpoint"),
     "async_checkpoint": _bool,
@@ -190,7 +198,8 @@ _TRAIN_RULES = {
     "eval_batches": _int_at_least(0, "validation batches per evaluation; 0 disables evaluation"),
     "log_every": _int_at_least(1, "steps between logged rows"),
     "log_expert_load": _bool,
-    "profile_start_step": lambda v: (_is_int(v), "an int (the first traced step; -1: none)"),
+    "profile_start_step": lambda v: (_is_int(v) and -1 <= v <= _INT_MAX,
+                                     "an int >= -1 (the first traced step; -1: none)"),
     "profile_steps": _int_at_least(0, "steps traced; 0 disables the profiler"),
     "peak_tflops_per_device": _number(0, why="for MFU; 0 uses the known accelerators' peak"),
     "max_nonfinite_steps": _int_at_least(0, "consecutive NaN/Inf steps skipped before stopping"),
