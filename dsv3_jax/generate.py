@@ -51,7 +51,8 @@ def main(argv):
     if not tokenizer_path:
         raise cli.UsageError(f"{_CHECKPOINT.value} has no tokenizer.model; pass --tokenizer=<a "
                              "sentencepiece .model matching the checkpoint>.")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, setting="--tokenizer" if _TOKENIZER.value
+                               else f"the tokenizer of {_CHECKPOINT.value}")
     if tokenizer.vocab_size > cfg.vocab_size:
         raise cli.UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
                              f"{cfg.vocab_size}; pass the tokenizer the model was trained with.")

@@ -69,21 +69,23 @@ class Tokenizer:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """The sentencepiece model at `path`; DataError if it is missing, not a model, or has no eos."""
+def load_tokenizer(path: str, *, setting: str = "data.tokenizer") -> Tokenizer:
+    """The sentencepiece model at `path`; DataError if it is missing, not a model, or has no eos.
+    `setting` names where the path came from in the messages (a config key or a flag)."""
+    train_one = ", or '' to train one on the corpus" if setting == "data.tokenizer" else ""
     if not os.path.isfile(path):
         what = "is a directory" if os.path.isdir(path) else "does not exist"
-        raise DataError(f"data.tokenizer={path!r} {what}; give the path of a sentencepiece .model "
-                        "file, or '' to train one on the corpus.")
+        raise DataError(f"{setting}={path!r} {what}; give the path of a sentencepiece .model "
+                        f"file{train_one}.")
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromFile(path)
     except (RuntimeError, OSError) as e:
-        raise DataError(f"data.tokenizer={path!r} is not a sentencepiece model ({e}); give a "
-                        ".model file written by sentencepiece, or '' to train one.") from None
+        raise DataError(f"{setting}={path!r} is not a sentencepiece model ({e}); give a "
+                        f".model file written by sentencepiece{train_one}.") from None
     if processor.eos_id() < 0:
-        raise DataError(f"data.tokenizer={path!r} has no eos piece, which ends every document "
-                        "in the token stream; retrain it with --eos_id, or use '' to train one.")
+        raise DataError(f"{setting}={path!r} has no eos piece, which ends every document "
+                        f"in the token stream; retrain it with --eos_id{train_one}.")
     return Tokenizer(path, processor)
 
 
