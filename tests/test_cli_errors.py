@@ -103,6 +103,8 @@ TRAIN_USAGE = [
     (["--coordinator_address=host0:99999", "--num_processes=2", "--process_id=0"], r"not host:port"),
     (["--coordinator_address=host0:1234", "--num_processes=2", "--process_id=2"], r"--process_id=2 must be in \[0"),
     (["--coordinator_address=host0:1234"], r"needs --num_processes and --process_id"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=1",
+      "--distributed_timeout=0"], r"--distributed_timeout=0 must be >= 1"),
 ]
 
 
@@ -111,6 +113,19 @@ def test_train_usage_errors(args, pattern, tmp_path):
     out = run("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}", *args)
     assert_refused(out, 2, pattern)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("address,pattern", [
+    ("no-such-host.invalid:1234", r"the host 'no-such-host\.invalid' does not resolve"),
+    ("127.0.0.1:1", r"no coordinator answered at --coordinator_address=127\.0\.0\.1:1 within 2 s"),
+])
+def test_train_coordinator_not_there(address, pattern, tmp_path):
+    """A process other than 0 whose coordinator cannot be reached ends with a message (XLA's
+    coordination client would abort the process instead)."""
+    out = run("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
+              f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+              "--distributed_timeout=2")
+    assert_refused(out, 1, pattern)
 
 
 def test_train_config_file_errors(tmp_path):

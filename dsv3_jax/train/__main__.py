@@ -7,6 +7,9 @@ start one per host with `--coordinator_address=host0:port --num_processes=N --pr
 overridden with `--config.<section>.<key>=value` (unknown keys are refused).
 """
 
+import socket
+import time
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -24,6 +27,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                  "the cluster's own settings (implied by --coordinator_address).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Multi-process runs: seconds "
+                                            "to wait for every process to join before giving up.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,12 +47,41 @@ def _check_flags() -> None:
         raise cli.UsageError("--num_processes/--process_id need --coordinator_address=host:port of "
                              "process 0 (or --distributed on a cluster JAX detects); without it "
                              "each process would train alone in the same workdir.")
+    if _DISTRIBUTED_TIMEOUT.value < 1:
+        raise cli.UsageError(f"--distributed_timeout={_DISTRIBUTED_TIMEOUT.value} must be >= 1 "
+                             "(seconds).")
     if _NUM_PROCESSES.value is not None and _NUM_PROCESSES.value < 1:
         raise cli.UsageError(f"--num_processes={_NUM_PROCESSES.value} must be >= 1.")
     if _PROCESS_ID.value is not None and not (
             0 <= _PROCESS_ID.value < (_NUM_PROCESSES.value or _PROCESS_ID.value + 1)):
         raise cli.UsageError(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes="
                              f"{_NUM_PROCESSES.value}).")
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> None:
+    """Fails cleanly where XLA's coordination client would abort the process: an address that does
+    not resolve, or (for processes other than 0) a coordinator that does not answer in time."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port))
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConnectionError(f"--coordinator_address={address}: the host {host!r} does not resolve "
+                              f"({e}); give the address of process 0's host.") from None
+    if process_id == 0:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"no coordinator answered at --coordinator_address={address} within "
+                    f"{timeout_s} s ({e.strerror or e}); start process 0 with the same flags, or "
+                    "raise --distributed_timeout.") from None
+            time.sleep(1.0)
 
 
 def _initialize_distributed() -> None:
@@ -58,8 +92,22 @@ def _initialize_distributed() -> None:
 
     # Collectives between processes on CPU hosts (tests, CPU clusters) go through gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    logging.info("joining the multi-process run (coordinator %s, process %s of %s); waiting up to "
+                 "%d s for every process (--distributed_timeout)", _COORDINATOR.value or "from the "
+                 "cluster", _PROCESS_ID.value, _NUM_PROCESSES.value, _DISTRIBUTED_TIMEOUT.value)
+    if _COORDINATOR.value:
+        _wait_for_coordinator(_COORDINATOR.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
+    try:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                                   initialization_timeout=_DISTRIBUTED_TIMEOUT.value)
+    except Exception as e:  # noqa: BLE001 - a coordinator that is not there, or a refused address
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConnectionError(
+            f"could not join the multi-process run (--coordinator_address={_COORDINATOR.value}, "
+            f"--process_id={_PROCESS_ID.value} of --num_processes={_NUM_PROCESSES.value}): "
+            f"{detail}. Check that process 0 runs with the same flags and that its address is "
+            "reachable from this host.") from e
     logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
