@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re

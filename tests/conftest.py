@@ -114,6 +114,19 @@ def jitted_loss_grad(cfg: ds.ModelConfig):
     return jax.jit(jax.grad(loss))
 
 
+def stdlib_corpus(root: pathlib.Path) -> str:
+    """About 20 real Python files (this interpreter's json and email packages) copied into `root`;
+    returns their glob, a `config.data.corpus` value."""
+    import shutil
+    import sysconfig
+
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for package in ("json", "email"):
+        for f in sorted((stdlib / package).glob("*.py")):
+            shutil.copy(f, root / f"{package}_{f.name}")
+    return str(root / "*.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slow` (minutes each: the notebooks) run first, so that with `pytest -n 2` the
     two workers share them instead of one worker finishing them alone at the end. (Only mark

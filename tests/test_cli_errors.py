@@ -15,11 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 
-from conftest import COMPILATION_CACHE
+from conftest import COMPILATION_CACHE, stdlib_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -57,12 +56,7 @@ def assert_refused(out, status: int, pattern: str) -> None:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """About 20 real Python files (this interpreter's json and email packages)."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for package in ("json", "email"):
-        for f in sorted((stdlib / package).glob("*.py")):
-            shutil.copy(f, root / f"{package}_{f.name}")
-    return str(root / "*.py")
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from dsv3_jax.train.checkpoint import CheckpointMismatchError
 from dsv3_jax.train.loop import NonFiniteLossError, train_and_evaluate
 from dsv3_jax.train.run_config import check_run_config
 
-from conftest import COMPILATION_CACHE
+from conftest import COMPILATION_CACHE, stdlib_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -36,13 +35,8 @@ SMALL = {"model.vocab_size": 512, "data.seq_len": 64, "data.batch_size": 4,
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """About 20 real Python files (json, email packages of this interpreter) and a tokenizer."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for package in ("json", "email"):
-        for f in sorted((stdlib / package).glob("*.py")):
-            shutil.copy(f, root / f"{package}_{f.name}")
-    return str(root / "*.py")
+    """About 20 real Python files (this interpreter's json and email packages)."""
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
