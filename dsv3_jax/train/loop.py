@@ -322,8 +322,7 @@ def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -
                                 float(step_metrics["loss"]))
                 if nonfinite_run > tc.max_nonfinite_steps:
                     save(step)
-                    ckpt.wait()
-                    writer.close()
+                    ckpt.wait()  # a failed save is the error to report, not a warning on close
                     raise NonFiniteLossError(
                         f"step {step}: loss {float(step_metrics['loss'])}, grad norm "
                         f"{float(step_metrics['grad_norm'])}. The state before this step was kept "
@@ -369,7 +368,5 @@ def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -
                 save(step)
                 break
 
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    ckpt.wait()  # raises if the last save failed; closing is train_and_evaluate's exit stack's
     return {"train": last_train, "eval": last_eval, "step": step}
