@@ -11,7 +11,7 @@ from absl import flags
 
 from dsv3_jax import cli
 from dsv3_jax.data.tokenizer import load_tokenizer
-from dsv3_jax.infer.generate import generate_tokens
+from dsv3_jax.infer.generate import check_max_new_tokens, check_prompts, generate_tokens
 from dsv3_jax.infer.load import load_for_inference
 from dsv3_jax.infer.sampling import Sampling
 
@@ -40,9 +40,8 @@ def main(argv):
                              "a Hugging Face folder.")
     if not _PROMPT.value:
         raise cli.UsageError("--prompt is empty; give the text to continue.")
-    if _MAX_NEW.value < 1:
-        raise cli.UsageError(f"--max_new_tokens={_MAX_NEW.value} must be >= 1.")
     try:
+        check_max_new_tokens(_MAX_NEW.value)
         sampling = Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     except ValueError as e:
         raise cli.UsageError(f"--{e}") from e
@@ -59,9 +58,10 @@ def main(argv):
     prompt = tokenizer.encode(_PROMPT.value)
     if not prompt:
         raise cli.UsageError(f"--prompt={_PROMPT.value!r} encodes to no tokens; give some text.")
-    if len(prompt) + _MAX_NEW.value > cfg.max_seq_len:
-        raise cli.UsageError(f"the prompt ({len(prompt)} tokens) + --max_new_tokens={_MAX_NEW.value} "
-                             f"exceed the model's max_seq_len={cfg.max_seq_len}; shorten one of them.")
+    try:
+        check_prompts(cfg, [prompt], _MAX_NEW.value)  # the context limit, with its numbers
+    except ValueError as e:
+        raise cli.UsageError(f"--prompt / --max_new_tokens: {e}") from e
     generated: list[int] = []
     printed = [""]
 

@@ -165,10 +165,10 @@ TRAIN_VALUES = [
     ("train.seed=-1", r"config\.train\.seed=-1 is invalid"),
     ("train.steps=100000000000", r"config\.train\.steps=100000000000 is invalid"),
     ("train.mtp_lambda=-0.5", r"config\.train\.mtp_lambda=-0\.5 is invalid"),
-    ("data.batch_size=0", r"config\.data\.batch_size=0 is invalid"),
-    ("data.seq_len=1", r"config\.data\.seq_len=1 is invalid"),
-    ("data.validation_fraction=1.5", r"config\.data\.validation_fraction=1\.5 is invalid"),
-    ("data.format=xml", r"config\.data\.format='xml' is invalid"),
+    ("data.batch_size=0", r"data\.batch_size=0 must be an int >= 1 and <= 2147483647"),
+    ("data.seq_len=1", r"data\.seq_len=1 must be an int >= 2 and <= 2147483647"),
+    ("data.validation_fraction=1.5", r"data\.validation_fraction=1\.5 must be a number strictly between 0 and 1"),
+    ("data.format=xml", r"data\.format='xml' is not a known format"),
     ("data.seq_len=100000", r"seq_len=100000 exceeds the model's max_seq_len"),
     ("mesh.data=0", r"config\.mesh\.data=0 .*positive device count or -1"),
     ("model.n_layers=0", r"n_layers=0 is invalid"),
@@ -300,7 +300,7 @@ GENERATE_USAGE = [
     (["--checkpoint=somewhere"], r"--prompt"),
     (["--checkpoint=somewhere", "--prompt="], r"--prompt is empty"),
     (["--checkpoint=", "--prompt=x"], r"--checkpoint is empty"),
-    (["--checkpoint=somewhere", "--prompt=x", "--max_new_tokens=0"], r"--max_new_tokens=0 must be >= 1"),
+    (["--checkpoint=somewhere", "--prompt=x", "--max_new_tokens=0"], r"--max_new_tokens=0 must be a positive integer"),
     (["--checkpoint=somewhere", "--prompt=x", "--temperature=-1"], r"temperature=-1\.0 must be a finite number >= 0"),
     (["--checkpoint=somewhere", "--prompt=x", "--temperature=nan"], r"temperature=nan"),
     (["--checkpoint=somewhere", "--prompt=x", "--top_p=0"], r"top_p=0\.0 must be a number in \(0, 1\]"),
@@ -324,7 +324,7 @@ def test_generate_missing_checkpoint(tmp_path):
 
 def test_generate_on_a_trained_run(trained, tmp_path):
     assert_refused(run("generate", f"--checkpoint={trained}", "--prompt=def f(",
-                       "--max_new_tokens=100000"), 2, r"exceed the model's max_seq_len=512")
+                       "--max_new_tokens=100000"), 2, r"max_new_tokens=100000 leaves no room for a prompt in the model's context \(max_seq_len=512\)")
     assert_refused(run("generate", f"--checkpoint={trained}", "--prompt=x",
                        f"--tokenizer={tmp_path / 'missing.model'}"), 1, r"missing\.model")
 

@@ -127,13 +127,10 @@ def unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def open_corpus(data_cfg) -> Corpus:
-    """The corpus that `data_cfg.corpus` / `.format` / `.text_field` / `.validation_fraction` name.
-
-    Lists and checks the files (existence, type, format); reads none of them.
-    """
-    spec = data_cfg.corpus
-    fmt = data_cfg.format
+def check_corpus_settings(data_cfg) -> None:
+    """Refuses corpus settings no corpus can be opened with (`corpus`, `format`, `text_field`,
+    `validation_fraction`), without touching any file."""
+    spec, fmt = data_cfg.corpus, data_cfg.format
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r} is not a known format; use one of {FORMATS} "
                         "('auto' picks by extension: .jsonl/.json -> jsonl, "
@@ -148,6 +145,15 @@ def open_corpus(data_cfg) -> Corpus:
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"data.corpus={spec!r} must be 'builtin' or a path, glob or "
                         "comma-separated list of paths and globs.")
+
+
+def open_corpus(data_cfg) -> Corpus:
+    """The corpus that `data_cfg.corpus` / `.format` / `.text_field` / `.validation_fraction` name.
+
+    Lists and checks the files (existence, type, format); reads none of them.
+    """
+    check_corpus_settings(data_cfg)
+    spec, fmt, fraction = data_cfg.corpus, data_cfg.format, data_cfg.validation_fraction
     if spec.strip() == BUILTIN:
         if fmt not in ("auto", "text"):
             raise DataError(f"data.format={fmt!r} does not apply to the built-in corpus (its files "

@@ -174,7 +174,7 @@ class PackedSequences:
 def prepare_data(data_cfg, workdir: str, *, model_vocab_size: int) -> Data:
     """Loads or trains the tokenizer and tokenizes both splits into token stores under `workdir`,
     reusing what is present and current. Logs the slow steps (absl.logging)."""
-    _check_config(data_cfg)
+    check_data_config(data_cfg)
     if not isinstance(model_vocab_size, int) or model_vocab_size < 1:
         raise DataError(f"model_vocab_size={model_vocab_size!r} must be a positive int: "
                         "config.model.vocab_size.")
@@ -364,11 +364,22 @@ def _check_workdir(workdir: str) -> None:
                         "give a workdir that can be created and written to.") from None
 
 
-def _check_config(data_cfg) -> None:
+INT32_MAX = 2**31 - 1  # counts and sizes meet int32 arithmetic on the device
+
+
+def check_data_config(data_cfg) -> None:
+    """Refuses pipeline settings (sizes, threads, the tokenizer path's type) no run can use; the
+    corpus settings are `corpus.check_corpus_settings`'s."""
     def positive_int(name: str, minimum: int, why: str):
         value = getattr(data_cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise DataError(f"data.{name}={value!r} must be an int >= {minimum} ({why}).")
+        if (not isinstance(value, int) or isinstance(value, bool)
+                or not minimum <= value <= INT32_MAX):
+            raise DataError(f"data.{name}={value!r} must be an int >= {minimum} and <= "
+                            f"{INT32_MAX} ({why}).")
+
+    if not isinstance(data_cfg.tokenizer, str):
+        raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} must be a string: the path of a "
+                        "sentencepiece .model, or '' to train one on the corpus.")
 
     positive_int("seq_len", 2, "a sequence needs an input token and its next-token target")
     positive_int("batch_size", 1, "sequences per training step, over all processes")
@@ -387,7 +398,7 @@ def train_iterator(data: Data, data_cfg, *, seed: int, process_index: int = 0,
     seq_len]. get_state() is a JSON-serialisable dict; set_state(state) on a fresh iterator built
     with the same settings continues with the exact next batch.
     """
-    _check_config(data_cfg)
+    check_data_config(data_cfg)
     seq_len, batch_size = data_cfg.seq_len, data_cfg.batch_size
     if not isinstance(process_count, int) or process_count < 1:
         raise DataError(f"process_count={process_count!r} must be an int >= 1.")
@@ -420,7 +431,7 @@ def train_iterator(data: Data, data_cfg, *, seed: int, process_index: int = 0,
 def eval_batches(data: Data, data_cfg, num_batches: int) -> list[dict[str, np.ndarray]]:
     """The first min(num_batches, num_sequences // batch_size) batches of the validation split in
     order: dicts of int32 [batch_size, seq_len] 'tokens', 'segment_ids', 'positions'."""
-    _check_config(data_cfg)
+    check_data_config(data_cfg)
     seq_len, batch_size = data_cfg.seq_len, data_cfg.batch_size
     available = data.validation.num_sequences(seq_len) // batch_size
     if available == 0:

@@ -20,7 +20,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from dsv3_jax.config import ModelConfig, get_model_config
-from dsv3_jax.data.corpus import FORMATS
+from dsv3_jax.data.corpus import check_corpus_settings
+from dsv3_jax.data.pipeline import INT32_MAX, check_data_config
 from dsv3_jax.train.optimizer import SCHEDULES
 
 _MODEL_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -123,7 +124,8 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{section} is missing; start the config from "
                              "dsv3_jax.train.run_config.base_config().")
     _check_values(config.train, "config.train", _TRAIN_RULES)
-    _check_values(config.data, "config.data", _DATA_RULES)
+    check_data_config(config.data)
+    check_corpus_settings(config.data)
     for axis in config.mesh.keys():
         value = config.mesh[axis]
         if not _is_int(value) or (value < 1 and value != -1):
@@ -139,12 +141,9 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-_INT_MAX = 2**31 - 1  # steps and counts meet int32 arithmetic on the device
-
-
 def _int_at_least(minimum: int, why: str):
-    return lambda v: (_is_int(v) and minimum <= v <= _INT_MAX,
-                      f"an int in [{minimum}, {_INT_MAX}] ({why})")
+    return lambda v: (_is_int(v) and minimum <= v <= INT32_MAX,
+                      f"an int in [{minimum}, {INT32_MAX}] ({why})")
 
 
 def _number(low: float, high: float | None = None, *, low_open=False, high_open=False, why=""):
@@ -164,14 +163,6 @@ def _bool(v):
 
 def _one_of(options):
     return lambda v: (v in options, f"one of {list(options)}")
-
-
-def _string(v):
-    return isinstance(v, str), "a string"
-
-
-def _nonempty_string(v):
-    return isinstance(v, str) and bool(v.strip()), "a non-empty string"
 
 
 _TRAIN_RULES = {
@@ -198,27 +189,12 @@ _TRAIN_RULES = {
     "eval_batches": _int_at_least(0, "validation batches per evaluation; 0 disables evaluation"),
     "log_every": _int_at_least(1, "steps between logged rows"),
     "log_expert_load": _bool,
-    "profile_start_step": lambda v: (_is_int(v) and -1 <= v <= _INT_MAX,
+    "profile_start_step": lambda v: (_is_int(v) and -1 <= v <= INT32_MAX,
                                      "an int >= -1 (the first traced step; -1: none)"),
     "profile_steps": _int_at_least(0, "steps traced; 0 disables the profiler"),
     "peak_tflops_per_device": _number(0, why="for MFU; 0 uses the known accelerators' peak"),
     "max_nonfinite_steps": _int_at_least(0, "consecutive NaN/Inf steps skipped before stopping"),
 }
-
-_DATA_RULES = {
-    "corpus": _nonempty_string,
-    "format": _one_of(FORMATS),
-    "text_field": _nonempty_string,
-    "validation_fraction": _number(0, 1, low_open=True, high_open=True,
-                                   why="the share of documents held out for evaluation"),
-    "tokenizer": _string,
-    "tokenizer_train_bytes": _int_at_least(1, "text fed to the tokenizer trainer"),
-    "seq_len": _int_at_least(2, "a sequence needs an input token and its next-token target"),
-    "batch_size": _int_at_least(1, "sequences per training step, over all processes"),
-    "num_threads": _int_at_least(0, "grain read threads; 0 reads in the calling thread"),
-    "prefetch": _int_at_least(0, "batches read ahead; 0 disables prefetching"),
-}
-
 
 def _check_values(section, prefix: str, rules: dict) -> None:
     for key, rule in rules.items():
