@@ -84,11 +84,8 @@ def plan(config: ml_collections.ConfigDict, devices: int, mesh_cfg, per_device_b
     mesh_lib.check_mesh_fits(sizes, cfg, local_batch * batch_ways)
 
     _, _, init_boxed = state_builder(cfg, tc, seq_len)
-    boxed = jax.eval_shape(init_boxed)
+    state, specs = mesh_lib.abstract_with_shardings(init_boxed)
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-    specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, mesh_lib.LOGICAL_AXIS_RULES),
-                         nn.get_partition_spec(boxed), is_leaf=is_spec)
-    state = nn.unbox(boxed)
 
     def total(tree, tree_specs) -> int:
         leaves = jax.tree.leaves(tree)

@@ -27,7 +27,7 @@ import numpy as np
 
 import dsv3_jax as ds
 from dsv3_jax.infer.generate import generate_tokens
-from dsv3_jax.model.stats import abstract_params
+from dsv3_jax.model.tree import abstract_params
 
 
 def _prompts(cfg, tokenizer, batch: int, length: int, seed: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dsv3_jax as ds
-from dsv3_jax.model.stats import abstract_params
+from dsv3_jax.model.tree import abstract_params
 from dsv3_jax.model.transformer import DeepSeekV3
 
 # Compiled programs are cached on disk across tests, workers and the subprocesses tests start:

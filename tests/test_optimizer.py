@@ -129,3 +129,30 @@ def test_update_router_bias_reaches_every_router(tiny_cfg):
                                          for i in range(tiny_cfg.n_moe_layers)}}
     new_u = optim.update_router_bias(unrolled, load, None, 0.5)
     np.testing.assert_allclose(new_u["moe_layers"]["layers_1"]["ffn"]["gate"]["e_score_correction_bias"], after[1])
+
+
+def test_router_biases_unrolled_keep_layer_order():
+    """With 12 unrolled MoE layers the logged biases come in layer order (layers_2 before
+    layers_10), then the MTP module's, the rows of ModelOutput's expert loads; the bias rule
+    updates layer j with load row j."""
+    from dsv3_jax.model import tree
+    from dsv3_jax.train.loop import _router_biases
+
+    cfg = ds.get_model_config("tiny", n_layers=13, n_dense_layers=1, scan_layers=False, mtp_depth=1)
+    e = cfg.n_routed_experts
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree.abstract_params(cfg))
+    for j in range(12):
+        params["moe_layers"][f"layers_{j}"]["ffn"]["gate"]["e_score_correction_bias"][:] = j
+    params["mtp_0"]["block"]["ffn"]["gate"]["e_score_correction_bias"][:] = 100
+    biases = _router_biases(params)
+    assert biases.shape == (13, e)
+    np.testing.assert_array_equal(biases[:, 0], list(range(12)) + [100])
+    # Row j of the load: expert 0 overloaded in layer j only for odd j.
+    load = np.ones((12, e), np.int32)
+    load[1::2, 0] = 10
+    new = optim.update_router_bias(params, jnp.asarray(load), None, 1.0)
+    got = _router_biases(new)
+    for j in range(12):
+        expected = j + np.sign(load[j].mean() - load[j])
+        np.testing.assert_allclose(got[j], expected, err_msg=f"layers_{j}")
+    np.testing.assert_array_equal(got[12], 100)  # mtp_expert_load None: MTP router untouched

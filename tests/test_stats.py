@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import dsv3_jax as ds
-from dsv3_jax.model.stats import abstract_params, presets_table
+from dsv3_jax.model.stats import presets_table
+from dsv3_jax.model.tree import abstract_params
 
 from conftest import TINY32
 

@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.convert import safetensors as st
+from dsv3_jax.model import tree
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -680,10 +681,8 @@ def _block_entries(cfg: ModelConfig, moe: bool) -> list[tuple[tuple[str, ...], s
 
 
 def _flat_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    from dsv3_jax.model.stats import abstract_params
-
     return {tuple(k.key for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree.abstract_params(cfg))[0]}
 
 
 def _plan(cfg: ModelConfig) -> list[_Leaf]:
@@ -711,17 +710,11 @@ def _plan(cfg: ModelConfig) -> list[_Leaf]:
             else:
                 add(prefix + rel, lead, hf, transpose)
 
-    stacks = (("dense_layers", range(cfg.n_dense_layers), False),
-              ("moe_layers", range(cfg.n_dense_layers, cfg.n_layers), True))
-    for stack, layers, moe in stacks:
-        for j, layer in enumerate(layers):
-            if cfg.scan_layers:
-                add_block((stack, "layers"), (j,), layer, moe)
-            else:
-                add_block((stack, f"layers_{j}"), (), layer, moe)
+    for block in tree.blocks(cfg):
+        for j, layer in enumerate(block.layers):
+            add_block(block.path, (j,) if block.scanned else (), layer, block.moe)
     for k in range(cfg.mtp_depth):
-        layer, prefix = cfg.n_layers + k, (f"mtp_{k}",)
-        add_block(prefix + ("block",), (), layer, True)
+        layer, prefix = cfg.n_layers + k, tree.mtp_path(k)
         add(prefix + ("enorm", "weight"), (), f"model.layers.{layer}.enorm.weight", False)
         add(prefix + ("hnorm", "weight"), (), f"model.layers.{layer}.hnorm.weight", False)
         add(prefix + ("eh_proj", "kernel"), (), f"model.layers.{layer}.eh_proj.weight", True)
@@ -904,21 +897,18 @@ def _put(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding, fill) -
 
 def _shardings(cfg: ModelConfig, mesh) -> dict[tuple[str, ...], jax.sharding.Sharding]:
     """Each parameter's NamedSharding on `mesh`, from its logical axis names and the rules table."""
-    from dsv3_jax.model.transformer import DeepSeekV3
-    from dsv3_jax.parallel.mesh import LOGICAL_AXIS_RULES
+    from dsv3_jax.parallel.mesh import abstract_with_shardings
 
-    boxed = jax.eval_shape(lambda: DeepSeekV3(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
+    _, shardings = abstract_with_shardings(tree.boxed_init(cfg), mesh)
     flat = jax.tree_util.tree_flatten_with_path(
         shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
     return {tuple(k.key for k in path): s for path, s in flat}
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def _set(nested: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+        nested = nested.setdefault(key, {})
+    nested[path[-1]] = value
 
 
 def load_hf_checkpoint(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = None,

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import tree
 
-_ROUTED_EXPERT_WEIGHTS = ("w1", "w2", "w3")  # stacked [E, ...] arrays directly under a MoE module
-_NOT_MATMUL = ("embedding", "weight", "e_score_correction_bias")  # lookups, norm scales, biases
+_NOT_MATMUL = ("embedding", "weight", tree.ROUTER_BIAS)  # lookups, norm scales, biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,27 +44,12 @@ class ModelStats:
     seq_len: int
 
 
-def abstract_params(cfg: ModelConfig):
-    """Parameter shapes (ShapeDtypeStruct, unboxed) of `DeepSeekV3(cfg)`, without allocating."""
-    from dsv3_jax.model.transformer import DeepSeekV3  # local: transformer imports nothing from here
-
-    def init():
-        return DeepSeekV3(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-
-    return nn.unbox(jax.eval_shape(init))
-
-
-def _is_routed(path) -> bool:
-    names = [getattr(k, "key", str(k)) for k in path]
-    return names[-1] in _ROUTED_EXPERT_WEIGHTS and len(names) >= 2 and names[-2] == "ffn"
-
-
 def _counts(params, routed_fraction: float) -> tuple[int, float, float]:
     """(all parameters, active parameters, active matmul parameters) of a params subtree."""
     total, active, matmul = 0, 0.0, 0.0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         size = int(np.prod(leaf.shape))
-        share = routed_fraction if _is_routed(path) else 1.0
+        share = routed_fraction if tree.is_routed_expert(path) else 1.0
         total += size
         active += size * share
         if getattr(path[-1], "key", None) not in _NOT_MATMUL:
@@ -81,9 +65,9 @@ def model_stats(cfg: ModelConfig, seq_len: int = 4096) -> ModelStats:
     """Parameter counts, FLOPs and cache bytes per token of `cfg` at `seq_len` (see module docs)."""
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"model_stats: seq_len={seq_len!r} must be a positive integer.")
-    params = abstract_params(cfg)
-    main = {k: v for k, v in params.items() if not k.startswith("mtp_")}
-    mtp = {k: v for k, v in params.items() if k.startswith("mtp_")}
+    params = tree.abstract_params(cfg)
+    main = {k: v for k, v in params.items() if not tree.is_mtp(k)}
+    mtp = {k: v for k, v in params.items() if tree.is_mtp(k)}
     fraction = cfg.n_activated_experts / cfg.n_routed_experts
     total, active, matmul = _counts(main, fraction)
     mtp_total, _, mtp_matmul = _counts(mtp, fraction)

@@ -115,3 +115,27 @@ def batch_sharding(mesh):
     import jax
 
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None))
+
+
+def abstract_with_shardings(init_boxed, mesh=None):
+    """(abstract tree, placement) of what `init_boxed()` builds, without allocating it.
+
+    `init_boxed` returns a pytree with logically partitioned (boxed) leaves, e.g. a model's init
+    or a TrainState built from one. With a `mesh`, the placement is each leaf's NamedSharding and
+    the abstract leaves (ShapeDtypeStruct) carry it; without one it is each leaf's PartitionSpec
+    of mesh axes (for planning a mesh that does not exist here). Both follow LOGICAL_AXIS_RULES.
+    """
+    import flax.linen as nn
+    import jax
+
+    boxed = jax.eval_shape(init_boxed)
+    logical = nn.get_partition_spec(boxed)
+    abstract = nn.unbox(boxed)
+    if mesh is None:
+        specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, LOGICAL_AXIS_RULES), logical,
+                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        return abstract, specs
+    shardings = nn.logical_to_mesh_sharding(logical, mesh, LOGICAL_AXIS_RULES)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    return abstract, shardings

@@ -137,7 +137,7 @@ class CheckpointNotFoundError(ValueError):
 
 def _params_target(cfg: ModelConfig):
     """Abstract params of cfg on the first local device (a restore target)."""
-    from dsv3_jax.model.stats import abstract_params
+    from dsv3_jax.model.tree import abstract_params
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

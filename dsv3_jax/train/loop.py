@@ -25,7 +25,8 @@ import optax
 import orbax.checkpoint as ocp
 
 from dsv3_jax.data import pipeline
-from dsv3_jax.model.stats import abstract_params, model_stats
+from dsv3_jax.model import tree
+from dsv3_jax.model.stats import model_stats
 from dsv3_jax.model.transformer import DeepSeekV3
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.train import losses, metrics as metrics_lib, optimizer as optim
@@ -59,7 +60,7 @@ def state_builder(cfg, train_cfg, seq_len: int):
     """(model, optimizer, init_boxed): init_boxed() builds the TrainState with logically
     partitioned (boxed) leaves; `jax.eval_shape` of it gives shapes and partition specs."""
     model = DeepSeekV3(cfg)
-    tx = optim.make_optimizer(train_cfg, abstract_params(cfg))
+    tx = optim.make_optimizer(train_cfg, tree.abstract_params(cfg))
     dummy = jnp.zeros((1, seq_len), jnp.int32)
 
     def init_boxed():
@@ -101,17 +102,11 @@ def _eval_step(params, batch, *, model):
 def _router_biases(params) -> np.ndarray | None:
     """Every router's e_score_correction_bias [n_routers, E], main layers then MTP modules (the
     order of ModelOutput's expert loads)."""
-    found = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = jax.tree_util.keystr(path)
-        if optim.BIAS_NAME in name:
-            leaf = np.asarray(leaf)
-            found[name] = leaf.reshape(-1, leaf.shape[-1])
-    if not found:
+    paths = tree.router_bias_paths(params)
+    if not paths:
         return None
-    main = [v for k, v in sorted(found.items()) if "moe_layers" in k]
-    mtp = [v for k, v in sorted(found.items()) if "moe_layers" not in k]
-    return np.concatenate(main + mtp)
+    biases = [np.asarray(tree.get(params, p)) for p in paths]
+    return np.concatenate([b.reshape(-1, b.shape[-1]) for b in biases])
 
 
 def _barrier(name: str) -> None:
@@ -228,10 +223,7 @@ def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -
 
     # ---------------------------------------------------------------- model, optimizer, state
     model, tx, init_boxed = state_builder(cfg, tc, dc.seq_len)
-    abstract_boxed = jax.eval_shape(init_boxed)
-    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  nn.unbox(abstract_boxed), state_shardings)
+    abstract_state, state_shardings = mesh_lib.abstract_with_shardings(init_boxed, mesh)
     meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
             "tokenizer_path": os.path.abspath(data.tokenizer.path)}
 

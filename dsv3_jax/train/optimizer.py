@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-BIAS_NAME = "e_score_correction_bias"
+from dsv3_jax.model import tree
+
 SCHEDULES = ("warmup_constant_cosine", "cosine")
 
 
@@ -78,13 +79,13 @@ def _path_names(path) -> list[str]:
 def trainable_labels(params):
     """'frozen' for router biases (balance rule only), 'adamw' for everything else."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if BIAS_NAME in _path_names(path) else "adamw", params)
+        lambda path, _: "frozen" if tree.ROUTER_BIAS in _path_names(path) else "adamw", params)
 
 
 def decay_mask(params):
     """Weight decay on matrices (and stacked matrices), not on norm weights or biases."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 2 and _path_names(path)[-1] not in ("weight", BIAS_NAME), params)
+        lambda path, x: x.ndim >= 2 and _path_names(path)[-1] not in ("weight", tree.ROUTER_BIAS), params)
 
 
 def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
@@ -112,34 +113,19 @@ def update_router_bias(params, expert_load, mtp_expert_load, gamma: float):
     Args:
       params: DeepSeekV3 params (scanned or unrolled layout).
       expert_load: [n_moe_layers, E] global token counts of the main model's MoE layers.
-      mtp_expert_load: [mtp_depth, E] or None.
+      mtp_expert_load: [mtp_depth, E], or None to leave the MTP routers alone.
     """
     if gamma == 0:
         return params
-    params = dict(params)
-    if "moe_layers" in params:
-        stack = params["moe_layers"]
-        if "layers" in stack:
-            params["moe_layers"] = _replace_bias(stack, ("layers",), expert_load, gamma)
+    main_row, mtp_row = 0, 0
+    for path in tree.router_bias_paths(params):
+        bias = tree.get(params, path)
+        rows = bias.shape[0] if bias.ndim == 2 else 1  # a scanned stack holds [L, E]
+        if tree.is_mtp(path[0]):
+            if mtp_expert_load is None:
+                continue
+            load, mtp_row = mtp_expert_load[mtp_row:mtp_row + rows], mtp_row + rows
         else:
-            stack = dict(stack)
-            for i in range(expert_load.shape[0]):
-                stack = _replace_bias(stack, (f"layers_{i}",), expert_load[i], gamma)
-            params["moe_layers"] = stack
-    for k in range(0 if mtp_expert_load is None else mtp_expert_load.shape[0]):
-        params = _replace_bias(params, (f"mtp_{k}", "block"), mtp_expert_load[k], gamma)
+            load, main_row = expert_load[main_row:main_row + rows], main_row + rows
+        params = tree.replace(params, path, bias_update(bias, load.reshape(bias.shape), gamma))
     return params
-
-
-def _replace_bias(tree, prefix, load, gamma):
-    """A copy of `tree` whose prefix/ffn/gate/bias is updated with `load`."""
-    tree = dict(tree)
-    node = tree
-    for key in prefix:
-        node[key] = dict(node[key])
-        node = node[key]
-    node["ffn"] = dict(node["ffn"])
-    gate = dict(node["ffn"]["gate"])
-    gate[BIAS_NAME] = bias_update(gate[BIAS_NAME], load, gamma)
-    node["ffn"]["gate"] = gate
-    return tree
