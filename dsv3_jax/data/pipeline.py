@@ -42,8 +42,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -55,6 +53,7 @@ from absl import logging
 
 from dsv3_jax.data.corpus import SPLITS, Corpus, DataError, open_corpus
 from dsv3_jax.data.tokenizer import Tokenizer, check_fits, load_tokenizer, train_tokenizer
+from dsv3_jax.files import atomic_dir
 
 __all__ = ["Data", "DataError", "TokenStore", "eval_batches", "prepare_data", "train_iterator"]
 
@@ -247,37 +246,34 @@ def _build_store(path: str, documents: Iterable[str], tokenizer: Tokenizer, dtyp
                  inputs: dict, on_empty) -> None:
     """Writes the token store of `documents` to `path` (built in a private temporary directory and
     renamed into place, so a crash never leaves a store that looks current)."""
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        tokens = ts.open(_array_spec(os.path.join(tmp, "tokens"), dtype=dtype, sharded=True),
-                         create=True).result()
-        offsets, num_tokens, sha1 = [0], 0, hashlib.sha1()
-        for batch in _batches(documents, _ENCODE_BATCH_CHARS):
-            flat, lengths = _with_eos(tokenizer.encode_batch(batch), tokenizer.eos_id, dtype)
-            tokens = tokens.resize(exclusive_max=[num_tokens + len(flat)]).result()
-            tokens[num_tokens:].write(flat).result()
-            sha1.update(flat.astype("<i4").tobytes())
-            offsets.extend((num_tokens + np.cumsum(lengths)).tolist())
-            num_tokens += len(flat)
-            logging.info("data: ... %d documents, %d tokens", len(offsets) - 1, num_tokens)
-        if num_tokens == 0:
-            raise on_empty()
-        doc_offsets = ts.open(_array_spec(os.path.join(tmp, "doc_offsets"), dtype="int64",
-                                          shape=len(offsets)), create=True).result()
-        doc_offsets.write(np.asarray(offsets, np.int64)).result()
-        with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
-            json.dump({"inputs": inputs, "tokens_sha1": sha1.hexdigest()}, f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
+        with atomic_dir(path, replace=True) as tmp:
+            _write_store(tmp, documents, tokenizer, dtype, inputs, on_empty)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if _read_fingerprint(path) != inputs:  # not just another process that finished first
             raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _write_store(tmp: str, documents: Iterable[str], tokenizer: Tokenizer, dtype: str,
+                 inputs: dict, on_empty) -> None:
+    tokens = ts.open(_array_spec(os.path.join(tmp, "tokens"), dtype=dtype, sharded=True),
+                     create=True).result()
+    offsets, num_tokens, sha1 = [0], 0, hashlib.sha1()
+    for batch in _batches(documents, _ENCODE_BATCH_CHARS):
+        flat, lengths = _with_eos(tokenizer.encode_batch(batch), tokenizer.eos_id, dtype)
+        tokens = tokens.resize(exclusive_max=[num_tokens + len(flat)]).result()
+        tokens[num_tokens:].write(flat).result()
+        sha1.update(flat.astype("<i4").tobytes())
+        offsets.extend((num_tokens + np.cumsum(lengths)).tolist())
+        num_tokens += len(flat)
+        logging.info("data: ... %d documents, %d tokens", len(offsets) - 1, num_tokens)
+    if num_tokens == 0:
+        raise on_empty()
+    doc_offsets = ts.open(_array_spec(os.path.join(tmp, "doc_offsets"), dtype="int64",
+                                      shape=len(offsets)), create=True).result()
+    doc_offsets.write(np.asarray(offsets, np.int64)).result()
+    with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
+        json.dump({"inputs": inputs, "tokens_sha1": sha1.hexdigest()}, f)
 
 
 def _batches(documents: Iterable[str], max_chars: int) -> Iterator[list[str]]:

@@ -30,6 +30,7 @@ import sentencepiece as spm
 from absl import logging
 
 from dsv3_jax.data.corpus import DataError
+from dsv3_jax.files import atomic_file
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 _SENTENCE_CHARS = 4096  # x 4 bytes per char at most <= max_sentence_length below
@@ -106,10 +107,8 @@ def train_tokenizer(texts: Iterable[str], path: str, *, vocab_size: int,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
         raise _training_error(e, vocab_size) from None
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         f.write(model.getvalue())
-    os.replace(tmp, path)
     tokenizer = load_tokenizer(path)
     logging.info("trained tokenizer %s: %d pieces (asked for %d)", path, tokenizer.vocab_size,
                  vocab_size)

@@ -1,0 +1,54 @@
+"""Writing files and folders so that a crash never leaves a half-written one under the real name.
+
+  with atomic_dir(path) as tmp:    # fill tmp; on success tmp becomes path, on any error it goes
+  with atomic_file(path) as f:     # write f; on success it replaces path, on any error it goes
+
+The temporary name lies beside `path` (same file system, so the final rename is atomic) and is
+fresh for every call, so processes or hosts writing the same path never share one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str, *, replace: bool = False) -> Iterator[str]:
+    """Yields a new empty folder that becomes `path` when the block ends without an error.
+
+    An existing empty folder at `path` is replaced; a non-empty one only with `replace=True`
+    (otherwise the rename fails with OSError and nothing of it is touched). On an error the
+    temporary folder is deleted and `path` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        yield tmp
+        if replace:
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
+    """Yields a file open for writing that replaces `path` when the block ends without an error;
+    on an error it is deleted and `path` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
