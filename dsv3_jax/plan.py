@@ -79,7 +79,7 @@ def plan(config: ml_collections.ConfigDict, devices: int, mesh_cfg, per_device_b
     check_run_config(config)
     cfg, tc, seq_len = model_config(config), config.train, config.data.seq_len
     sizes = mesh_lib.mesh_shape(mesh_cfg, devices)
-    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    batch_ways = mesh_lib.batch_ways(sizes)
     local_batch = per_device_batch or max(config.data.batch_size // batch_ways, 1)
     mesh_lib.check_mesh_fits(sizes, cfg, local_batch * batch_ways)
 

@@ -348,7 +348,7 @@ def test_linear_module_fp8_vs_bf16():
     assert y8.dtype == y.dtype == jnp.bfloat16
     assert 0 < fp8.calc_diff(y8, y) < 1e-3  # FP8 really ran, with one GEMM's error
     # The output head (the projection onto "vocab") stays in the compute dtype.
-    head = lambda c: Linear(128, 384, ("embed", "vocab"), c, out_dtype="float32")
+    head = lambda c: Linear(128, 384, ("embed", "vocab"), c, out_dtype="float32", fp8=False)
     np.testing.assert_array_equal(head(cfg.replace(fp8=True)).apply(params, x),
                                   head(cfg).apply(params, x))
 
@@ -458,7 +458,7 @@ def test_routed_experts_run_fp8_with_the_config():
     """The MoE experts' SwiGLU (w1, w3, then w2 on silu(w1 x) * w3 x) with fp8: three chained FP8
     GEMMs, so calc_diff against the bf16 experts ~3 x 7e-4 (bound 5e-3, measured below 3e-3); 0
     would mean FP8 never ran. Gradients reach the fp32 master weights in fp32."""
-    from dsv3_jax.parallel.expert_parallel import local_routed_experts
+    from dsv3_jax.parallel.expert_parallel import grouped_matmul_for, local_routed_experts
 
     rng = _rng(34)
     n, d, f, e, k = 96, 128, 192, 4, 2
@@ -471,7 +471,7 @@ def test_routed_experts_run_fp8_with_the_config():
     def run(use_fp8):
         def loss(ws):
             w = ws if use_fp8 else [v.astype(jnp.bfloat16) for v in ws]
-            y = local_routed_experts(x, idx, gate, *w, fp8=use_fp8)
+            y = local_routed_experts(x, idx, gate, *w, matmul=grouped_matmul_for(use_fp8))
             return jnp.sum(y.astype(jnp.float32) * x.astype(jnp.float32)), y
         return jax.value_and_grad(loss, has_aux=True)(ws)
 

@@ -1,6 +1,7 @@
 """One transformer block and the stack of them.
 
-Legend: L layers in a stack, B batch, T positions, S cache slots, D model dim, C + R latent row.
+Letters (the package legend, `dsv3_jax/model/__init__.py`): L layers in a stack, B, T, S cache slots, D,
+C + R one latent-cache row.
 
   Block:  x = x + attn(attn_norm(x));  x = x + ffn(ffn_norm(x))
   ffn = DeepSeekMoE, or a dense SwiGLU MLP for the first n_dense_layers.

@@ -1,6 +1,6 @@
 """Basic layers: linear projection, RMSNorm, embedding, SwiGLU MLP.
 
-Legend: B batch, T positions, D model dim, F ffn hidden dim, V vocabulary.
+Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, D, F, V.
 
 Every parameter is created through `param_with_axes`, so it carries logical axis names that
 `dsv3_jax/parallel/mesh.py` maps to mesh axes; nothing here knows about devices. Weights are kept in
@@ -43,10 +43,10 @@ class Linear(nn.Module):
     """y = x @ kernel, kernel [in, out], no bias (DeepSeek-V3 has no linear biases).
 
     The product is taken in the compute dtype with float32 accumulation and returned in the compute
-    dtype, or in `out_dtype` when given (the output head returns float32 logits). With `cfg.fp8` it
-    goes through `ops.fp8.fp8_linear` instead (FP8 Fprop, Dgrad and Wgrad GEMMs, fp32 master
-    weight and gradient), except for the output head, the projection onto the "vocab" axis, which
-    the recipe keeps in the compute dtype (SPEC.md section 3).
+    dtype, or in `out_dtype` when given (the output head returns float32 logits). With `cfg.fp8` a
+    projection with `fp8=True` (the default) goes through `ops.fp8.fp8_linear` instead (FP8 Fprop,
+    Dgrad and Wgrad GEMMs, fp32 master weight and gradient); the output head sets `fp8=False`, as
+    the recipe keeps it in the compute dtype (SPEC.md section 3).
     """
 
     in_features: int
@@ -54,6 +54,7 @@ class Linear(nn.Module):
     axes: tuple[str | None, str | None]  # logical names of (in, out)
     cfg: ModelConfig
     out_dtype: str | None = None
+    fp8: bool = True  # may run in FP8 when cfg.fp8
 
     def setup(self):
         self.kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.cfg.init_std),
@@ -63,7 +64,7 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., features]."""
         dtype = dtype_of(self.cfg.dtype)
-        if self.cfg.fp8 and self.axes[1] != "vocab":
+        if self.cfg.fp8 and self.fp8:
             return fp8_linear(x.astype(dtype), self.kernel).astype(self.out_dtype or dtype)
         out = jnp.dot(x.astype(dtype), self.kernel.astype(dtype),
                       preferred_element_type=jnp.float32)

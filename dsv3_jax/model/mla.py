@@ -1,11 +1,11 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3; SPEC.md section 2).
 
-Legend: B batch, T query positions, S cache slots, D model dim, H heads, N qk nope dim (128),
-R rope dim (64), V v head dim (128), C kv latent rank (512), Q q latent rank (1536).
+Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T query positions, S cache slots,
+D, H, N qk nope dim, R rope dim, A = N + R, O v head dim, C kv latent rank, Q q latent rank.
 
-  q        = wq_b(q_norm(wq_a(x)))  or wq(x)          [B, T, H, N + R]   (q_pe rope'd)
+  q        = wq_b(q_norm(wq_a(x)))  or wq(x)          [B, T, H, A]   (q_pe rope'd)
   c_kv|k_pe = wkv_a(x)                               [B, T, C] | [B, T, R]   (k_pe rope'd, 1 head)
-  k_nope|v = wkv_b(kv_norm(c_kv))                    [B, T, H, N] | [B, T, H, V]
+  k_nope|v = wkv_b(kv_norm(c_kv))                    [B, T, H, N] | [B, T, H, O]
   out      = wo(softmax(q . [k_nope; k_pe] * scale) v)
 
 Two paths over the same parameters:
@@ -109,11 +109,11 @@ class MLA(nn.Module):
         cache = cache.at[jnp.arange(b)[:, None], positions].set(rows)
         w = self.wkv_b.kernel.astype(dtype).reshape(
             c.kv_lora_rank, c.n_heads, c.qk_nope_head_dim + c.v_head_dim)
-        w_k, w_v = w[..., :c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]  # [C, H, N], [C, H, V]
+        w_k, w_v = w[..., :c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]  # [C, H, N], [C, H, O]
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_k,
                               preferred_element_type=jnp.float32).astype(dtype)
         o_latent = attention.mla_decode(q_latent, q_pe.astype(dtype), cache, positions,
                                         scale=c.softmax_scale)
-        o = jnp.einsum("bthc,chv->bthv", o_latent, w_v,
+        o = jnp.einsum("bthc,cho->btho", o_latent, w_v,
                        preferred_element_type=jnp.float32).astype(dtype)
         return self.wo(o.reshape(b, t, c.n_heads * c.v_head_dim)), cache

@@ -1,8 +1,8 @@
 """DeepSeekMoE: sigmoid / softmax router with group-limited top-k, dropless routed experts, shared
 experts (SPEC.md section 2, "Gate" and "Load balance").
 
-Legend: B batch, T positions, D model dim, F expert hidden dim, E routed experts, G expert groups,
-K activated experts per token, M = B*T*K token-expert pairs.
+Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, D, F expert hidden dim, E routed experts,
+G expert groups, K activated experts per token, M = B*T*K token-expert pairs.
 
 Routing (`Gate`):
   s     = sigmoid(x W_gate) or softmax(x W_gate)             [B, T, E], float32
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import MLP, dtype_of, param_with_axes
-from dsv3_jax.parallel.expert_parallel import routed_experts
+from dsv3_jax.parallel.expert_parallel import W_IN_AXES, W_OUT_AXES, grouped_matmul_for, routed_experts
 
 
 @flax.struct.dataclass
@@ -126,9 +126,9 @@ class MoE(nn.Module):
         init = nn.initializers.normal(c.init_std)
         pdt = dtype_of(c.param_dtype)
         e, d, f = c.n_routed_experts, c.dim, c.moe_inter_dim
-        self.w1 = param_with_axes(self, "w1", init, (e, d, f), ("exp", "embed", "moe_mlp"), pdt)
-        self.w2 = param_with_axes(self, "w2", init, (e, f, d), ("exp", "moe_mlp", "embed"), pdt)
-        self.w3 = param_with_axes(self, "w3", init, (e, d, f), ("exp", "embed", "moe_mlp"), pdt)
+        self.w1 = param_with_axes(self, "w1", init, (e, d, f), W_IN_AXES, pdt)
+        self.w2 = param_with_axes(self, "w2", init, (e, f, d), W_OUT_AXES, pdt)
+        self.w3 = param_with_axes(self, "w3", init, (e, d, f), W_IN_AXES, pdt)
         if c.n_shared_experts:
             self.shared_experts = MLP(c, c.n_shared_experts * c.moe_inter_dim)
 
@@ -145,7 +145,8 @@ class MoE(nn.Module):
             y = routed_experts(x.reshape(b * t, d).astype(dtype),
                                routing.indices.reshape(b * t, -1),
                                routing.weights.reshape(b * t, -1),
-                               cast(self.w1), cast(self.w2), cast(self.w3), fp8=c.fp8)
+                               cast(self.w1), cast(self.w2), cast(self.w3),
+                               grouped_matmul_for(c.fp8))
             y = y.reshape(b, t, d)
         if c.n_shared_experts:
             with jax.named_scope("shared_experts"):

@@ -1,11 +1,11 @@
 """DeepSeek-V3: embedding, n_dense_layers dense blocks, MoE blocks, final norm, output head, and
 mtp_depth multi-token-prediction modules sharing the embedding and the head.
 
-Legend: B batch, T positions, S cache slots, D model dim, V vocabulary, L layers, E routed experts,
-C + R latent cache row (kv_lora_rank + qk_rope_head_dim).
+Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, S cache slots, D, V, L layers, E routed
+experts, X MTP depth, C + R one latent-cache row (kv_lora_rank + qk_rope_head_dim).
 
   logits = model.apply({"params": params}, tokens)                      # [B, T, V] float32
-  logits, mtp_logits = model.apply(..., tokens, return_mtp=True)        # mtp_logits [depth, B, T, V]
+  logits, mtp_logits = model.apply(..., tokens, return_mtp=True)        # mtp_logits [X, B, T, V]
   out = model.apply(..., tokens, method=DeepSeekV3.forward)             # ModelOutput, for training
   logits, hidden, cache = model.apply(..., tokens, positions, cache, method=DeepSeekV3.decode)
 
@@ -32,11 +32,11 @@ class ModelOutput:
 
     logits: jax.Array  # [B, T, V] float32, main head
     hidden: jax.Array  # [B, T, D] last hidden state before the final norm
-    mtp_logits: jax.Array | None  # [mtp_depth, B, T, V] float32, None when not computed
+    mtp_logits: jax.Array | None  # [X, B, T, V] float32, None when not computed
     expert_load: jax.Array | None  # [n_moe_layers, E] int32 valid tokens per expert
     balance_loss: jax.Array | None  # [n_moe_layers] sequence-wise balance loss (alpha not applied)
-    mtp_expert_load: jax.Array | None  # [mtp_depth, E]
-    mtp_balance_loss: jax.Array | None  # [mtp_depth]
+    mtp_expert_load: jax.Array | None  # [X, E]
+    mtp_balance_loss: jax.Array | None  # [X]
 
 
 def init_latent_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> jax.Array:
@@ -76,12 +76,12 @@ class DeepSeekV3(nn.Module):
         if c.n_moe_layers:
             self.moe_layers = Stack(c, c.n_moe_layers, moe=True)
         self.norm = rms_norm(c, "embed")
-        self.head = Linear(c.dim, c.vocab_size, ("embed", "vocab"), c, out_dtype="float32")
+        self.head = Linear(c.dim, c.vocab_size, ("embed", "vocab"), c, out_dtype="float32", fp8=False)
         self.mtp = [MTPModule(c) for _ in range(c.mtp_depth)]
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, return_mtp: bool = False):
-        """tokens int [B, T] -> logits [B, T, V], or (logits, mtp_logits [depth, B, T, V])."""
+        """tokens int [B, T] -> logits [B, T, V], or (logits, mtp_logits [X, B, T, V])."""
         if return_mtp and not self.cfg.mtp_depth:
             raise ValueError("return_mtp=True but ModelConfig.mtp_depth=0: this model has no MTP "
                              "module; use a config with mtp_depth >= 1.")

@@ -1,16 +1,18 @@
 """Dropless routed experts, on one device or across a mesh (expert parallelism with shard_map).
 
-Legend: N tokens (n on one device), K experts per token, E experts (E_loc per device of the
-`expert` axis), P = size of the `expert` axis, D model dim, F expert hidden dim (F_loc per device
-of the `tensor` axis), M = n * K token-expert pairs on one device.
+Letters (the package legend, `dsv3_jax/model/__init__.py`): U tokens (of one device, inside
+shard_map), K experts per token, E experts (E_loc per device of the `expert` axis), P = size of the
+`expert` axis, D model dim, F expert hidden dim (F_loc per device of the `tensor` axis),
+M = U * K token-expert pairs on one device. The mesh axes named here are those the rules table
+(`parallel/mesh.py`) gives the expert weights' and the batch's logical axes.
 
-`routed_experts(x, indices, weights, w1, w2, w3)` = sum_k weights[t, k] * SwiGLU_{indices[t, k]}(x[t])
+`routed_experts(x, indices, weights, w1, w2, w3, matmul)` = sum_k weights[t, k] * SwiGLU_{indices[t, k]}(x[t])
 is what DeepSeekMoE needs; it picks the implementation from the mesh in context (`jax.set_mesh`):
 
 - no mesh, or one device: `local_routed_experts`: sort the M pairs by expert, run
   `ops.grouped_matmul` (w1, w3, SwiGLU, w2), unsort, weight and sum over K.
 - a mesh: the same math inside `jax.shard_map`, where collectives are explicit:
-    tokens     [n, D] per device, split over the batch axes (data, fsdp, expert), replicated over
+    tokens     [U, D] per device, split over the batch axes (data, fsdp, expert), replicated over
                tensor;
     weights    w1, w3 [E_loc, D / fsdp, F_loc], w2 [E_loc, F_loc, D / fsdp]: experts split over
                `expert`, the hidden dim over `tensor`, D over `fsdp` (gathered here: FSDP);
@@ -31,52 +33,65 @@ routing decisions, so it is always the global count.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.ops.fp8 import fp8_grouped_matmul
 from dsv3_jax.ops.grouped_matmul import grouped_matmul
+from dsv3_jax.parallel.mesh import LOGICAL_AXIS_RULES, batch_ways
 
-BATCH_AXES = ("data", "fsdp", "expert")
+# The logical axes of the expert weights (DeepSeekMoE creates them with these); their mesh axes,
+# and so every spec and collective below, come from the rules table.
+W_IN_AXES = ("exp", "embed", "moe_mlp")  # w1, w3 [E, D, F]
+W_OUT_AXES = ("exp", "moe_mlp", "embed")  # w2 [E, F, D]
+
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _swiglu_experts(xs, group_sizes, w1, w2, w3, fp8=False):
-    """Rows xs [R, D] grouped by expert (group_sizes [E]) -> w2(silu(w1 x) * w3 x) [R, D].
+def grouped_matmul_for(fp8: bool) -> GroupedMatmul:
+    """The experts' grouped matmul: `ops.fp8.fp8_grouped_matmul` (FP8 Fprop, Dgrad and Wgrad with
+    block scales; pass the fp32 master weights) or `ops.grouped_matmul` in the rows' dtype."""
+    return fp8_grouped_matmul if fp8 else grouped_matmul
 
-    fp8: the three products through `ops.fp8.fp8_grouped_matmul` (FP8 Fprop, Dgrad and Wgrad with
-    block scales; the weights are the fp32 masters), else `ops.grouped_matmul` in xs's dtype."""
-    matmul = fp8_grouped_matmul if fp8 else grouped_matmul
+
+def _swiglu_experts(xs, group_sizes, w1, w2, w3, matmul: GroupedMatmul):
+    """Rows xs [M, D] grouped by expert (group_sizes [E]) -> w2(silu(w1 x) * w3 x) [M, D]."""
     h = nn.silu(matmul(xs, w1, group_sizes)) * matmul(xs, w3, group_sizes)
     return matmul(h, w2, group_sizes)
 
 
 def _combine(ys, weights, dtype):
-    """ys [n, K, D] expert outputs, weights [n, K] -> weighted sum [n, D] (in float32)."""
-    return jnp.einsum("nkd,nk->nd", ys.astype(jnp.float32), weights.astype(jnp.float32)).astype(dtype)
+    """ys [U, K, D] expert outputs, weights [U, K] -> weighted sum [U, D] (in float32)."""
+    return jnp.einsum("ukd,uk->ud", ys.astype(jnp.float32), weights.astype(jnp.float32)).astype(dtype)
 
 
 def local_routed_experts(x: jax.Array, indices: jax.Array, weights: jax.Array, w1: jax.Array,
-                         w2: jax.Array, w3: jax.Array, fp8: bool = False) -> jax.Array:
-    """One device. x [N, D], indices / weights [N, K], w1 / w3 [E, D, F], w2 [E, F, D] -> [N, D]."""
+                         w2: jax.Array, w3: jax.Array,
+                         matmul: GroupedMatmul = grouped_matmul) -> jax.Array:
+    """One device. x [U, D], indices / weights [U, K], w1 / w3 [E, D, F], w2 [E, F, D] -> [U, D]."""
     n, k = indices.shape
     flat = indices.reshape(-1)  # [M]
     order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
     group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    ys = _swiglu_experts(jnp.take(x, order // k, axis=0), group_sizes, w1, w2, w3, fp8)
+    ys = _swiglu_experts(jnp.take(x, order // k, axis=0), group_sizes, w1, w2, w3, matmul)
     ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to token order
     return _combine(ys, weights, x.dtype)
 
 
-def _expert_parallel_body(x, indices, weights, w1, w2, w3, fp8=False):
-    """Per device, inside shard_map (shapes in the module docstring)."""
-    w1 = jax.lax.all_gather(w1, "fsdp", axis=1, tiled=True)  # [E_loc, D, F_loc]
-    w3 = jax.lax.all_gather(w3, "fsdp", axis=1, tiled=True)
-    w2 = jax.lax.all_gather(w2, "fsdp", axis=2, tiled=True)  # [E_loc, F_loc, D]
-    peers, e_loc = jax.lax.axis_size("expert"), w1.shape[0]
+def _gather(w, axes, axis):
+    return jax.lax.all_gather(w, axes, axis=axis, tiled=True) if axes else w
+
+
+def _expert_parallel_body(x, indices, weights, w1, w2, w3, *, matmul, expert, fsdp, tensor):
+    """Per device, inside shard_map (shapes in the module docstring); `expert`, `fsdp`, `tensor`
+    are the mesh axes of the expert weights' experts, model dim and hidden dim."""
+    w1 = _gather(w1, fsdp, 1)  # [E_loc, D, F_loc]
+    w3 = _gather(w3, fsdp, 1)
+    w2 = _gather(w2, fsdp, 2)  # [E_loc, F_loc, D]
+    peers, e_loc = jax.lax.axis_size(expert), w1.shape[0]
     n, k = indices.shape
     m = n * k
     flat = indices.reshape(m)
@@ -89,34 +104,39 @@ def _expert_parallel_body(x, indices, weights, w1, w2, w3, fp8=False):
     send_x = jnp.zeros((peers, m, x.shape[1]), x.dtype).at[dest_sorted, rank].set(x[order // k])
     send_e = jnp.full((peers, m), e_loc, jnp.int32).at[dest_sorted, rank].set(local_expert[order])
     # Exchange: row block j of the result came from peer j.
-    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0).reshape(peers * m, -1)
-    recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0).reshape(peers * m)
+    recv_x = jax.lax.all_to_all(send_x, expert, 0, 0).reshape(peers * m, -1)
+    recv_e = jax.lax.all_to_all(send_e, expert, 0, 0).reshape(peers * m)
     by_expert = jnp.argsort(recv_e, stable=True)  # empty rows (id e_loc) last
     group_sizes = jnp.bincount(recv_e, length=e_loc + 1)[:e_loc].astype(jnp.int32)
-    ys = _swiglu_experts(recv_x[by_expert], group_sizes, w1, w2, w3, fp8)
+    ys = _swiglu_experts(recv_x[by_expert], group_sizes, w1, w2, w3, matmul)
     ys = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(peers, m, -1)
-    back = jax.lax.all_to_all(ys, "expert", 0, 0)  # block j: my pairs that peer j computed
+    back = jax.lax.all_to_all(ys, expert, 0, 0)  # block j: my pairs that peer j computed
     pair_out = jnp.zeros((m, x.shape[1]), ys.dtype).at[order].set(back[dest_sorted, rank])
     out = _combine(pair_out.reshape(n, k, -1), weights, jnp.float32)
-    return jax.lax.psum(out, "tensor").astype(x.dtype)  # sum the hidden-dim shards
+    if tensor:
+        out = jax.lax.psum(out, tensor)  # sum the hidden-dim shards
+    return out.astype(x.dtype)
 
 
 def routed_experts(x: jax.Array, indices: jax.Array, weights: jax.Array, w1: jax.Array,
-                   w2: jax.Array, w3: jax.Array, fp8: bool = False) -> jax.Array:
-    """x [N, D], indices / weights [N, K], w1 / w3 [E, D, F], w2 [E, F, D] -> [N, D] in x's dtype.
+                   w2: jax.Array, w3: jax.Array,
+                   matmul: GroupedMatmul = grouped_matmul) -> jax.Array:
+    """x [U, D], indices / weights [U, K], w1 / w3 [E, D, F], w2 [E, F, D] -> [U, D] in x's dtype.
 
-    fp8: the experts' GEMMs in FP8 (`ops.fp8.fp8_grouped_matmul`); pass the fp32 master weights.
-    Under tensor parallelism each device quantizes its own F slice in 128x128 blocks, and the
-    weight gradient's 128x1 token tiles restart at each device's rows of an expert: valid tiles of
-    the recipe, not bit-equal to one device's."""
+    matmul: `grouped_matmul_for(fp8)`. In FP8 under tensor parallelism each device quantizes its
+    own F slice in 128x128 blocks, and the weight gradient's 128x1 token tiles restart at each
+    device's rows of an expert: valid tiles of the recipe, not bit-equal to one device's."""
     mesh = jax.sharding.get_abstract_mesh()
-    batch_ways = 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    if mesh.empty or mesh.size == 1 or x.shape[0] % batch_ways:
+    if mesh.empty or mesh.size == 1 or x.shape[0] % batch_ways(mesh.shape):
         # One device, or too few tokens to split (an init trace, a small decode batch): the
         # plain path, which XLA partitions as it can.
-        return local_routed_experts(x, indices, weights, w1, w2, w3, fp8)
-    batch = P(BATCH_AXES, None)
-    w_in, w_out = P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")
-    sharded = jax.shard_map(functools.partial(_expert_parallel_body, fp8=fp8), mesh=mesh,
-                            in_specs=(batch, batch, batch, w_in, w_out, w_in), out_specs=batch)
+        return local_routed_experts(x, indices, weights, w1, w2, w3, matmul)
+    batch = nn.logical_to_mesh_axes(("activation_batch", None), LOGICAL_AXIS_RULES)
+    w_in = nn.logical_to_mesh_axes(W_IN_AXES, LOGICAL_AXIS_RULES)  # P(expert, fsdp, tensor)
+    w_out = nn.logical_to_mesh_axes(W_OUT_AXES, LOGICAL_AXIS_RULES)
+    body = functools.partial(_expert_parallel_body, matmul=matmul, expert=w_in[0],
+                             fsdp=w_in[1], tensor=w_in[2])
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, batch, w_in, w_out, w_in),
+                            out_specs=batch)
     return sharded(x, indices, weights, w1, w2, w3)
+

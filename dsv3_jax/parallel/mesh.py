@@ -66,37 +66,52 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def mesh_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes of `logical`'s first rule (() when replicated): where a dim of that name goes
+    unless the parameter's other dims already hold those axes."""
+    for name, axes in LOGICAL_AXIS_RULES:
+        if name == logical:
+            return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    raise KeyError(f"no rule for the logical axis {logical!r}")
+
+
+def batch_ways(sizes) -> int:
+    """How many ways a batch is split on a mesh of these axis sizes (a dict or `mesh.shape`)."""
+    return int(np.prod([sizes[a] for a in mesh_axes("activation_batch")]))
+
+
 def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
     """Refuses a mesh the model or the batch cannot be split over, naming the axis and the fix.
 
-    The batch is split over data x fsdp x expert; experts over expert; the model dim of the
-    weights over fsdp x expert (expert weights: fsdp), their low-rank dims over fsdp; heads over
-    tensor x expert; FFN and expert hidden dims and the vocabulary over tensor.
+    Each dim is split as the rules table says: with the table above, the batch over data x fsdp x
+    expert; experts over expert; the model dim of the weights over fsdp x expert (expert weights:
+    fsdp); their low-rank dims over fsdp; heads over tensor x expert; FFN and expert hidden dims
+    and the vocabulary over tensor.
     """
-    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     needs = [
-        ("expert", cfg.n_routed_experts, "ModelConfig.n_routed_experts"),
-        (("fsdp", "expert"), cfg.dim, "ModelConfig.dim"),
-        (("tensor", "expert"), cfg.n_heads * cfg.v_head_dim, "n_heads x v_head_dim"),
-        ("fsdp", cfg.kv_lora_rank, "ModelConfig.kv_lora_rank"),
-        ("fsdp", cfg.q_lora_rank or sizes["fsdp"], "ModelConfig.q_lora_rank"),
-        ("tensor", cfg.n_heads, "ModelConfig.n_heads"),
-        ("tensor", cfg.inter_dim, "ModelConfig.inter_dim"),
-        ("tensor", cfg.moe_inter_dim, "ModelConfig.moe_inter_dim"),
-        ("tensor", cfg.vocab_size, "ModelConfig.vocab_size"),
+        ("exp", cfg.n_routed_experts, "ModelConfig.n_routed_experts"),
+        ("embed", cfg.dim, "ModelConfig.dim"),
+        ("heads", cfg.n_heads * cfg.v_head_dim, "n_heads x v_head_dim"),
+        ("kv_lora", cfg.kv_lora_rank, "ModelConfig.kv_lora_rank"),
+        ("q_lora", cfg.q_lora_rank, "ModelConfig.q_lora_rank"),
+        (mesh_axes("heads")[:1], cfg.n_heads, "ModelConfig.n_heads"),  # attention splits heads
+        ("mlp", cfg.inter_dim, "ModelConfig.inter_dim"),
+        ("moe_mlp", cfg.moe_inter_dim, "ModelConfig.moe_inter_dim"),
+        ("vocab", cfg.vocab_size, "ModelConfig.vocab_size"),
     ]
     for axes, value, what in needs:
-        axes = axes if isinstance(axes, tuple) else (axes,)
+        axes = mesh_axes(axes) if isinstance(axes, str) else axes
         ways = int(np.prod([sizes[a] for a in axes]))
-        if value % ways:
+        if value and value % ways:
             named = " x ".join(f"config.mesh.{a}={sizes[a]}" for a in axes)
             raise ValueError(f"{named} does not divide {what}={value}, which is split over "
                              f"{'those axes' if len(axes) > 1 else 'that axis'}; choose sizes "
                              f"whose product divides {value}.")
-    if global_batch % batch_ways:
-        raise ValueError(f"config.data.batch_size={global_batch} is not divisible by data x fsdp "
-                         f"x expert = {batch_ways}, the devices the batch is split over; use a "
-                         f"multiple of {batch_ways}.")
+    ways = batch_ways(sizes)
+    if global_batch % ways:
+        raise ValueError(f"config.data.batch_size={global_batch} is not divisible by "
+                         f"{' x '.join(mesh_axes('activation_batch'))} = {ways}, the devices the "
+                         f"batch is split over; use a multiple of {ways}.")
 
 
 def make_mesh(mesh_cfg, devices=None):
@@ -114,7 +129,7 @@ def batch_sharding(mesh):
     """Batches [B, T] split over the data-like axes, replicated over expert and tensor."""
     import jax
 
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_axes("activation_batch"), None))
 
 
 def abstract_with_shardings(init_boxed, mesh=None):
