@@ -15,7 +15,7 @@ The public API (DESIGN.md); nothing else is public:
 """
 
 from dsv3_jax.config import ConfigError, ModelConfig, get_model_config
-from dsv3_jax.convert.hf import HFCheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from dsv3_jax.convert import HFCheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.infer.generate import generate
 from dsv3_jax.model.stats import ModelStats, model_stats
 from dsv3_jax.model.transformer import DeepSeekV3, ModelOutput

@@ -20,12 +20,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors
+from absl import logging
 
 import dsv3_jax as ds
-from dsv3_jax.convert import hf
+from dsv3_jax import convert
+from dsv3_jax.convert import HFCheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.convert import safetensors as st
-from dsv3_jax.convert.hf import HFCheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.model.transformer import DeepSeekV3
+from dsv3_jax.ops import fp8
 
 from conftest import COMPILATION_CACHE, TINY32, V2_STYLE, init_params
 
@@ -170,7 +172,7 @@ def test_mtp_params_equal_the_stored_tensors():
 def test_export_then_import_is_bitwise(cfg, tmp_path):
     params = init_params(cfg)
     save_hf_checkpoint(tmp_path / "hf", cfg, params, max_shard_bytes=300_000)
-    assert (tmp_path / "hf" / hf.INDEX_FILE).is_file()  # sharded
+    assert (tmp_path / "hf" / convert.INDEX_FILE).is_file()  # sharded
     cfg2, params2 = load_hf_checkpoint(tmp_path / "hf", np.dtype(cfg.param_dtype), scan_layers=cfg.scan_layers)
     _assert_same_params(params, params2)
     assert cfg2.replace(dtype=cfg.dtype, init_std=cfg.init_std) == cfg
@@ -197,7 +199,7 @@ def test_exported_config_is_the_current_transformers_style(tmp_path):
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
     assert "rope_scaling" not in config and "rope_theta" not in config
     assert config["num_nextn_predict_layers"] == 1 and config["q_lora_rank"] == 96
-    assert hf.config_from_hf(config).replace(dtype="float32", init_std=0.05) == TINY32
+    assert convert.config_from_hf(config).replace(dtype="float32", init_std=0.05) == TINY32
 
 
 # ------------------------------------------------------------------------------------ config mapping
@@ -225,7 +227,7 @@ _V3_RELEASE = {  # DeepSeek-V3's published config.json (FP8 release)
 
 
 def test_release_config_maps_to_the_671b_preset():
-    cfg = hf.config_from_hf(_V3_RELEASE)
+    cfg = convert.config_from_hf(_V3_RELEASE)
     assert cfg == ds.get_model_config("deepseek-v3-671b")
     assert abs(cfg.softmax_scale - 0.1352338) < 1e-7  # SPEC.md section 2
 
@@ -239,13 +241,13 @@ def test_v2_lite_style_config_maps_to_the_16b_preset():
               routed_scaling_factor=1.0, q_lora_rank=None, num_nextn_predict_layers=0,
               rope_scaling=dict(_V3_RELEASE["rope_scaling"], mscale=0.707, mscale_all_dim=0.707))
     del v2["quantization_config"]
-    assert hf.config_from_hf(v2) == ds.get_model_config("deepseek-v3-16b")
+    assert convert.config_from_hf(v2) == ds.get_model_config("deepseek-v3-16b")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "deepseek-v3-16b", "deepseek-v3-671b"])
 def test_config_to_hf_and_back(preset):
     cfg = ds.get_model_config(preset)
-    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+    assert convert.config_from_hf(convert.config_to_hf(cfg)) == cfg
 
 
 @pytest.mark.parametrize("change, message", [
@@ -276,7 +278,7 @@ def test_bad_config_is_refused_by_name(change, message):
         else:
             config[key] = value
     with pytest.raises(HFCheckpointError, match=message):
-        hf.config_from_hf(config)
+        convert.config_from_hf(config)
 
 
 # What PretrainedConfig.to_dict() adds to every transformers config.json (transformers 4.x / 5.x),
@@ -303,22 +305,22 @@ _GENERIC = {
 
 
 def _warnings_of(monkeypatch) -> list[str]:
-    """Collects the messages hf.py logs with absl logging.warning."""
+    """Collects the messages dsv3_jax.convert logs with absl logging.warning."""
     seen = []
-    monkeypatch.setattr(hf.logging, "warning", lambda msg, *args: seen.append(msg % args))
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: seen.append(msg % args))
     return seen
 
 
 def test_generic_transformers_keys_are_ignored_silently(monkeypatch):
     warnings = _warnings_of(monkeypatch)
-    assert hf.config_from_hf(dict(_V3_RELEASE, **_GENERIC)) == ds.get_model_config("deepseek-v3-671b")
+    assert convert.config_from_hf(dict(_V3_RELEASE, **_GENERIC)) == ds.get_model_config("deepseek-v3-671b")
     assert warnings == []
 
 
 def test_unknown_keys_give_one_warning_that_lists_them(monkeypatch):
     warnings = _warnings_of(monkeypatch)
     config = dict(_V3_RELEASE, **_GENERIC, foo_bar=1, some_new_knob={"a": 2})
-    assert hf.config_from_hf(config, source="x/config.json") == ds.get_model_config("deepseek-v3-671b")
+    assert convert.config_from_hf(config, source="x/config.json") == ds.get_model_config("deepseek-v3-671b")
     assert len(warnings) == 1
     assert "x/config.json" in warnings[0] and "['foo_bar', 'some_new_knob']" in warnings[0]
     assert "id2label" not in warnings[0]
@@ -336,15 +338,15 @@ def test_unknown_key_warns_once_per_load(tmp_path, monkeypatch):
 
 
 def test_norm_topk_prob_false_maps_both_ways():
-    cfg = hf.config_from_hf(dict(_V3_RELEASE, norm_topk_prob=False))
+    cfg = convert.config_from_hf(dict(_V3_RELEASE, norm_topk_prob=False))
     assert cfg == ds.get_model_config("deepseek-v3-671b", norm_topk_prob=False)
-    written = hf.config_to_hf(cfg)
+    written = convert.config_to_hf(cfg)
     assert written["norm_topk_prob"] is False and written["scoring_func"] == "sigmoid"
-    assert hf.config_from_hf(written) == cfg
-    assert hf.config_to_hf(TINY32)["norm_topk_prob"] is True
+    assert convert.config_from_hf(written) == cfg
+    assert convert.config_to_hf(TINY32)["norm_topk_prob"] is True
     # Softmax routers never renormalise: written as false whatever the (ignored) field holds.
-    assert hf.config_to_hf(V2_STYLE)["norm_topk_prob"] is False
-    assert hf.config_from_hf(hf.config_to_hf(V2_STYLE)) == V2_STYLE.replace(dtype="bfloat16", init_std=0.006)
+    assert convert.config_to_hf(V2_STYLE)["norm_topk_prob"] is False
+    assert convert.config_from_hf(convert.config_to_hf(V2_STYLE)) == V2_STYLE.replace(dtype="bfloat16", init_std=0.006)
 
 
 def test_export_then_import_keeps_norm_topk_prob_false(tmp_path):
@@ -367,19 +369,19 @@ def test_fp8_dequant_with_partial_edge_blocks_matches_a_numpy_block_loop():
         for bj in range(2):
             rows, cols = slice(bi * 128, (bi + 1) * 128), slice(bj * 128, (bj + 1) * 128)
             expected[rows, cols] = q[rows, cols].astype(np.float32) * s[bi, bj]
-    np.testing.assert_array_equal(hf.dequantize_fp8(q, s), expected)
+    np.testing.assert_array_equal(fp8.weight_dequant(q, s), expected)
 
 
 def test_fp8_quantization_uses_block_amax_over_448():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((130, 260)).astype(np.float32)
-    q, s = hf.quantize_fp8(w)
+    q, s = convert.quantize_fp8(w)
     assert q.dtype == ml_dtypes.float8_e4m3fn and s.shape == (2, 3)
     for bi in range(2):
         for bj in range(3):
             block = w[bi * 128:(bi + 1) * 128, bj * 128:(bj + 1) * 128]
             assert s[bi, bj] == np.float32(np.abs(block).max()) / np.float32(448)
-    back = hf.dequantize_fp8(q, s)
+    back = fp8.weight_dequant(q, s)
     assert np.max(np.abs(back - w)) <= np.max(np.abs(w)) / 448 * 16  # e4m3: 3 mantissa bits
 
 
@@ -404,12 +406,42 @@ def test_fp8_fixture_loads_dequantized_or_kept():
     np.testing.assert_array_equal(np.asarray(ffn["w3"][0, 2]), stored.T)
 
 
+
+def test_fp8_export_is_ops_fp8s_quantizer_an_all_zero_block_included(tmp_path):
+    """save_hf_checkpoint(fp8=True) writes fp8.weight_quant's blocks: an all-zero block gets its
+    scale 1e-4 / 448 (no longer 1.0) and q = 0, and loads back as zeros."""
+    cfg = TINY32.replace(mtp_depth=0)
+    params = jax.tree.map(np.array, init_params(cfg))  # writable copies
+    kernel = params["dense_layers"]["layers"]["ffn"]["w1"]["kernel"]  # [1, I, J] = [1, 128, 384]
+    kernel[0, :, 128:256] = 0  # the HF gate_proj [J, I]'s second 128x128 block
+    save_hf_checkpoint(tmp_path / "hf", cfg, params, fp8=True)
+    raw = st.read_file(str(tmp_path / "hf" / "model.safetensors"))
+    q, s = raw["model.layers.0.mlp.gate_proj.weight"], raw["model.layers.0.mlp.gate_proj.weight_scale_inv"]
+    w = kernel[0].T
+    ops_q, ops_s = (np.asarray(a) for a in fp8.weight_quant(w))
+    assert s.shape == (3, 1) and s[1, 0] == ops_s[1, 0] == np.float32(1e-4) / np.float32(448)
+    assert q[128:256].astype(np.float32).tolist() == ops_q[128:256].astype(np.float32).tolist()
+    assert not np.any(q[128:256].astype(np.float32))
+    # Every block: fp8.weight_quant's definition with its divisions exactly rounded (the default
+    # XLA compile multiplies by 1 / s instead: scales within one ulp, values within one e4m3 step).
+    exact_q, exact_s = convert.quantize_fp8(w)
+    assert q.tobytes() == exact_q.tobytes() and s.tobytes() == exact_s.tobytes()
+    for b in (0, 2):
+        assert s[b, 0] == np.float32(np.abs(w[b * 128:(b + 1) * 128]).max()) / np.float32(448)
+    np.testing.assert_array_max_ulp(s, ops_s, maxulp=1)
+    np.testing.assert_allclose(q.astype(np.float32), ops_q.astype(np.float32), rtol=2 ** -3, atol=2 ** -9)
+    _, back = load_hf_checkpoint(tmp_path / "hf")
+    loaded = np.asarray(back["dense_layers"]["layers"]["ffn"]["w1"]["kernel"][0])  # [I, J]
+    assert not np.any(loaded[:, 128:256])
+    np.testing.assert_array_equal(loaded, np.asarray(fp8.weight_dequant(q, s)).T)
+    np.testing.assert_allclose(loaded, kernel[0], atol=np.abs(kernel).max() / 448 * 16)
+
 # ------------------------------------------------------------------------------------ mesh
 
 _MESH_SCRIPT = r"""
 import sys, jax, numpy as np, jax.numpy as jnp
 import dsv3_jax as ds
-from dsv3_jax.convert.hf import load_hf_checkpoint
+from dsv3_jax.convert import load_hf_checkpoint
 from dsv3_jax.parallel.mesh import make_mesh
 assert jax.device_count() == 8
 mesh = make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
@@ -662,7 +694,7 @@ def test_missing_shard_is_named(tmp_path):
 
 def test_index_naming_a_missing_file_or_tensor(tmp_path):
     folder = _copy("noq_dense_bf16", tmp_path)
-    index_path = folder / hf.INDEX_FILE
+    index_path = folder / convert.INDEX_FILE
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
     index_path.write_text(json.dumps(index))
@@ -787,7 +819,7 @@ def test_path_that_is_not_a_checkpoint(kind, tmp_path):
                    r"section; the file is truncated or damaged")
     else:
         path = _copy("noq_dense_bf16", tmp_path)
-        (path / hf.INDEX_FILE).unlink()
+        (path / convert.INDEX_FILE).unlink()
         message = r"holds \['model-00001-of-00007.safetensors'.* but neither model.safetensors nor model.safetensors.index.json"
     with pytest.raises(HFCheckpointError, match=message):
         load_hf_checkpoint(path)

@@ -22,11 +22,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 
 from absl import flags
 
 from dsv3_jax import cli
+from dsv3_jax.files import atomic_dir
 from dsv3_jax.train.checkpoint import MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE
 
 _COMMANDS = ("hf-to-orbax", "orbax-to-hf")
@@ -56,26 +56,17 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: str = "float32", progress: bool
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from dsv3_jax.convert.hf import load_hf_checkpoint
+    from dsv3_jax.convert import load_hf_checkpoint
 
     out = _check_out(out)
     cfg, params = load_hf_checkpoint(hf_dir, jnp.dtype(dtype), progress=progress)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    # A fresh temporary folder beside --out (never an existing one: nothing of the user's goes).
-    partial = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
-    try:
+    with atomic_dir(out) as partial:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(partial, PARAMS_DIR), params)
         checkpointer.wait_until_finished()
         with open(os.path.join(partial, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(cfg.to_dict(), f, indent=2)
         _copy_tokenizer(hf_dir, partial)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return cfg
 
 
@@ -93,7 +84,7 @@ def read_orbax(path: str):
 def orbax_to_hf(orbax_dir: str, out: str, *, fp8: bool = False, dtype: str | None = None,
                 max_shard_bytes: int | None = None, progress: bool = True):
     """Writes the params of an Orbax folder or training workdir as a Hugging Face checkpoint."""
-    from dsv3_jax.convert.hf import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
+    from dsv3_jax.convert import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
 
     out = _check_out(out)
     cfg, params, source = read_orbax(orbax_dir)

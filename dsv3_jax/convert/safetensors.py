@@ -32,8 +32,8 @@ memory only the pages of the tensors it is using; dropping the returned array un
 Writing streams (the library's `save_file` needs every tensor in memory at once): the header is
 computed from the tensors' names, dtypes and shapes, then each tensor is produced and written in
 turn, so a writer holds one tensor at a time. What it writes is a file the library reads back (the
-tests check every dtype). Files are written under a temporary name and renamed when complete, so a
-failed write never leaves a truncated file under the final name.
+tests check every dtype). Files are written through `files.atomic_file`, so a failed write never
+leaves a truncated file under the final name.
 
 This module assumes a little-endian host (x86, ARM), as the format stores little-endian data.
 """
@@ -50,6 +50,8 @@ from typing import Callable, Iterable, Mapping
 import ml_dtypes  # also registers "bfloat16" with numpy, which the library's BF16 support needs
 import numpy as np
 import safetensors
+
+from dsv3_jax.files import atomic_file
 
 # The format's dtype codes and their numpy dtypes (ml_dtypes for the ones numpy lacks).
 DTYPES: dict[str, np.dtype] = {
@@ -345,7 +347,7 @@ def write_file(path: str, specs: Iterable[TensorSpec], produce: Callable[[Tensor
     """Writes a file tensor by tensor; returns its size in bytes.
 
     Args:
-      path: the file to write (created under `path + ".partial"`, then renamed).
+      path: the file to write.
       specs: the tensors in the order they are laid out; names must be unique.
       produce: called once per spec, in order; returns an array of exactly that shape, whose
         values are cast to the spec's dtype (the caller does any rounding it wants first).
@@ -359,22 +361,15 @@ def write_file(path: str, specs: Iterable[TensorSpec], produce: Callable[[Tensor
     for s in specs:
         if s.dtype not in DTYPES:
             raise SafetensorsError(f"{path}: tensor {s.name!r} has dtype {s.dtype!r}; known: {sorted(DTYPES)}.")
-    partial = path + ".partial"
-    try:
-        with open(partial, "wb") as f:
-            f.write(_header_bytes(specs, metadata))
-            for spec in specs:
-                array = np.asarray(produce(spec))
-                if tuple(array.shape) != tuple(spec.shape):
-                    raise SafetensorsError(f"{path}: tensor {spec.name!r} was produced with shape "
-                                           f"{tuple(array.shape)}, but its header says {spec.shape}.")
-                array = np.ascontiguousarray(array, dtype=DTYPES[spec.dtype])
-                f.write(memoryview(array.reshape(-1).view(np.uint8)))
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
+    with atomic_file(path) as f:
+        f.write(_header_bytes(specs, metadata))
+        for spec in specs:
+            array = np.asarray(produce(spec))
+            if tuple(array.shape) != tuple(spec.shape):
+                raise SafetensorsError(f"{path}: tensor {spec.name!r} was produced with shape "
+                                       f"{tuple(array.shape)}, but its header says {spec.shape}.")
+            array = np.ascontiguousarray(array, dtype=DTYPES[spec.dtype])
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
     return os.path.getsize(path)
 
 
