@@ -1,18 +1,18 @@
 """Generation over the latent KV cache, with optional MTP speculative decoding.
 
-Legend: B batch (prompts), P padded prompt length, S cache slots, L layers, V vocabulary.
+Legend (the package's, `dsv3_jax.model`): B batch (prompts), T positions (the right-padded prompts,
+or a step's tokens), S cache slots, L layers, D model dim, V vocabulary, C + R a latent-cache row.
 
-The cache is preallocated: per layer [B, S, kv_lora_rank + qk_rope_head_dim] (576 values per token
-at DeepSeek-V3 size) in the compute dtype, and slot s always holds the token at position s. Prompts
-of different lengths are right-padded: row b's prompt sits at positions 0..len_b-1, padding slots
-are overwritten by that row's own generated tokens before any query can see them (a query at
-position p sees slots 0..p, and each step writes before it attends). The same property makes
-"rolling back" a rejected draft free: the next step writes the corrected token into its slot.
+The cache is preallocated, [L, B, S, C + R] (576 values per token at DeepSeek-V3 size) in the
+compute dtype, and slot s always holds the token at position s. Prompts of different lengths are
+right-padded: row b's prompt sits at positions 0..len_b-1, padding slots are overwritten by that
+row's own generated tokens before any query can see them (a query at position t sees slots 0..t,
+and each step writes before it attends). The same property makes "rolling back" a rejected draft
+free: the next step writes the corrected token into its slot.
 
-Plain decoding: prefill the prompts (one jitted call), then one step per token, run on the device
-in chunks of steps (`lax.while_loop`) between which the host streams what was produced.
-Speculative decoding (the first MTP module drafts one token):
-  state per row: `last` (the newest token, not yet fed, at position cur) and a draft for cur+1.
+Plain decoding: `prefill` the prompts (one jitted call), then one step per token, run on the device
+in chunks (`decode_chunk`, a `lax.while_loop` over a `DecodeState`); the host streams in between.
+Speculative decoding (the first MTP module drafts one token, for position cur+1):
   step: feed [last, draft] at [cur, cur+1] through the main model -> accept or correct the draft
   (`sampling.accept_draft`); when accepted, the logits at cur+1 give one more token for free.
   Then the MTP module runs at [cur, cur+1] (hidden states + the tokens that follow them) to
@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer import sampling as sampling_lib
@@ -49,109 +50,123 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
-def _is_stop(tokens: jax.Array, stop: jax.Array) -> jax.Array:
-    """bool [B]: tokens [B] that are in `stop` [n] (padded with -1)."""
-    return jnp.any(tokens[:, None] == stop[None, :], axis=-1)
+@struct.dataclass
+class DecodeState:
+    """The decode loop's carry, all on the device (prefill makes it, decode_chunk advances it)."""
 
+    last: jax.Array  # int32 [B]: each row's newest token, not yet fed to the model
+    cur: jax.Array  # int32 [B]: its position; cache slots 0..cur-1 hold the tokens before it
+    done: jax.Array  # bool [B]: the row has stopped (a stop token, or max_new_tokens tokens)
+    n_new: jax.Array  # int32 [B]: tokens generated so far
+    out: jax.Array  # int32 [B, max_new_tokens]: the generated tokens
+    stop: jax.Array  # int32 [n_stop]: the stop tokens, padded with -1
+    key: jax.Array  # PRNG key; draws use fold_in(key, i): i = 0 in the prefill, i in decode step i
+    steps: jax.Array  # int32 []: decode steps run
+    drafted: jax.Array  # int32 []: drafts verified (speculative)
+    accepted: jax.Array  # int32 []: drafts accepted (speculative)
+    cache: jax.Array  # [L, B, S, C + R]: the main model's latent cache
+    mtp_cache: jax.Array | None = None  # [B, S, C + R]: the first MTP module's (speculative)
+    draft: jax.Array | None = None  # int32 [B]: the MTP draft for position cur + 1 (speculative)
+    logq: jax.Array | None = None  # float32 [B, V]: the draft's log-distribution (sampled only)
 
-def _emit(loop: dict, tokens: jax.Array, write: jax.Array) -> dict:
-    """Appends tokens [B] to rows where `write` (and the row is not done); updates done/n_new."""
-    write = write & ~loop["done"]
-    rows = jnp.arange(tokens.shape[0])
-    slot = jnp.minimum(loop["n_new"], loop["out"].shape[1] - 1)
-    out = loop["out"].at[rows, slot].set(jnp.where(write, tokens, loop["out"][rows, slot]))
-    n_new = loop["n_new"] + write.astype(jnp.int32)
-    finished = write & (_is_stop(tokens, loop["stop"]) | (n_new >= loop["max_new"]))
-    return dict(loop, out=out, n_new=n_new, done=loop["done"] | finished)
-
-
-@functools.lru_cache(maxsize=32)
-def _programs(cfg: ModelConfig, s: Sampling, speculative: bool, chunk: int):
-    """Jitted prefill and decode-chunk functions for one config, sampling setting and mode.
-
-    The loop state is a dict of device arrays: `last` [B] (newest token, not yet fed, at position
-    `cur` [B]), `done` [B], `n_new` [B], `out` [B, max_new_tokens] (generated tokens), `stop` [n],
-    `max_new` [], `key`, counters `steps`, `drafted`, `accepted`, the latent `cache` and, when
-    speculative, `mtp_cache`, `draft` [B] and its distribution `logq` [B, V] (sampling only).
-    `run_chunk` advances every unfinished row by up to `chunk` steps in one device loop.
-    """
-    model = DeepSeekV3(cfg)
-
-    def main(params, tokens, positions, cache):
-        return model.apply({"params": params}, tokens, positions, cache, method=DeepSeekV3.decode)
-
-    def mtp(params, hidden, next_tokens, positions, cache):
-        return model.apply({"params": params}, hidden, next_tokens, positions, cache,
-                           method=DeepSeekV3.mtp_decode)
-
-    def draft_from(mtp_logits, key):
-        logq = None if s.greedy else sampling_lib.log_probs(mtp_logits, s)
-        return sampling_lib.sample(mtp_logits, key, s), logq
-
-    def prefill(params, tokens, lengths, cache, mtp_cache, out, stop, max_new, key):
-        """tokens [B, P] right-padded to P, lengths [B] -> the loop state after the first token."""
-        k_first, k_draft = jax.random.split(jax.random.fold_in(key, 0))
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, hidden, cache = main(params, tokens, positions, cache)
+    def emit(self, tokens: jax.Array, write: jax.Array) -> DecodeState:
+        """Appends tokens [B] to the rows where `write` (unless done); updates done and n_new."""
+        write = write & ~self.done
         rows = jnp.arange(tokens.shape[0])
-        first = sampling_lib.sample(logits[rows, lengths - 1], k_first, s)
-        zero = jnp.zeros([], jnp.int32)
-        loop = dict(last=first, cur=lengths, done=jnp.zeros(first.shape, bool),
-                    n_new=jnp.zeros(first.shape, jnp.int32), out=out, stop=stop, max_new=max_new,
-                    key=key, steps=zero, drafted=zero, accepted=zero, cache=cache)
-        loop = _emit(loop, first, jnp.ones(first.shape, bool))
-        if speculative:  # the MTP cache over the prompt, and the first draft
-            next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
-            mtp_logits, mtp_cache = mtp(params, hidden, next_tokens, positions, mtp_cache)
-            loop["draft"], loop["logq"] = draft_from(mtp_logits[rows, lengths - 1], k_draft)
-            loop["mtp_cache"] = mtp_cache
-        return loop
+        slot = jnp.minimum(self.n_new, self.out.shape[1] - 1)
+        out = self.out.at[rows, slot].set(jnp.where(write, tokens, self.out[rows, slot]))
+        n_new = self.n_new + write.astype(jnp.int32)
+        is_stop = jnp.any(tokens[:, None] == self.stop[None, :], axis=-1)
+        finished = write & (is_stop | (n_new >= self.out.shape[1]))
+        return self.replace(out=out, n_new=n_new, done=self.done | finished)
 
-    def plain_step(params, loop):
-        key = jax.random.fold_in(loop["key"], loop["steps"] + 1)
-        logits, _, cache = main(params, loop["last"][:, None], loop["cur"][:, None], loop["cache"])
-        token = sampling_lib.sample(logits[:, 0], key, s)
-        active = ~loop["done"]
-        loop = _emit(dict(loop, cache=cache), token, active)
-        return dict(loop, last=jnp.where(active, token, loop["last"]),
-                    cur=loop["cur"] + active.astype(jnp.int32))
 
-    def speculative_step(params, loop):
-        k_accept, k_bonus, k_draft = jax.random.split(jax.random.fold_in(loop["key"], loop["steps"] + 1), 3)
-        last, draft, cur = loop["last"], loop["draft"], loop["cur"]
-        active = ~loop["done"]
-        positions = jnp.stack([cur, cur + 1], axis=1)
-        logits, hidden, cache = main(params, jnp.stack([last, draft], axis=1), positions, loop["cache"])
-        accepted, first = sampling_lib.accept_draft(logits[:, 0], draft, loop["logq"], k_accept, s)
-        bonus = sampling_lib.sample(logits[:, 1], k_bonus, s)
-        mtp_logits, mtp_cache = mtp(params, hidden, jnp.stack([first, bonus], axis=1), positions,
-                                    loop["mtp_cache"])
-        rows = jnp.arange(last.shape[0])
-        new_draft, new_logq = draft_from(mtp_logits[rows, accepted.astype(jnp.int32)], k_draft)
-        counted = active & accepted
-        loop = dict(loop, cache=cache, mtp_cache=mtp_cache,
-                    drafted=loop["drafted"] + active.sum(dtype=jnp.int32),
-                    accepted=loop["accepted"] + counted.sum(dtype=jnp.int32))
-        loop = _emit(loop, first, active)
-        loop = _emit(loop, bonus, active & accepted)
-        keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
-        return dict(loop, last=keep(jnp.where(accepted, bonus, first), last),
-                    draft=keep(new_draft, draft),
-                    logq=None if s.greedy else keep(new_logq, loop["logq"]),
-                    cur=cur + active.astype(jnp.int32) * (1 + accepted.astype(jnp.int32)))
+def _decode(cfg: ModelConfig, params, tokens, positions, cache):
+    """`DeepSeekV3.decode`: (logits [B, T, V], hidden [B, T, D], the cache [L, B, S, C + R])."""
+    return DeepSeekV3(cfg).apply({"params": params}, tokens, positions, cache,
+                                 method=DeepSeekV3.decode)
 
-    step = speculative_step if speculative else plain_step
 
-    def run_chunk(params, loop):
-        def body(carry):
-            i, loop = carry
-            loop = step(params, loop)
-            return i + 1, dict(loop, steps=loop["steps"] + 1)
+def _draft(cfg: ModelConfig, s: Sampling, params, hidden, next_tokens, positions, cache, at, key):
+    """The MTP module over hidden [B, T, D] and the next tokens [B, T], drafting from position at[b]
+    of row b: (draft int32 [B], its log-distribution [B, V] or None when greedy, the MTP cache)."""
+    logits, cache = DeepSeekV3(cfg).apply({"params": params}, hidden, next_tokens, positions, cache,
+                                          method=DeepSeekV3.mtp_decode)
+    logits = logits[jnp.arange(at.shape[0]), at]
+    logq = None if s.greedy else sampling_lib.log_probs(logits, s)
+    return sampling_lib.sample(logits, key, s), logq, cache
 
-        cond = lambda carry: (carry[0] < chunk) & ~jnp.all(carry[1]["done"])
-        return jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), loop))[1]
 
-    return (jax.jit(prefill, donate_argnums=(3, 4)), jax.jit(run_chunk, donate_argnums=1))
+@functools.partial(jax.jit, static_argnames=("cfg", "s", "speculative", "max_new_tokens"),
+                   donate_argnames=("cache", "mtp_cache"))
+def prefill(cfg: ModelConfig, s: Sampling, speculative: bool, max_new_tokens: int, params, tokens,
+            lengths, cache, mtp_cache, stop, key) -> DecodeState:
+    """tokens [B, T] right-padded (row b's prompt is its first lengths[b]) and the empty caches ->
+    the state after the first generated token (and, when speculative, the first draft)."""
+    k_first, k_draft = jax.random.split(jax.random.fold_in(key, 0))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    logits, hidden, cache = _decode(cfg, params, tokens, positions, cache)
+    b, zero = tokens.shape[0], jnp.zeros([], jnp.int32)
+    rows = jnp.arange(b)
+    first = sampling_lib.sample(logits[rows, lengths - 1], k_first, s)
+    state = DecodeState(
+        last=first, cur=lengths, done=jnp.zeros(b, bool), n_new=jnp.zeros(b, jnp.int32),
+        out=jnp.zeros((b, max_new_tokens), jnp.int32), stop=stop, key=key, steps=zero,
+        drafted=zero, accepted=zero, cache=cache).emit(first, jnp.ones(b, bool))
+    if speculative:  # the MTP cache over the prompt, and the first draft
+        next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
+        draft, logq, mtp_cache = _draft(cfg, s, params, hidden, next_tokens, positions, mtp_cache,
+                                        lengths - 1, k_draft)
+        state = state.replace(mtp_cache=mtp_cache, draft=draft, logq=logq)
+    return state
+
+
+def _plain_step(cfg: ModelConfig, s: Sampling, params, state: DecodeState) -> DecodeState:
+    """Feeds `last` at `cur` [B, T=1] and samples the next token of every unfinished row."""
+    key = jax.random.fold_in(state.key, state.steps + 1)
+    logits, _, cache = _decode(cfg, params, state.last[:, None], state.cur[:, None], state.cache)
+    token = sampling_lib.sample(logits[:, 0], key, s)
+    active = ~state.done
+    return state.replace(cache=cache).emit(token, active).replace(
+        last=jnp.where(active, token, state.last), cur=state.cur + active.astype(jnp.int32))
+
+
+def _speculative_step(cfg: ModelConfig, s: Sampling, params, state: DecodeState) -> DecodeState:
+    """One speculative step as the module docstring describes: [last, draft] fed as [B, T=2]."""
+    k_accept, k_bonus, k_draft = jax.random.split(jax.random.fold_in(state.key, state.steps + 1), 3)
+    active, cur = ~state.done, state.cur
+    positions = jnp.stack([cur, cur + 1], axis=1)
+    logits, hidden, cache = _decode(cfg, params, jnp.stack([state.last, state.draft], axis=1),
+                                    positions, state.cache)
+    accepted, first = sampling_lib.accept_draft(logits[:, 0], state.draft, state.logq, k_accept, s)
+    bonus = sampling_lib.sample(logits[:, 1], k_bonus, s)
+    draft, logq, mtp_cache = _draft(cfg, s, params, hidden, jnp.stack([first, bonus], axis=1),
+                                    positions, state.mtp_cache, accepted.astype(jnp.int32), k_draft)
+    keep = lambda fresh, old: jnp.where(jnp.expand_dims(active, range(1, fresh.ndim)), fresh, old)
+    last, draft, logq = jax.tree.map(keep, (jnp.where(accepted, bonus, first), draft, logq),
+                                     (state.last, state.draft, state.logq))
+    emitted = state.emit(first, active).emit(bonus, active & accepted)
+    return emitted.replace(
+        cache=cache, mtp_cache=mtp_cache, last=last, draft=draft, logq=logq,
+        cur=cur + active.astype(jnp.int32) * (1 + accepted.astype(jnp.int32)),
+        drafted=state.drafted + active.sum(dtype=jnp.int32),
+        accepted=state.accepted + (active & accepted).sum(dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "s", "speculative", "chunk"),
+                   donate_argnames="state")
+def decode_chunk(cfg: ModelConfig, s: Sampling, speculative: bool, chunk: int, params,
+                 state: DecodeState) -> DecodeState:
+    """Advances every unfinished row by up to `chunk` decode steps in one device loop."""
+    step = _speculative_step if speculative else _plain_step
+
+    def body(carry):
+        i, state = carry
+        state = step(cfg, s, params, state)
+        return i + 1, state.replace(steps=state.steps + 1)
+
+    cond = lambda carry: (carry[0] < chunk) & ~jnp.all(carry[1].done)
+    return jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), state))[1]
 
 
 _PROMPTS_FIX = "pass a list of token-id lists (one per prompt) or a [B, T] integer array"
@@ -345,7 +360,6 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
     if speculative and not cfg.mtp_depth:
         raise ValueError("speculative=True needs an MTP module, but this model has mtp_depth=0; "
                          "generate without speculation or use a checkpoint trained with MTP.")
-    prefill, run_chunk = _programs(cfg, sampling, speculative, chunk_steps)
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded_len = _bucket(int(lengths.max()), cfg.max_seq_len)
@@ -357,13 +371,13 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
     mtp_cache = init_mtp_cache(cfg, b, slots) if speculative else None
 
     t0 = time.perf_counter()
-    loop = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), init_latent_cache(cfg, b, slots),
-                   mtp_cache, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.asarray(stop),
-                   jnp.asarray(max_new_tokens, jnp.int32), jax.random.key(seed))
+    state = prefill(cfg, sampling, speculative, max_new_tokens, params, jnp.asarray(tokens),
+                    jnp.asarray(lengths), init_latent_cache(cfg, b, slots), mtp_cache,
+                    jnp.asarray(stop), jax.random.key(seed))
     streamed = np.zeros(b, np.int64)
 
-    def stream(loop) -> bool:
-        out, n_new, done = jax.device_get((loop["out"], loop["n_new"], loop["done"]))
+    def stream(state: DecodeState) -> bool:
+        out, n_new, done = jax.device_get((state.out, state.n_new, state.done))
         if on_tokens is not None:
             for row in range(b):
                 if n_new[row] > streamed[row]:
@@ -371,14 +385,14 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
         streamed[:] = n_new
         return bool(done.all())
 
-    finished = stream(loop)
+    finished = stream(state)
     t1 = time.perf_counter()
     while not finished:
-        loop = run_chunk(params, loop)
-        finished = stream(loop)
+        state = decode_chunk(cfg, sampling, speculative, chunk_steps, params, state)
+        finished = stream(state)
     t2 = time.perf_counter()
     out, n_new, steps, drafted, accepted = jax.device_get(
-        (loop["out"], loop["n_new"], loop["steps"], loop["drafted"], loop["accepted"]))
+        (state.out, state.n_new, state.steps, state.drafted, state.accepted))
     result = [list(p) + out[i, :n_new[i]].tolist() for i, p in enumerate(prompts)]
     new_tokens = int(n_new.sum())
     stats = {"prefill_seconds": t1 - t0, "decode_seconds": t2 - t1, "new_tokens": new_tokens,

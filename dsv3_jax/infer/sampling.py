@@ -1,6 +1,6 @@
 """Token sampling and the speculative-decoding acceptance rule.
 
-Legend: B batch, V vocabulary.
+Legend (the package's, in `dsv3_jax.model`): B batch, V vocabulary.
 
 A `Sampling` turns logits into a distribution: divide by the temperature, keep the top_k most
 likely tokens (0 = all) and the smallest set whose probability reaches top_p (1.0 = all).
@@ -87,14 +87,9 @@ def log_probs(logits: jax.Array, s: Sampling) -> jax.Array:
         sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of strictly likelier tokens
         keep_sorted = before < s.top_p  # always keeps the most likely token
-        logits = jnp.where(_unsort(keep_sorted, order), logits, -jnp.inf)
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)  # vocab order
+        logits = jnp.where(keep, logits, -jnp.inf)
     return jax.nn.log_softmax(logits, axis=-1)
-
-
-def _unsort(values: jax.Array, order: jax.Array) -> jax.Array:
-    """values given in `order` along the last axis, put back in vocabulary order."""
-    inverse = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(values, inverse, axis=-1)
 
 
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
