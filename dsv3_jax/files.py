@@ -2,6 +2,7 @@
 
   with atomic_dir(path) as tmp:    # fill tmp; on success tmp becomes path, on any error it goes
   with atomic_file(path) as f:     # write f; on success it replaces path, on any error it goes
+  writable_workdir(path)           # refuses a workdir that cannot be created or written in
 
 The temporary name lies beside `path` (same file system, so the final rename is atomic) and is
 fresh for every call, so processes or hosts writing the same path never share one.
@@ -52,3 +53,18 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def writable_workdir(path: str, *, error: type[Exception] = OSError) -> str:
+    """`path` made absolute, once it is a folder (created if missing) that a file can be created
+    in; else raises `error` with a message naming the path and the cause."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise error(f"workdir {path} is not writable ({e.strerror or e}): it is not a writable "
+                    "directory and cannot be made one; pass a workdir you can create and write "
+                    "to.") from e
+    return path

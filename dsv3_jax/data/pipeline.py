@@ -15,17 +15,18 @@ prepare_data(data_cfg, workdir, model_vocab_size) runs once per run (again, chea
 
 train_iterator(data, data_cfg, seed, process_index, process_count) is an index-based grain pipeline:
 
-    sequence i   = tokens[i*L : (i+1)*L] of the training stream (L = seq_len); the last partial
+    sequence i   = tokens[i*T : (i+1)*T] of the training stream (T = seq_len); the last partial
                    sequence is dropped. Documents are packed back to back, so a sequence holds
                    pieces of one or more documents: segment_ids number these pieces 1, 2, ... and
                    positions restart at 0 at each piece, so attention masked by segment never
                    crosses a document boundary. Sequences never need padding; segment id 0 (and
                    the pad id) would mark padding, and this pipeline produces none.
     .shuffle(seed)     a global permutation of the sequences, a different one each epoch;
-    .repeat()          forever; epoch e is elements [e*N, (e+1)*N) (N = number of sequences);
-    [p::P]             process p takes every P-th element, so global batch k is elements
-                       [k*B, (k+1)*B) and the P processes' batches k split it disjointly;
-    .batch(B // P)     then prefetched on data.num_threads threads (data.prefetch batches).
+    .repeat()          forever; epoch e is elements [e*num_sequences, (e+1)*num_sequences);
+    [p::n_proc]        process p takes every n_proc-th element (n_proc = process_count), so
+                       global batch k is elements [k*B, (k+1)*B) (B = batch_size) and the
+                       processes' batches k split it disjointly;
+    .batch(B // n_proc)  then prefetched on data.num_threads threads (data.prefetch batches).
 
 The iterator's state is {"grain": {"next_index": k}, "data": <the settings it depends on>}: plain
 JSON. set_state on a fresh iterator continues with batch k exactly, and refuses a state saved with
@@ -42,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 
@@ -53,7 +53,7 @@ from absl import logging
 
 from dsv3_jax.data.corpus import SPLITS, Corpus, DataError, open_corpus
 from dsv3_jax.data.tokenizer import Tokenizer, check_fits, load_tokenizer, train_tokenizer
-from dsv3_jax.files import atomic_dir
+from dsv3_jax.files import atomic_dir, writable_workdir
 
 __all__ = ["Data", "DataError", "TokenStore", "eval_batches", "prepare_data", "train_iterator"]
 
@@ -174,10 +174,7 @@ def prepare_data(data_cfg, workdir: str, *, model_vocab_size: int) -> Data:
     """Loads or trains the tokenizer and tokenizes both splits into token stores under `workdir`,
     reusing what is present and current. Logs the slow steps (absl.logging)."""
     check_data_config(data_cfg)
-    if not isinstance(model_vocab_size, int) or model_vocab_size < 1:
-        raise DataError(f"model_vocab_size={model_vocab_size!r} must be a positive int: "
-                        "config.model.vocab_size.")
-    _check_workdir(workdir)
+    workdir = writable_workdir(workdir, error=DataError)
     corpus = open_corpus(data_cfg)
     logging.info("data: %s, validation_fraction=%s", corpus.describe(), corpus.validation_fraction)
     tokenizer = _get_tokenizer(data_cfg, workdir, corpus, model_vocab_size)
@@ -350,16 +347,6 @@ def _empty_split_error(corpus: Corpus, split: str) -> DataError:
         "and ArrayRecord) or choose another data.validation_fraction.")
 
 
-def _check_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as e:
-        raise DataError(f"workdir {workdir!r} is not a writable directory ({e.strerror or e}); "
-                        "give a workdir that can be created and written to.") from None
-
-
 INT32_MAX = 2**31 - 1  # counts and sizes meet int32 arithmetic on the device
 
 
@@ -405,8 +392,6 @@ def train_iterator(data: Data, data_cfg, *, seed: int, process_index: int = 0,
                         f"{process_count}: each process takes an equal share of a batch; set "
                         f"data.batch_size to a multiple of {process_count}, e.g. "
                         f"{(batch_size // process_count + 1) * process_count}.")
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise DataError(f"seed={seed!r} must be an int in [0, 2**32) (the shuffle seed).")
     num_sequences = data.train.num_sequences(seq_len)
     if num_sequences == 0:
         raise DataError(f"the training split has {data.train.num_tokens} tokens, fewer than one "

@@ -1,7 +1,8 @@
 """train_and_evaluate(config, workdir): the one training loop.
 
-Reads like the recipe: mesh, data, model and optimizer, restore-or-init, then steps with the
-aux-loss-free bias update, logging, evaluation and checkpoints. Nothing is lost on failure: a
+Reads like the recipe: `_set_up` makes the run's pieces (a `Run`: mesh, data, model and
+optimizer, restore-or-init, compiled steps), then train_and_evaluate steps with the aux-loss-free
+bias update, logging, evaluation and checkpoints. Nothing is lost on failure: a
 NaN/Inf step leaves the state untouched, SIGTERM/SIGINT save before exiting, and a restart resumes
 from the newest good checkpoint on the exact next batch (the killed-and-resumed run equals the
 uninterrupted one bit for bit; tests check it).
@@ -10,25 +11,32 @@ uninterrupted one bit for bit; tests check it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 
 from absl import logging
 import flax.linen as nn
 import flax.struct
+import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 from dsv3_jax.data import pipeline
+from dsv3_jax.files import writable_workdir
 from dsv3_jax.model import tree
 from dsv3_jax.model.stats import model_stats
 from dsv3_jax.model.transformer import DeepSeekV3
 from dsv3_jax.parallel import mesh as mesh_lib
+from dsv3_jax.parallel.mesh import LOGICAL_AXIS_RULES
 from dsv3_jax.train import losses, metrics as metrics_lib, optimizer as optim
 from dsv3_jax.train.checkpoint import Checkpointer
 from dsv3_jax.train.run_config import check_run_config, model_config
@@ -116,35 +124,6 @@ def _barrier(name: str) -> None:
         ocp.multihost.get_barrier_sync_fn()(key=f"dsv3_jax: {name}", timeout_ms=3_600_000)
 
 
-def _global_batch(local: dict, sharding, global_batch: int) -> dict:
-    """This process's rows of a batch -> global arrays [global_batch, T] on the mesh."""
-    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
-            for k, v in local.items()}
-
-
-def _replicated_batch(full: dict, sharding) -> dict:
-    """A batch every process holds whole -> global arrays, each device taking its slice."""
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-            for k, v in full.items()}
-
-
-def _prepare_workdir(workdir: str) -> str:
-    if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
-        raise ValueError(f"workdir={workdir!r} is empty; give the directory the run writes to "
-                         "(and resumes from).")
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise OSError(f"workdir {workdir} is not writable ({e.strerror}); pass a --workdir "
-                      "you can create and write.") from e
-    return workdir
-
-
 class _StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit)."""
 
@@ -154,7 +133,7 @@ class _StopSignal:
     @contextlib.contextmanager
     def installed(self):
         previous = {}
-        if jax.process_index() == 0 and _in_main_thread():
+        if jax.process_index() == 0 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._handle)
         try:
@@ -168,12 +147,6 @@ class _StopSignal:
         self.received = signal.Signals(signum).name
 
 
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last logged
     training metrics and the last evaluation (dicts of floats).
@@ -181,32 +154,142 @@ def train_and_evaluate(config, workdir: str) -> dict:
     On every exit, an error's included, the checkpointer (its saves in flight finished), the
     metrics files and the progress bar are closed."""
     with contextlib.ExitStack() as resources:
-        return _train_and_evaluate(config, workdir, resources)
+        run = _set_up(config, workdir, resources)
+        tc = config.train
+
+        # ------------------------------------------------------------ train
+        last_train, last_eval = {}, {}
+        if run.start_step == 0 and run.eval_set:
+            last_eval = run.evaluate(0)
+        stop, profiler = _StopSignal(), _Profiler(tc, run.workdir)
+        throughput = _Throughput(run.tokens_per_step)
+        nonfinite, step = 0, run.start_step
+        with stop.installed(), jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            while step < tc.steps:
+                step += 1
+                profiler.before(step)
+                run.state, step_metrics = run.train_step(run.state, run.next_batch())
+                throughput.steps += 1
+                profiler.after(step, run.state)
+                nonfinite = _count_nonfinite(run, step, step_metrics, nonfinite)  # the NaN guard
+
+                if step % tc.log_every == 0 or step == tc.steps:
+                    last_train = run.log(step, step_metrics, throughput.tokens_per_sec())
+                    throughput.restart()
+
+                do_eval = run.eval_set and (step % tc.eval_every == 0 or step == tc.steps)
+                do_save = step % tc.checkpoint_every == 0 or step == tc.steps
+                if do_eval or do_save:
+                    with throughput.paused(run.state):  # throughput counts training steps only
+                        if do_eval:
+                            last_eval = run.evaluate(step)
+                        if do_save:
+                            run.save(step)
+                if stop.received:
+                    logging.warning("%s received: saving step %d and stopping", stop.received,
+                                    step)
+                    run.save(step)
+                    break
+
+        run.ckpt.wait()  # raises if the last save failed; the exit stack closes the rest
+        return {"train": last_train, "eval": last_eval, "step": step}
 
 
-def _close_on_exit(resources: contextlib.ExitStack, resource) -> None:
-    """Closes `resource` when the run ends; a failure to close does not hide the run's error."""
-    def close():
-        try:
-            resource.close()
-        except Exception as e:  # noqa: BLE001
-            logging.warning("closing %s failed: %s", type(resource).__name__, e)
+@dataclasses.dataclass
+class Run:
+    """What `_set_up` gives the loop: the mesh, the data, the compiled steps, the checkpointer and
+    the metrics writer, and the state with the step it stands at."""
 
-    resources.callback(close)
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    batch_sharding: jax.sharding.Sharding
+    train_iter: grain.DatasetIterator  # this process's rows of each batch
+    eval_set: list  # validation batches, each int32 [B, T] 'tokens', 'segment_ids', 'positions'
+    train_step: Callable  # compiled (state, batch) -> (state, step metrics)
+    eval_step: Callable | None  # compiled (params, batch) -> prediction stats; None: no eval_set
+    ckpt: Checkpointer
+    writer: metrics_lib.MetricsWriter
+    meta: dict  # saved with each checkpoint: the model config and the tokenizer
+    state: TrainState
+    start_step: int
+    saved_step: int  # the newest step saved (or restored)
+    flops_per_token: float  # training FLOPs (model_stats)
+    peak: float | None  # a device's peak FLOP/s, for MFU; None where unknown
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.data.batch_size * self.config.data.seq_len
+
+    def next_batch(self) -> dict:
+        """This process's rows of the next batch -> global int32 [B, T] arrays on the mesh."""
+        size = self.config.data.batch_size
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
+                                                          (size,) + v.shape[1:])
+                for k, v in next(self.train_iter).items()}
+
+    def save(self, step: int) -> None:
+        """Checkpoints the state and the data iterator at `step`, unless that step is saved."""
+        if step != self.saved_step:
+            self.ckpt.save(step, self.state, self.train_iter.get_state(), self.meta)
+            self.saved_step = step
+
+    def evaluate(self, step: int) -> dict:
+        """Loss, perplexity and accuracies over eval_set, written as `step`'s evaluation row."""
+        totals = None
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            for full in self.eval_set:  # every process holds it whole; each device its slice
+                batch = {k: jax.make_array_from_callback(v.shape, self.batch_sharding,
+                                                         lambda idx, v=v: v[idx])
+                         for k, v in full.items()}
+                stats = jax.device_get(self.eval_step(self.state.params, batch))
+                totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
+        main = totals["main"]
+        row = {"eval_loss": float(main["nll_sum"] / max(main["count"], 1))}
+        row["eval_perplexity"] = float(np.exp(min(row["eval_loss"], 80.0)))
+        row["eval_accuracy"] = float(main["correct"] / max(main["count"], 1))
+        if totals["mtp"]:
+            row["eval_mtp_accuracy"] = float(np.mean([m["correct"] / max(m["count"], 1)
+                                                      for m in totals["mtp"]]))
+        self.writer.write(step, row)
+        logging.info("step %d eval: %s", step, row)
+        return row
+
+    def log(self, step: int, step_metrics: dict, tokens_per_sec: float) -> dict:
+        """Writes `step`'s training row (with expert-load statistics) and moves the progress bar;
+        returns its scalars."""
+        m = jax.device_get(step_metrics)
+        train = {k: float(m[k]) for k in ("loss", "ce", "mtp_ce", "balance_loss", "accuracy",
+                                          "grad_norm", "lr")}
+        train["tokens_per_sec"] = tokens_per_sec
+        train["mfu"] = (tokens_per_sec * self.flops_per_token / (self.peak * jax.device_count())
+                        if self.peak else None)
+        row = dict(train, tokens_seen=step * self.tokens_per_step)
+        if m["expert_load"] is not None:
+            biases = _router_biases(self.state.params)
+            row.update(metrics_lib.expert_load_stats(
+                m["expert_load"], None if biases is None else np.linalg.norm(biases, axis=-1)))
+            if self.config.train.log_expert_load:
+                row["expert_load"] = m["expert_load"]
+                row["router_bias"] = biases
+        self.writer.write(step, row)
+        self.writer.progress(step, train["loss"], tokens_per_sec)
+        return train
 
 
-def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -> dict:
+def _set_up(config, workdir: str, resources: contextlib.ExitStack) -> Run:
+    """The run of `config` in `workdir`, restored from its newest checkpoint if it has one; what
+    must be closed is put on `resources`. Processes meet after preparing data and compiling."""
     # ---------------------------------------------------------------- config, workdir, mesh
     check_run_config(config)
     cfg = model_config(config)
     tc, dc = config.train, config.data
-    if dc.seq_len > cfg.max_seq_len:
-        raise ValueError(f"config.data.seq_len={dc.seq_len} exceeds the model's max_seq_len="
-                         f"{cfg.max_seq_len}; shorten it or set config.model.max_seq_len.")
-    workdir = _prepare_workdir(workdir)
+    if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
+        raise ValueError(f"workdir={workdir!r} is empty; give the directory the run writes to "
+                         "(and resumes from).")
+    workdir = writable_workdir(workdir)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_mesh_fits(dict(mesh.shape), cfg, dc.batch_size)
-    rules = mesh_lib.LOGICAL_AXIS_RULES
     batch_sharding = mesh_lib.batch_sharding(mesh)
     is_main = jax.process_index() == 0
 
@@ -230,7 +313,7 @@ def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -
     # ---------------------------------------------------------------- restore or initialise
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoint)
-    _close_on_exit(resources, ckpt)
+    resources.callback(_close_quietly, ckpt)
     restored = ckpt.restore_latest(abstract_state, meta)
 
     # ---------------------------------------------------------------- compiled steps
@@ -239,7 +322,7 @@ def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -
     abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
                                               sharding=batch_sharding)
                       for k in ("tokens", "segment_ids", "positions")}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc),
                              out_shardings=(state_shardings, None),
                              donate_argnums=0).lower(abstract_state, abstract_batch).compile()
@@ -255,110 +338,79 @@ def _train_and_evaluate(config, workdir: str, resources: contextlib.ExitStack) -
         start_step, state, data_state = restored
         train_iter.set_state(data_state)
         logging.info("resumed from the checkpoint at step %d", start_step)
-    flops_per_token = model_stats(cfg, dc.seq_len).train_flops_per_token
-    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, tc.peak_tflops_per_device)
-    tokens_per_step = dc.batch_size * dc.seq_len
     writer = metrics_lib.MetricsWriter(workdir, total_steps=tc.steps, start_step=start_step,
                                        enabled=is_main)
-    _close_on_exit(resources, writer)
+    resources.callback(_close_quietly, writer)
+    return Run(config, workdir, mesh, batch_sharding, train_iter, eval_set, train_step, eval_step,
+               ckpt, writer, meta, state, start_step, saved_step=start_step,
+               flops_per_token=model_stats(cfg, dc.seq_len).train_flops_per_token,
+               peak=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                                      tc.peak_tflops_per_device))
 
-    def evaluate(step: int) -> dict:
-        totals = None
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for batch in eval_set:
-                stats = jax.device_get(eval_step(state.params, _replicated_batch(batch, batch_sharding)))
-                totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
-        main = totals["main"]
-        row = {"eval_loss": float(main["nll_sum"] / max(main["count"], 1))}
-        row["eval_perplexity"] = float(np.exp(min(row["eval_loss"], 80.0)))
-        row["eval_accuracy"] = float(main["correct"] / max(main["count"], 1))
-        if totals["mtp"]:
-            row["eval_mtp_accuracy"] = float(np.mean([m["correct"] / max(m["count"], 1)
-                                                      for m in totals["mtp"]]))
-        writer.write(step, row)
-        logging.info("step %d eval: %s", step, row)
-        return row
 
-    saved_step = start_step
+def _close_quietly(resource) -> None:
+    """Closes `resource` (at the run's end); a failure to close is logged, not raised over the
+    run's own error."""
+    try:
+        resource.close()
+    except Exception as e:  # noqa: BLE001
+        logging.warning("closing %s failed: %s", type(resource).__name__, e)
 
-    def save(step: int) -> None:
-        nonlocal saved_step
-        if step != saved_step:
-            ckpt.save(step, state, train_iter.get_state(), meta)
-            saved_step = step
 
-    # ---------------------------------------------------------------- train
-    last_train, last_eval = {}, {}
-    if start_step == 0 and eval_set:
-        last_eval = evaluate(0)
-    stop = _StopSignal()
-    nonfinite_run = 0
-    window_start, window_steps = time.perf_counter(), 0
-    step = start_step
-    with stop.installed(), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        while step < tc.steps:
-            step += 1
-            if step == tc.profile_start_step and tc.profile_steps > 0:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            batch = _global_batch(next(train_iter), batch_sharding, dc.batch_size)
-            state, step_metrics = train_step(state, batch)
-            window_steps += 1
-            if step == tc.profile_start_step + tc.profile_steps - 1 and tc.profile_steps > 0:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
+def _count_nonfinite(run: Run, step: int, step_metrics: dict, count: int) -> int:
+    """The NaN guard: consecutive non-finite steps up to `step` (0 after a finite one). A NaN/Inf
+    step left the state as it was; more than config.train.max_nonfinite_steps in a row save that
+    state and raise NonFiniteLossError."""
+    if bool(step_metrics["finite"]):
+        return 0
+    loss = float(step_metrics["loss"])
+    logging.warning("step %d: non-finite loss %s; its update was skipped", step, loss)
+    if count + 1 > run.config.train.max_nonfinite_steps:
+        run.save(step)
+        run.ckpt.wait()  # a failed save is the error to report, not a warning on close
+        raise NonFiniteLossError(
+            f"step {step}: loss {loss}, grad norm {float(step_metrics['grad_norm'])}. The state "
+            f"before this step was kept and saved at step {step} in {run.ckpt.directory}. Lower "
+            "config.train.lr (or raise warmup_steps), check the data, or allow skipping with "
+            "config.train.max_nonfinite_steps.")
+    return count + 1
 
-            # A NaN/Inf step left the state as it was; stop (after saving it) unless allowed.
-            if not bool(step_metrics["finite"]):
-                nonfinite_run += 1
-                logging.warning("step %d: non-finite loss %s; its update was skipped", step,
-                                float(step_metrics["loss"]))
-                if nonfinite_run > tc.max_nonfinite_steps:
-                    save(step)
-                    ckpt.wait()  # a failed save is the error to report, not a warning on close
-                    raise NonFiniteLossError(
-                        f"step {step}: loss {float(step_metrics['loss'])}, grad norm "
-                        f"{float(step_metrics['grad_norm'])}. The state before this step was kept "
-                        f"and saved at step {step} in {ckpt.directory}. Lower config.train.lr "
-                        "(or raise warmup_steps), check the data, or allow skipping with "
-                        "config.train.max_nonfinite_steps.")
-            else:
-                nonfinite_run = 0
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                m = jax.device_get(step_metrics)
-                elapsed = time.perf_counter() - window_start
-                tps = tokens_per_step * window_steps / elapsed
-                last_train = {k: float(m[k]) for k in ("loss", "ce", "mtp_ce", "balance_loss",
-                                                       "accuracy", "grad_norm", "lr")}
-                last_train["tokens_per_sec"] = tps
-                last_train["mfu"] = (tps * flops_per_token / (peak * jax.device_count())
-                                     if peak else None)
-                row = dict(last_train, tokens_seen=step * tokens_per_step)
-                if m["expert_load"] is not None:
-                    biases = _router_biases(state.params)
-                    row.update(metrics_lib.expert_load_stats(
-                        m["expert_load"], None if biases is None else np.linalg.norm(biases, axis=-1)))
-                    if tc.log_expert_load:
-                        row["expert_load"] = m["expert_load"]
-                        row["router_bias"] = biases
-                writer.write(step, row)
-                writer.progress(step, last_train["loss"], tps)
-                window_start, window_steps = time.perf_counter(), 0
+class _Throughput:
+    """Tokens per second of the training steps since `restart`, evaluation and saving left out."""
 
-            do_eval = eval_set and (step % tc.eval_every == 0 or step == tc.steps)
-            do_save = step % tc.checkpoint_every == 0 or step == tc.steps
-            if do_eval or do_save:
-                jax.block_until_ready(state)  # throughput counts training steps only
-                paused = time.perf_counter()
-                if do_eval:
-                    last_eval = evaluate(step)
-                if do_save:
-                    save(step)
-                window_start += time.perf_counter() - paused
-            if stop.received:
-                logging.warning("%s received: saving step %d and stopping", stop.received, step)
-                save(step)
-                break
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.restart()
 
-    ckpt.wait()  # raises if the last save failed; closing is train_and_evaluate's exit stack's
-    return {"train": last_train, "eval": last_eval, "step": step}
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tokens_per_sec(self) -> float:
+        return self.tokens_per_step * self.steps / (time.perf_counter() - self.start)
+
+    @contextlib.contextmanager
+    def paused(self, state):
+        jax.block_until_ready(state)  # the clock stops once the steps dispatched so far are done
+        paused = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - paused
+
+
+class _Profiler:
+    """A jax.profiler trace of steps [profile_start_step, profile_start_step + profile_steps)
+    into <workdir>/profile; none with profile_steps 0."""
+
+    def __init__(self, train_cfg, workdir: str):
+        first = train_cfg.profile_start_step
+        self.steps = range(first, first + train_cfg.profile_steps)
+        self.directory = os.path.join(workdir, "profile")
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(self.directory)
+
+    def after(self, step: int, state) -> None:
+        if self.steps and step == self.steps[-1]:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()

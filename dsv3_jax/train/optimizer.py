@@ -18,16 +18,14 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.model import tree
-
-SCHEDULES = ("warmup_constant_cosine", "cosine")
+from dsv3_jax.train.run_config import check_train_config
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-    """lr(step) for the run's `train` config."""
+    """lr(step) for the run's `train` config (refused as check_run_config refuses it)."""
+    check_train_config(train_cfg)
     steps, warmup, peak = train_cfg.steps, train_cfg.warmup_steps, train_cfg.lr
     final = peak * train_cfg.final_lr_ratio
-    if train_cfg.schedule not in SCHEDULES:
-        raise ValueError(f"config.train.schedule={train_cfg.schedule!r} is not one of {SCHEDULES}.")
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
     if train_cfg.schedule == "cosine":
         decay_start = warmup

@@ -22,9 +22,9 @@ from ml_collections import config_dict
 from dsv3_jax.config import ModelConfig, get_model_config
 from dsv3_jax.data.corpus import check_corpus_settings
 from dsv3_jax.data.pipeline import INT32_MAX, check_data_config
-from dsv3_jax.train.optimizer import SCHEDULES
 
 _MODEL_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+SCHEDULES = ("warmup_constant_cosine", "cosine")  # optimizer.learning_rate_schedule's
 
 
 def _model_section(preset: str) -> ml_collections.ConfigDict:
@@ -56,7 +56,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         steps=1000,
         lr=2.2e-4,
         warmup_steps=100,
-        schedule="warmup_constant_cosine",  # or "cosine"
+        schedule="warmup_constant_cosine",  # or "cosine" (SCHEDULES)
         decay_start_fraction=0.67,  # warmup_constant_cosine: cosine over the last third
         final_lr_ratio=0.1,
         b1=0.9,
@@ -100,8 +100,9 @@ def unknown_key_message(prefix: str, key: str, known: list[str]) -> str:
 
 
 def check_run_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses settings that base_config does not know (typos), naming the closest real key, and
-    values no run can use (the setting, the value and what it must be)."""
+    """The one check of a run config: refuses settings base_config does not know (typos), naming
+    the closest real key, and values no run can use (the setting, the value and what it must be).
+    Train and mesh rules are here; the data and model rules are their modules' own."""
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"the run config is a {type(config).__name__}, not an ml_collections."
                          "ConfigDict; a config file's get_config() must return one (start from "
@@ -123,7 +124,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
         if section not in config:
             raise ValueError(f"config.{section} is missing; start the config from "
                              "dsv3_jax.train.run_config.base_config().")
-    _check_values(config.train, "config.train", _TRAIN_RULES)
+    check_train_config(config.train)
     check_data_config(config.data)
     check_corpus_settings(config.data)
     for axis in config.mesh.keys():
@@ -131,6 +132,20 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
         if not _is_int(value) or (value < 1 and value != -1):
             raise ValueError(f"config.mesh.{axis}={value!r} must be a positive device count or -1 "
                              "(the devices the other axes leave).")
+    max_seq_len = model_config(config).max_seq_len  # refuses a bad preset or model field
+    if config.data.seq_len > max_seq_len:
+        raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model's "
+                         f"max_seq_len={max_seq_len}; shorten it or set config.model.max_seq_len.")
+
+
+def check_train_config(train_cfg) -> None:
+    """Refuses config.train values no run can use (what check_run_config checks of that section)."""
+    for key, rule in _TRAIN_RULES.items():
+        if key in train_cfg:
+            ok, what = rule(train_cfg[key])
+            if not ok:
+                raise ValueError(f"config.train.{key}={train_cfg[key]!r} is invalid: it must be "
+                                 f"{what}.")
 
 
 def _is_int(value) -> bool:
@@ -195,10 +210,3 @@ _TRAIN_RULES = {
     "peak_tflops_per_device": _number(0, why="for MFU; 0 uses the known accelerators' peak"),
     "max_nonfinite_steps": _int_at_least(0, "consecutive NaN/Inf steps skipped before stopping"),
 }
-
-def _check_values(section, prefix: str, rules: dict) -> None:
-    for key, rule in rules.items():
-        if key in section:
-            ok, what = rule(section[key])
-            if not ok:
-                raise ValueError(f"{prefix}.{key}={section[key]!r} is invalid: it must be {what}.")
