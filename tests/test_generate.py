@@ -296,6 +296,17 @@ def test_bad_input_is_refused(case):
         fn(cfg, init_params(cfg), prompts, **args)
 
 
+def test_a_hugging_face_folder_loads_for_inference():
+    """The third place weights live: an HF folder goes through the converter (same cfg and params)."""
+    from dsv3_jax.convert import load_hf_checkpoint
+
+    folder = str(ROOT / "tests" / "fixtures" / "hf" / "yarn_mtp_fp32")
+    cfg, params, tokenizer_path = load_for_inference(folder)
+    want_cfg, want = load_hf_checkpoint(folder)
+    assert cfg == want_cfg and tokenizer_path is None
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
 def test_a_missing_checkpoint_is_refused():
     with pytest.raises(CheckpointNotFoundError, match="is not a checkpoint"):
         load_for_inference(str(ROOT / "configs"))

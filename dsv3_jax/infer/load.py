@@ -4,7 +4,7 @@
   those are read), the model config saved with them, and the run's tokenizer;
 - a converted Orbax folder (`<dir>/params/` + `<dir>/model_config.json`, written by
   `python -m dsv3_jax.convert hf-to-orbax`), with `<dir>/tokenizer.model` when present;
-- a Hugging Face folder (`config.json` + safetensors), through `dsv3_jax.convert.hf`.
+- a Hugging Face folder (`config.json` + safetensors), through `dsv3_jax.convert`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def load_for_inference(path: str) -> tuple[ModelConfig, dict, str | None]:
     path = os.path.abspath(os.path.expanduser(path))
     local_tokenizer = os.path.join(path, TOKENIZER_FILE)
     if os.path.isfile(os.path.join(path, "config.json")):
-        from dsv3_jax.convert.hf import load_hf_checkpoint
+        from dsv3_jax.convert import load_hf_checkpoint
 
         cfg, params = load_hf_checkpoint(path)
         return cfg, params, _existing(local_tokenizer)
