@@ -14,7 +14,15 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from typing import IO, Iterator
+
+
+def _fresh_name(path: str) -> str:
+    """A name beside `path` that no other call (in any process or host) picks."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.dirname(path),
+                        f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:16]}")
 
 
 @contextlib.contextmanager
@@ -26,7 +34,8 @@ def atomic_dir(path: str, *, replace: bool = False) -> Iterator[str]:
     temporary folder is deleted and `path` is left as it was."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    tmp = _fresh_name(path)
+    os.mkdir(tmp)  # the umask's permissions, as a plain mkdir would give `path`
     try:
         yield tmp
         if replace:
@@ -43,8 +52,8 @@ def atomic_dir(path: str, *, replace: bool = False) -> Iterator[str]:
 def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
     """Yields a file open for writing that replaces `path` when the block ends without an error;
     on an error it is deleted and `path` is left as it was."""
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    tmp = _fresh_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions
     try:
         with os.fdopen(fd, mode) as f:
             yield f

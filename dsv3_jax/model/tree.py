@@ -17,7 +17,7 @@ a tree holds, in layer order), the parameter counts `is_routed_expert` and `is_m
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -33,21 +33,12 @@ ROUTED_EXPERT_WEIGHTS = ("w1", "w2", "w3")  # stacked [E, ...] arrays directly u
 MTP_PREFIX = "mtp_"
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockPath:
-    """Where one block (or one scanned stack of blocks) lives, and which layers it holds.
+class BlockPath(NamedTuple):
+    """A block, or a scanned stack of blocks (leaves [L, ...]), and the HF layers it holds."""
 
-    path:   keys from the root of `params` to the block's own tree.
-    layers: the HF layer indices it holds, in order (several for a scanned stack, whose leaves
-            carry a leading [L] axis indexed like `layers`; one otherwise).
-    moe:    its ffn is DeepSeekMoE (else a dense MLP).
-    mtp:    the MTP module index k, or None for the main model.
-    """
-
-    path: tuple[str, ...]
-    layers: tuple[int, ...]
-    moe: bool
-    mtp: int | None = None
+    path: tuple[str, ...]  # keys from the root of `params` to the block's tree
+    layers: tuple[int, ...]  # HF layer indices, in order
+    moe: bool  # its ffn is DeepSeekMoE (else a dense MLP)
 
     @property
     def scanned(self) -> bool:
@@ -64,15 +55,12 @@ def blocks(cfg: ModelConfig) -> list[BlockPath]:
     out = []
     layers = (range(cfg.n_dense_layers), range(cfg.n_dense_layers, cfg.n_layers))
     for stack, layers, moe in zip(STACKS, layers, (False, True)):
-        if not layers:
-            continue
-        if cfg.scan_layers:
+        if cfg.scan_layers and layers:
             out.append(BlockPath((stack, SCANNED), tuple(layers), moe))
-        else:
+        elif not cfg.scan_layers:
             out += [BlockPath((stack, f"layers_{j}"), (layer,), moe) for j, layer in enumerate(layers)]
-    out += [BlockPath(mtp_path(k) + ("block",), (cfg.n_layers + k,), True, mtp=k)
-            for k in range(cfg.mtp_depth)]
-    return out
+    return out + [BlockPath(mtp_path(k) + ("block",), (cfg.n_layers + k,), True)
+                  for k in range(cfg.mtp_depth)]
 
 
 def _index(key: str) -> int:
@@ -94,16 +82,8 @@ def block_paths(params) -> list[tuple[str, ...]]:
 def router_bias_paths(params) -> list[tuple[str, ...]]:
     """Every router bias in `params`, in the routers' order: ModelOutput's `expert_load` rows (the
     main model's MoE layers; a scanned stack's bias [L, E] holds L rows), then `mtp_expert_load`'s."""
-    paths = [p + ROUTER_BIAS_PATH for p in block_paths(params)]
-    return [p for p in paths if _has(params, p)]
-
-
-def _has(tree, path) -> bool:
-    for key in path:
-        if not hasattr(tree, "get") or key not in tree:
-            return False
-        tree = tree[key]
-    return True
+    return [p + ROUTER_BIAS_PATH for p in block_paths(params)
+            if ROUTER_BIAS in get(params, p).get("ffn", {}).get("gate", {})]
 
 
 def get(tree, path: tuple[str, ...]):
