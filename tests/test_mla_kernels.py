@@ -72,8 +72,8 @@ def _flash_and_grads(fn, q, k, v, do, **kw):
 
 
 def _kernel(backward="kernel"):
-    return lambda *a, **kw: mla_attention_sm90.mla_attention(*a, **kw, interpret=True,
-                                                             backward=backward)
+    return lambda *a, **kw: attention.mla_attention_kernel(*a, **kw, interpret=True,
+                                                           backward=backward)
 
 
 def _assert_grads_close(grads, ref_grads, what):
@@ -141,8 +141,8 @@ def test_flash_refuses_unsupported_inputs():
     with pytest.raises(ValueError, match="block_q"):
         mla_attention_sm90.TileConfig(block_q=96)
     with pytest.raises(ValueError, match="backward"):
-        mla_attention_sm90.mla_attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), v,
-                                         scale=0.1, backward="xla")
+        attention.mla_attention_kernel(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), v,
+                                       scale=0.1, backward="xla")
     assert not mla_attention_sm90.supports((1, 8, 4, 48), (1, 8, 4, 48), (1, 8, 4, 32),
                                            (jnp.bfloat16,) * 3)
 

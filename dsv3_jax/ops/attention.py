@@ -1,7 +1,7 @@
 """MLA attention cores: the one place that chooses an implementation per platform.
 
-Legend: B batch, T query positions, S key positions, H heads, K qk head dim (nope + rope),
-V v head dim, C latent rank (kv_lora_rank), R rope dims.
+Letters (dsv3_jax/model/__init__.py): B batch, T query positions, S key positions or cache slots,
+H heads, A qk head dim (nope + rope), O v head dim, C kv latent rank, R qk rope head dim.
 
 Two cores, each with its plain-jnp reference below:
 - `mla_attention` (training / prefill): per-head keys and values materialised, causal over index,
@@ -14,22 +14,23 @@ Both compute scores and softmax in float32 and return the query dtype. Model cod
 functions and never asks which platform it runs on. Which implementation runs is decided here, in
 `attention_impl` (read at trace time):
 - Hopper GPU (compute capability 9.x): the Pallas Mosaic GPU kernels
-  `ops/pallas/mla_attention_sm90.py` (causal flash attention, forward and backward kernels) and `ops/pallas/mla_decode_sm90.py` (flash-decoding over the latent
-  cache), when the dims and dtypes meet the kernels' requirements (bf16/f16; head dims multiples of
-  64; latent rank a multiple of 128 up to 512); anything else falls back to the reference.
+  `ops/pallas/mla_attention_sm90.py` (causal flash attention, forward and backward kernels) and
+  `ops/pallas/mla_decode_sm90.py` (flash-decoding over the latent cache), when the dims and dtypes
+  meet the kernels' requirements (bf16/f16; head dims multiples of 64; latent rank a multiple of
+  128 up to 512); anything else falls back to the reference.
 - TPU: the reference (XLA). Splash attention (Pallas Mosaic TPU) is the candidate there; not done.
 - CPU and other GPUs: the reference.
 DSV3_ATTENTION=reference|sm90 in the environment overrides the choice; "sm90" on a machine without
-a GPU runs the kernels in GPU interpret mode (slow; tests and benchmark smoke runs).
+a GPU runs the kernels in GPU interpret mode (slow; tests and benchmark smoke runs). The variable is
+read at trace time: an already traced or compiled program keeps the choice it was traced with.
 """
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops.platform import forced_impl, on_hopper
+from dsv3_jax.ops.platform import forced_impl, gpu_interpret, on_hopper
 
 _NEG_INF = -jnp.inf
 _IMPLS = ("auto", "sm90", "reference")
@@ -52,19 +53,19 @@ def mla_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
     """Causal attention with a qk head dim different from the v head dim.
 
     Args:
-      q: [B, T, H, K]; k: [B, T, H, K]; v: [B, T, H, V].
+      q: [B, T, H, A]; k: [B, T, H, A]; v: [B, T, H, O].
       scale: softmax scale (ModelConfig.softmax_scale).
       segment_ids: optional int [B, T]; a query attends only to keys of its own segment.
     Returns:
-      [B, T, H, V] in q's dtype.
+      [B, T, H, O] in q's dtype.
     """
     t = q.shape[1]
-    scores = _einsum_f32("bthk,bshk->bhts", q, k) * scale
+    scores = _einsum_f32("btha,bsha->bhts", q, k) * scale
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     probs = _softmax_f32(scores, mask).astype(v.dtype)
-    out = _einsum_f32("bhts,bshv->bthv", probs, v)
+    out = _einsum_f32("bhts,bsho->btho", probs, v)
     return out.astype(q.dtype)
 
 
@@ -101,10 +102,6 @@ def attention_impl() -> str:
     return forced_impl("DSV3_ATTENTION", _IMPLS) or ("sm90" if on_hopper() else "reference")
 
 
-def _interpret() -> bool:
-    return jax.devices()[0].platform != "gpu"
-
-
 def mla_attention(q, k, v, *, scale, segment_ids=None):
     """Training / prefill attention core; see `mla_attention_reference` for the contract."""
     if attention_impl() == "sm90":
@@ -112,7 +109,7 @@ def mla_attention(q, k, v, *, scale, segment_ids=None):
 
         if mla_attention_sm90.supports(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype)):
             return mla_attention_sm90.mla_attention(q, k, v, scale=scale, segment_ids=segment_ids,
-                                                    interpret=_interpret())
+                                                    interpret=gpu_interpret())
     return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
 
 
@@ -124,5 +121,32 @@ def mla_decode(q_latent, q_pe, cache, q_positions, *, scale):
         if mla_decode_sm90.supports(q_latent.shape, q_pe.shape, cache.shape, q_positions.shape,
                                     (q_latent.dtype, q_pe.dtype, cache.dtype)):
             return mla_decode_sm90.mla_decode(q_latent, q_pe, cache, q_positions, scale=scale,
-                                              interpret=_interpret())
+                                              interpret=gpu_interpret())
     return mla_decode_reference(q_latent, q_pe, cache, q_positions, scale=scale)
+
+
+def mla_attention_kernel(q, k, v, *, scale, segment_ids=None, backward: str = "kernel",
+                         **kernel_options):
+    """The Hopper flash-attention kernel (`ops/pallas/mla_attention_sm90.py`; its input checks
+    apply, no fallback), the contract of `mla_attention_reference`. backward: "kernel" (the dq and
+    dkv kernels) or "reference" (dq, dk, dv recomputed through `jax.vjp` of
+    `mla_attention_reference`: materialises the [T, T] scores; kept to compare against).
+    kernel_options: the kernel's `config` and `interpret`."""
+    from dsv3_jax.ops.pallas import mla_attention_sm90  # Mosaic GPU only when used
+
+    if backward not in ("kernel", "reference"):
+        raise ValueError(f"mla_attention_sm90: backward={backward!r}; expected 'kernel' or "
+                         "'reference'.")
+    kernel = lambda q, k, v, seg: mla_attention_sm90.mla_attention(
+        q, k, v, scale=scale, segment_ids=seg, **kernel_options)
+    if backward == "kernel":
+        return kernel(q, k, v, segment_ids)
+    flash = jax.custom_vjp(kernel)
+
+    def flash_bwd(residuals, do):  # the reference's dq, dk, dv; none for the segment ids
+        *qkv, seg = residuals
+        _, vjp = jax.vjp(lambda *a: mla_attention_reference(*a, scale=scale, segment_ids=seg), *qkv)
+        return (*vjp(do), None if seg is None else jnp.zeros(seg.shape, jax.dtypes.float0))
+
+    flash.defvjp(lambda *args: (kernel(*args), args), flash_bwd)
+    return flash(q, k, v, segment_ids)

@@ -1,22 +1,23 @@
 """FP8 (E4M3) block-scaled quantization, the block-scaled GEMM, and the FP8 linear layer.
 
 SPEC.md section 3, DeepSeek-V3 report section 3.3. Every number is float8_e4m3fn (max 448).
+Letters (dsv3_jax/model/__init__.py): M rows, I contracted, J output dim; Ib, Jb their 128-blocks.
 
-  act_quant(x)      1x128 tiles along the last (contraction) dim:  x [..., K] -> q [..., K],
-                    s [..., ceil(K/128)], s = max(amax, 1e-4) / 448, q = e4m3(x / s).
-  col_quant(x)      128x1 tiles along the first dim (the token dim of Wgrad): x [T, K] -> q [T, K],
-                    s [ceil(T/128), K]. Equal to act_quant(x.T) transposed.
-  weight_quant(w)   128x128 blocks: w [N, K] -> q [N, K], s [ceil(N/128), ceil(K/128)] (edge
-                    blocks partial); weight_dequant(q, s) = q * s[i // 128, j // 128].
-  fp8_gemm          C[m, n] = sum_kb (A_q[m, kb] . B_q[n, kb]) * a_s[m, kb] * b_s[n // 128, kb], each
-                    128-wide K block summed, scaled and added in fp32, output bf16. B is [N, K]
-                    (K-major, DeepSeek's layout); b_s is per 128x128 block [ceil(N/128), Kb] or per
-                    row [N, Kb] (1x128 tiles, as Wgrad's second operand has).
+  act_quant(x)      1x128 tiles along the last (contraction) dim:  x [..., I] -> q [..., I],
+                    s [..., Ib], s = max(amax, 1e-4) / 448, q = e4m3(x / s).
+  col_quant(x)      128x1 tiles along the first dim (the token dim of Wgrad): x [T, I] -> q [T, I],
+                    s [ceil(T/128), I]. Equal to act_quant(x.T) transposed.
+  weight_quant(w)   128x128 blocks: w [J, I] -> q [J, I], s [Jb, Ib] (edge blocks partial);
+                    weight_dequant(q, s) = q[j, i] * s[j // 128, i // 128].
+  fp8_gemm          C[m, j] = sum_ib (A_q[m, ib] . B_q[j, ib]) * a_s[m, ib] * b_s[j // 128, ib], each
+                    128-wide I block summed, scaled and added in fp32, output bf16. B is [J, I]
+                    (I-major, DeepSeek's [out, in] layout); b_s is per 128x128 block [Jb, Ib] or per
+                    row [J, Ib] (1x128 tiles, as Wgrad's second operand has).
   calc_diff(x, y)   1 - 2 sum(x y) / sum(x^2 + y^2) in float64 (DeepGEMM's metric; < 1e-3 passes).
-  fp8_linear(x, w)  y = x @ w with FP8 Fprop, Dgrad and Wgrad GEMMs (custom_vjp), w [in, out] the
-                    fp32 master kernel; gradients fp32 for w.
+  fp8_linear(x, w)  y = x @ w with FP8 Fprop, Dgrad and Wgrad GEMMs (custom_vjp), w [I, J] (our
+                    [in, out] layout) the fp32 master kernel; gradients fp32 for w.
   fp8_grouped_matmul(x, w, group_sizes)
-                    the routed experts' grouped product x [M, K] @ w[g] [G, K, N] (rows sorted by
+                    the routed experts' grouped product x [M, I] @ w[e] [E, I, J] (rows sorted by
                     expert, as ops.grouped_matmul) through the same three FP8 GEMMs: 1x128 tiles of
                     x and dy, 128x128 blocks of each expert's weight, and 128x1 Wgrad tiles along the
                     tokens that restart at every expert's first row (a tile never mixes experts).
@@ -28,18 +29,19 @@ Which GEMM runs (decided here, once, in `gemm_impl`; model code never asks): on 
 (compute capability 9.x) the Pallas Mosaic GPU kernel `ops/pallas/fp8_gemm_sm90.py`; everywhere else
 (CPU, TPU, other GPUs) `fp8_gemm_reference`, plain jnp whose per-block dots XLA runs in bf16 with
 fp32 results (e4m3 values and their products are exact there). No other platform has a kernel yet.
-DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice.
+DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice, read at trace time (programs
+already traced or compiled keep the GEMM they were traced with).
 The grouped product has only a plain-jnp path for now (`fp8_grouped_gemm_reference`: the tiles
 dequantized to fp32 and one fp32 ragged_dot, the same sums up to fp32 rounding); a grouped FP8
 kernel for Hopper is still to be written, so on a GPU FP8 routed experts cost more than bf16 ones
 today.
 
-Layouts of the three training GEMMs (w is our [K_in, N_out] master kernel, x [T, K_in], dy [T, N_out];
-the GEMM takes A [M, K'] and B [N', K'], both contiguous along the contraction dim K'):
-  Fprop  y  = x w        A = q(x) 1x128 [T, K_in];   B = q(w)^T [N_out, K_in]: one transpose of the
+Layouts of the three training GEMMs (w is our [I, J] master kernel, x [T, I], dy [T, J]; the GEMM
+takes A [rows, contracted] and B [columns, contracted], both contiguous along the contracted dim):
+  Fprop  y  = x w        A = q(x) 1x128 [T, I];   B = q(w)^T [J, I]: one transpose of the
                          fp8 weight (128x128 blocks transpose exactly: q(w^T) = q(w)^T).
-  Dgrad  dx = dy w^T     A = q(dy) 1x128 [T, N_out]; B = q(w) [K_in, N_out] as stored: no transpose.
-  Wgrad  dw = x^T dy     A = q(x)^T [K_in, T], B = q(dy)^T [N_out, T], both 128x1 along T (the
+  Dgrad  dx = dy w^T     A = q(dy) 1x128 [T, J];  B = q(w) [I, J] as stored: no transpose.
+  Wgrad  dw = x^T dy     A = q(x)^T [I, T], B = q(dy)^T [J, T], both 128x1 along T (the
                          contraction dim), so both get transposed (fp8 copies) and B has per-row
                          scales; output fp32, already in the [in, out] layout of w.
 The forward keeps x (compute dtype) and the fp8 weight with its scales for the backward pass.
@@ -54,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.ops.grouped_matmul import same_varying_axes, transposed_grouped_matmul_reference
-from dsv3_jax.ops.platform import forced_impl, on_hopper
+from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms, on_hopper
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -99,10 +101,10 @@ def _to_e4m3(scaled: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
 def act_quant(x: jax.Array, block: int = BLOCK, pow2_scale: bool = False
               ) -> tuple[jax.Array, jax.Array]:
-    """1 x `block` tiles along the last dim: x [..., K] -> (q e4m3 [..., K], s f32 [..., Kb]),
-    Kb = ceil(K/block).
+    """1 x `block` tiles along the last dim: x [..., I] -> (q e4m3 [..., I], s f32 [..., Ib]),
+    Ib = ceil(I/block).
 
-    x ~= q * s[..., k // block]. A partial last tile takes its amax over the elements it has.
+    x ~= q * s[..., i // block]. A partial last tile takes its amax over the elements it has.
     """
     k = x.shape[-1]
     nb = _cdiv(k, block)
@@ -115,10 +117,10 @@ def act_quant(x: jax.Array, block: int = BLOCK, pow2_scale: bool = False
 @functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
 def col_quant(x: jax.Array, block: int = BLOCK, pow2_scale: bool = False
               ) -> tuple[jax.Array, jax.Array]:
-    """`block` x 1 tiles along the first dim: x [T, K] -> (q e4m3 [T, K], s f32 [ceil(T/block), K]).
+    """`block` x 1 tiles along the first dim: x [T, I] -> (q e4m3 [T, I], s f32 [ceil(T/block), I]).
 
     The weight gradient's quantizer: x^T dy contracts over T, so x and dy are tiled along T.
-    x ~= q * s[t // block, k].
+    x ~= q * s[t // block, i].
     """
     if x.ndim != 2:
         raise ValueError(f"col_quant takes a matrix [T, K], got shape {x.shape}.")
@@ -129,9 +131,9 @@ def col_quant(x: jax.Array, block: int = BLOCK, pow2_scale: bool = False
 @functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
 def weight_quant(w: jax.Array, block: int = BLOCK, pow2_scale: bool = False
                  ) -> tuple[jax.Array, jax.Array]:
-    """`block` x `block` blocks: w [N, K] -> (q e4m3 [N, K], s f32 [ceil(N/block), ceil(K/block)]).
+    """`block` x `block` blocks: w [J, I] -> (q e4m3 [J, I], s f32 [ceil(J/block), ceil(I/block)]).
 
-    w ~= q * s[i // block, j // block]; s is the Hugging Face checkpoints' `weight_scale_inv`.
+    w ~= q * s[j // block, i // block]; s is the Hugging Face checkpoints' `weight_scale_inv`.
     Edge blocks are partial. (The 1e-4 amax floor of act_quant applies too: a zero block stays 0.)
     """
     if w.ndim != 2:
@@ -146,7 +148,7 @@ def weight_quant(w: jax.Array, block: int = BLOCK, pow2_scale: bool = False
 
 @functools.partial(jax.jit, static_argnames=("block", "dtype"))
 def weight_dequant(q: jax.Array, s: jax.Array, block: int = BLOCK, dtype=jnp.float32) -> jax.Array:
-    """q [N, K] e4m3, s [ceil(N/block), ceil(K/block)] -> q * s[i // block, j // block] in `dtype`."""
+    """q [J, I] e4m3, s [ceil(J/block), ceil(I/block)] -> q * s[j // block, i // block] in `dtype`."""
     n, k = q.shape
     if s.shape != (_cdiv(n, block), _cdiv(k, block)):
         raise ValueError(f"weight_dequant: scales {s.shape} do not match q {q.shape} in "
@@ -159,7 +161,7 @@ def weight_dequant(q: jax.Array, s: jax.Array, block: int = BLOCK, dtype=jnp.flo
 # The GEMM
 # ------------------------------------------------------------------------------------------------
 def check_gemm_args(a_q, a_s, b_q, b_s) -> None:
-    """Refuses operands that do not form C = A B^T with 128-wide K blocks (shapes, dtypes)."""
+    """Refuses operands that do not form C = A B^T with 128-wide I blocks (shapes, dtypes)."""
     if a_q.ndim != 2 or b_q.ndim != 2:
         raise ValueError(f"fp8_gemm: a_q and b_q must be matrices, got {a_q.shape} and {b_q.shape}.")
     m, k = a_q.shape
@@ -180,23 +182,20 @@ def check_gemm_args(a_q, a_s, b_q, b_s) -> None:
 
 
 def b_scales_per_row(b_s: jax.Array, n: int) -> jax.Array:
-    """b's scales as one row per output column: [ceil(N/128), Kb] blocks or [N, Kb] rows -> [N, Kb].
-
-    The two layouts coincide only when N = 1, where they mean the same thing.
-    """
-    if b_s.shape[0] == n:
-        return b_s.astype(jnp.float32)
-    return jnp.repeat(b_s.astype(jnp.float32), BLOCK, axis=0)[:n]
+    """b's scales as one float32 row per output column: [Jb, Ib] blocks or [J, Ib] rows -> [J, Ib].
+    (The two layouts coincide only when J = 1, where they mean the same thing.)"""
+    rows = b_s if b_s.shape[0] == n else jnp.repeat(b_s, BLOCK, axis=0)[:n]
+    return rows.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def fp8_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array,
                        out_dtype=jnp.bfloat16) -> jax.Array:
-    """Plain-jnp C = sum_kb (A_q[:, kb] B_q[:, kb]^T) * a_s[:, kb] b_s[:, kb]^T, fp32, -> out_dtype.
+    """Plain-jnp C = sum_ib (A_q[:, ib] B_q[:, ib]^T) * a_s[:, ib] b_s[:, ib]^T, fp32, -> out_dtype.
 
-    a_q [M, K] e4m3, a_s [M, Kb]; b_q [N, K] e4m3, b_s [ceil(N/128), Kb] or [N, Kb]; Kb = ceil(K/128).
-    K blocks are visited in order by a loop that keeps one [M, N] fp32 accumulator (no [Kb, M, N]
-    intermediate). e4m3 values are exact in bf16 and their products exact in fp32, so each block's
+    a_q [M, I] e4m3, a_s [M, Ib]; b_q [J, I] e4m3, b_s [Jb, Ib] or [J, Ib]. I blocks are visited
+    in order by a loop that keeps one [M, J] fp32 accumulator (no [Ib, M, J] intermediate). e4m3
+    values are exact in bf16 and their products exact in fp32, so each block's
     dot is exact up to fp32 summation of 128 terms.
     """
     check_gemm_args(a_q, a_s, b_q, b_s)
@@ -205,16 +204,16 @@ def fp8_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.
     kb = _cdiv(k, BLOCK)
     a = _pad_to(a_q.astype(jnp.bfloat16), 1, BLOCK).reshape(m, kb, BLOCK)
     b = _pad_to(b_q.astype(jnp.bfloat16), 1, BLOCK).reshape(n, kb, BLOCK)
-    sa = a_s.astype(jnp.float32)  # [M, Kb]
-    sb = b_scales_per_row(b_s, n)  # [N, Kb]
+    sa = a_s.astype(jnp.float32)  # [M, Ib]
+    sb = b_scales_per_row(b_s, n)  # [J, Ib]
 
     def add_block(i, acc):
         a_blk = jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)  # [M, 128]
-        b_blk = jax.lax.dynamic_index_in_dim(b, i, axis=1, keepdims=False)  # [N, 128]
+        b_blk = jax.lax.dynamic_index_in_dim(b, i, axis=1, keepdims=False)  # [J, 128]
         partial = jax.lax.dot_general(a_blk, b_blk, (((1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.float32)  # [M, N]
+                                      preferred_element_type=jnp.float32)  # [M, J]
         sa_i = jax.lax.dynamic_index_in_dim(sa, i, axis=1)  # [M, 1]
-        sb_i = jax.lax.dynamic_index_in_dim(sb, i, axis=1)  # [N, 1]
+        sb_i = jax.lax.dynamic_index_in_dim(sb, i, axis=1)  # [J, 1]
         return acc + partial * (sa_i * sb_i.T)
 
     acc = jax.lax.fori_loop(0, kb, add_block, jnp.zeros((m, n), jnp.float32))
@@ -232,16 +231,16 @@ def gemm_impl() -> str:
 
 def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
              out_dtype=jnp.bfloat16, impl: str = "auto") -> jax.Array:
-    """C [M, N] = dequant(a) dequant(b)^T with per-128-K-block fp32 promotion (module docstring).
+    """C [M, J] = dequant(a) dequant(b)^T with per-128-I-block fp32 promotion (module docstring).
 
     Args:
-      a_q: [M, K] float8_e4m3fn, a_s: [M, ceil(K/128)] float32 (from act_quant).
-      b_q: [N, K] float8_e4m3fn (K-major: DeepSeek's [out, in] weight layout); b_s
-        [ceil(N/128), ceil(K/128)] (weight_quant) or [N, ceil(K/128)] (act_quant of b).
+      a_q: [M, I] float8_e4m3fn, a_s: [M, Ib] float32 (from act_quant).
+      b_q: [J, I] float8_e4m3fn (I-major: DeepSeek's [out, in] weight layout); b_s [Jb, Ib]
+        (weight_quant) or [J, Ib] (act_quant of b).
       out_dtype: bfloat16 (the recipe's output), float16 or float32.
       impl: "auto" (Hopper GPU -> the Pallas kernel, else the reference), "sm90" (the kernel; on a
         machine without a GPU it runs in GPU interpret mode, slowly) or "reference".
-    Any M, N and K >= 1 work (the kernel pads to its tiles).
+    Any M, J and I >= 1 work (the kernel pads to its tiles).
     """
     if impl not in _GEMM_IMPLS:
         raise ValueError(f"fp8_gemm: impl={impl!r}; use one of {_GEMM_IMPLS}.")
@@ -249,10 +248,11 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
         impl = gemm_impl()
     if impl == "reference":
         return fp8_gemm_reference(a_q, a_s, b_q, b_s, out_dtype=out_dtype)
+    check_gemm_args(a_q, a_s, b_q, b_s)
     from dsv3_jax.ops.pallas import fp8_gemm_sm90  # Mosaic GPU is imported only when used
 
     return fp8_gemm_sm90.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=out_dtype,
-                                  interpret=jax.devices()[0].platform != "gpu")
+                                  interpret=gpu_interpret(), num_sms=num_sms())
 
 
 def calc_diff(x, y) -> float:
@@ -280,10 +280,10 @@ def fp8_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False) -> jax.A
     """y = x @ w through FP8 GEMMs in the forward and both backward products (SPEC.md section 3).
 
     Args:
-      x: [..., K] activations in the compute dtype (bf16 in training).
-      w: [K, N] the master kernel in our [in, out] layout (fp32).
+      x: [..., I] activations in the compute dtype (bf16 in training).
+      w: [I, J] the master kernel in our [in, out] layout (fp32).
     Returns:
-      [..., N] in x's dtype. Gradients: dx in x's dtype; dw in w's dtype (fp32 for the fp32 master
+      [..., J] in x's dtype. Gradients: dx in x's dtype; dw in w's dtype (fp32 for the fp32 master
       weight), accumulated in fp32. Layouts and transposes: module docstring.
     """
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
@@ -300,25 +300,25 @@ def _fp8_linear_fwd(x, w, static):
     pow2, _ = static
     k, n = w.shape
     with jax.named_scope("fp8_fprop"):
-        x2 = x.reshape(-1, k)  # [T, K]
-        wq, ws = weight_quant(w, pow2_scale=pow2)  # [K, N] e4m3, [K/128, N/128]
-        xq, xs = act_quant(x2, pow2_scale=pow2)  # [T, K], [T, K/128]
-        y = fp8_gemm(xq, xs, wq.T, ws.T, out_dtype=x.dtype)  # B = w^T [N, K]
+        x2 = x.reshape(-1, k)  # [T, I]
+        wq, ws = weight_quant(w, pow2_scale=pow2)  # [I, J] e4m3, [Ib, Jb]
+        xq, xs = act_quant(x2, pow2_scale=pow2)  # [T, I], [T, Ib]
+        y = fp8_gemm(xq, xs, wq.T, ws.T, out_dtype=x.dtype)  # B = w^T [J, I]
     return y.reshape(*x.shape[:-1], n), (x2, wq, ws)
 
 
 def _fp8_linear_bwd(static, residuals, dy):
     pow2, w_dtype = static
-    x2, wq, ws = residuals  # [T, K] compute dtype; [K, N] e4m3; [K/128, N/128] f32
+    x2, wq, ws = residuals  # [T, I] compute dtype; [I, J] e4m3; [Ib, Jb] f32
     k, n = wq.shape
-    dy2 = dy.reshape(-1, n)  # [T, N]
+    dy2 = dy.reshape(-1, n)  # [T, J]
     with jax.named_scope("fp8_dgrad"):
-        dyq, dys = act_quant(dy2, pow2_scale=pow2)  # 1x128 along N, the contraction dim
-        dx = fp8_gemm(dyq, dys, wq, ws, out_dtype=x2.dtype)  # B = w [K, N] as stored
+        dyq, dys = act_quant(dy2, pow2_scale=pow2)  # 1x128 along J, the contraction dim
+        dx = fp8_gemm(dyq, dys, wq, ws, out_dtype=x2.dtype)  # B = w [I, J] as stored
     with jax.named_scope("fp8_wgrad"):
-        xq, xs = col_quant(x2, pow2_scale=pow2)  # 128x1 along T: [T, K], [T/128, K]
-        gq, gs = col_quant(dy2, pow2_scale=pow2)  # [T, N], [T/128, N]
-        dw = fp8_gemm(xq.T, xs.T, gq.T, gs.T, out_dtype=jnp.float32)  # [K, N]; b_s per row
+        xq, xs = col_quant(x2, pow2_scale=pow2)  # 128x1 along T: [T, I], [T/128, I]
+        gq, gs = col_quant(dy2, pow2_scale=pow2)  # [T, J], [T/128, J]
+        dw = fp8_gemm(xq.T, xs.T, gq.T, gs.T, out_dtype=jnp.float32)  # [I, J]; b_s per row
     return dx.reshape(*dy.shape[:-1], k), dw.astype(w_dtype)
 
 
@@ -329,7 +329,7 @@ _fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 # The routed experts: grouped FP8 GEMMs
 # ------------------------------------------------------------------------------------------------
 def _row_groups(group_sizes: jax.Array, m: int) -> jax.Array:
-    """Group of each of m rows laid out group after group: int32 [m]; G for rows past the sum."""
+    """Group of each of m rows laid out group after group: int32 [M]; E for rows past the sum."""
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
     return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
 
@@ -354,22 +354,22 @@ def _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes) -> None:
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def fp8_grouped_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array,
                                group_sizes: jax.Array, out_dtype=jnp.bfloat16) -> jax.Array:
-    """C[m] = sum_kb (A_q[m, kb] . B_q[g(m), kb, :]) * a_s[m, kb] * b_s[g(m), kb, n // 128], fp32.
+    """C[m] = sum_ib (A_q[m, ib] . B_q[e(m), ib, :]) * a_s[m, ib] * b_s[e(m), ib, j // 128], fp32.
 
-    a_q [M, K] e4m3 rows sorted by group, a_s [M, Kb] (1x128 tiles); b_q [G, K, N] e4m3 in our
-    [group, in, out] layout, b_s [G, Kb, Nb] (128x128 blocks of each group); group_sizes int [G].
+    a_q [M, I] e4m3 rows sorted by group, a_s [M, Ib] (1x128 tiles); b_q [E, I, J] e4m3 in our
+    [expert, in, out] layout, b_s [E, Ib, Jb] (128x128 blocks of each group); group_sizes int [E].
     Rows past sum(group_sizes) come back as zeros.
 
     Both operands are dequantized to fp32 (q * s: exact up to one fp32 rounding) and multiplied by
-    one fp32 ragged_dot. The scales are constant within each 128-wide K block, so this is the same
+    one fp32 ragged_dot. The scales are constant within each 128-wide I block, so this is the same
     sum as promoting each block's e4m3 partial product with a_s * b_s, up to fp32 rounding. (A loop
-    over K blocks, as `fp8_gemm_reference` has, crashed XLA:CPU's compiler once inside a scanned
+    over I blocks, as `fp8_gemm_reference` has, crashed XLA:CPU's compiler once inside a scanned
     layer under shard_map.)
     """
     _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes)
     k = a_q.shape[1]
     a = a_q.astype(jnp.float32) * jnp.repeat(a_s.astype(jnp.float32), BLOCK, axis=1)[:, :k]
-    b = jax.vmap(weight_dequant)(b_q, b_s)  # each group's [K, N] in its 128x128 blocks
+    b = jax.vmap(weight_dequant)(b_q, b_s)  # each group's [I, J] in its 128x128 blocks
     out = jax.lax.ragged_dot(a, b, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
     return out.astype(out_dtype)
 
@@ -378,18 +378,18 @@ def fp8_grouped_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b
 def grouped_col_quant(x: jax.Array, group_sizes: jax.Array, block: int = BLOCK,
                       pow2_scale: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`block` x 1 tiles along the rows that restart at each group's first row (Wgrad's quantizer
-    for the routed experts: dw[g] = x_g^T dy_g contracts over group g's rows only).
+    for the routed experts: dw[e] = x_e^T dy_e contracts over group e's rows only).
 
-    x [M, K] rows sorted by group -> (q e4m3 [M, K], s f32 [ceil(M/block) + G + 1, K], tile int32 [M]):
-    row m belongs to tile `tile[m]` and x[m] ~= q[m] * s[tile[m]]. Group g's i-th row is in its
-    (i // block)-th tile; rows past sum(group_sizes) get the last, all-zero tile (q = 0).
+    x [M, I] rows sorted by group -> (q e4m3 [M, I], s f32 [ceil(M/block) + E + 1, I], tile int32 [M]):
+    row m belongs to tile `tile[m]` and x[m] ~= q[m] * s[tile[m]]. Group e's rows fill its tiles
+    in order, `block` rows a tile; rows past sum(group_sizes) get the last, all-zero tile (q = 0).
     """
     if x.ndim != 2:
         raise ValueError(f"grouped_col_quant takes a matrix [M, K], got shape {x.shape}.")
     m = x.shape[0]
     g = group_sizes.shape[0]
     gs = group_sizes.astype(jnp.int32)
-    group = _row_groups(gs, m)  # [M], G for padding
+    group = _row_groups(gs, m)  # [M], E for padding
     starts = jnp.cumsum(gs) - gs
     tiles_per_group = (gs + block - 1) // block
     first_tile = jnp.cumsum(tiles_per_group) - tiles_per_group
@@ -398,7 +398,7 @@ def grouped_col_quant(x: jax.Array, group_sizes: jax.Array, block: int = BLOCK,
     local = jnp.arange(m, dtype=jnp.int32) - starts[safe]
     tile = jnp.where(group < g, first_tile[safe] + local // block, n_tiles)
     xf = jnp.where((group < g)[:, None], x.astype(jnp.float32), 0.0)
-    amax = jax.ops.segment_max(jnp.abs(xf), tile, num_segments=n_tiles + 1)  # [tiles + 1, K]
+    amax = jax.ops.segment_max(jnp.abs(xf), tile, num_segments=n_tiles + 1)  # [tiles + 1, I]
     s = _scale_from_amax(jnp.maximum(amax, 0.0), pow2_scale)  # empty tiles: segment_max gives -inf
     q = _to_e4m3(xf / s[tile])
     return q, s, tile
@@ -406,10 +406,10 @@ def grouped_col_quant(x: jax.Array, group_sizes: jax.Array, block: int = BLOCK,
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                        pow2_scale: bool = False) -> jax.Array:
-    """x [M, K] (rows sorted by group) @ w[g] [G, K, N] through FP8 GEMMs, like `fp8_linear` per group.
+    """x [M, I] (rows sorted by group) @ w[e] [E, I, J] through FP8 GEMMs, like `fp8_linear` per group.
 
     The contract of `ops.grouped_matmul.grouped_matmul` (rows past sum(group_sizes) -> zeros),
-    with the recipe's three GEMMs: Fprop q(x) 1x128 x q(w[g]) 128x128; Dgrad q(dy) 1x128 x q(w[g])
+    with the recipe's three GEMMs: Fprop q(x) 1x128 x q(w[e]) 128x128; Dgrad q(dy) 1x128 x q(w[e])
     (the same blocks, transposed); Wgrad q(x)^T q(dy) with 128x1 tiles that restart at each
     group's first row. Returns x's dtype; dx in x's dtype, dw in w's dtype (fp32 master), no
     gradient for group_sizes. Equal, group by group, to `fp8_linear` on that group's rows.
@@ -429,8 +429,8 @@ def _fp8_grouped(x, w, group_sizes, static):
 def _fp8_grouped_fwd(x, w, group_sizes, static):
     pow2, _ = static
     with jax.named_scope("fp8_grouped_fprop"):
-        wq, ws = jax.vmap(lambda wg: weight_quant(wg, pow2_scale=pow2))(w)  # [G, K, N], [G, Kb, Nb]
-        xq, xs = act_quant(x, pow2_scale=pow2)  # [M, K], [M, Kb]
+        wq, ws = jax.vmap(lambda wg: weight_quant(wg, pow2_scale=pow2))(w)  # [E, I, J], [E, Ib, Jb]
+        xq, xs = act_quant(x, pow2_scale=pow2)  # [M, I], [M, Ib]
         y = fp8_grouped_gemm_reference(xq, xs, wq, ws, group_sizes, out_dtype=x.dtype)
     return y, (x, wq, ws, group_sizes)
 
@@ -439,7 +439,7 @@ def _fp8_grouped_bwd(static, residuals, dy):
     pow2, w_dtype = static
     x, wq, ws, group_sizes = residuals
     with jax.named_scope("fp8_grouped_dgrad"):
-        dyq, dys = act_quant(dy, pow2_scale=pow2)  # 1x128 along N, the contraction dim
+        dyq, dys = act_quant(dy, pow2_scale=pow2)  # 1x128 along J, the contraction dim
         dx = fp8_grouped_gemm_reference(dyq, dys, jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2),
                                         group_sizes, out_dtype=x.dtype)
     with jax.named_scope("fp8_grouped_wgrad"):
@@ -449,7 +449,7 @@ def _fp8_grouped_bwd(static, residuals, dy):
         # product (the scales are constant within a tile), exact up to fp32 rounding.
         x_hat = xq.astype(jnp.float32) * xs[tile]
         dy_hat = gq.astype(jnp.float32) * gs[tile]
-        dw = transposed_grouped_matmul_reference(x_hat, dy_hat, group_sizes)  # [G, K, N] fp32
+        dw = transposed_grouped_matmul_reference(x_hat, dy_hat, group_sizes)  # [E, I, J] fp32
     return dx, dw.astype(w_dtype), None
 
 

@@ -1,37 +1,38 @@
 """Grouped (ragged) matmul for the routed experts: the one place that picks its implementation.
 
-Legend: M rows (token-expert pairs, sorted by expert), K input dim, N output dim, G groups (experts)
-in group_sizes, G_loc groups held in w.
+Letters (dsv3_jax/model/__init__.py): M rows (token-expert pairs, sorted by expert), I input dim,
+J output dim, E experts (the groups) in group_sizes, E_loc of them held in w; e indexes them.
 
-`grouped_matmul(x, w, group_sizes)[m] = x[m] @ w[g(m)]`, where rows are laid out group after group:
+`grouped_matmul(x, w, group_sizes)[m] = x[m] @ w[e(m)]`, where rows are laid out group after group:
 the first group_sizes[0] rows belong to group 0, the next group_sizes[1] to group 1, and so on.
 Rows past sum(group_sizes) (padding) come back as zeros and get zero gradients. Products
 accumulate in float32 and are returned in x's dtype (w is cast to x's dtype first).
 
-Expert-parallel shards (`group_offset`): group_sizes [G] still describes every row of x, but w
-[G_loc, K, N] holds only the experts group_offset .. group_offset + G_loc - 1 (a contiguous slice;
-group_offset may be traced, e.g. axis_index * G_loc). Rows of those groups get their products;
+Expert-parallel shards (`group_offset`): group_sizes [E] still describes every row of x, but w
+[E_loc, I, J] holds only the experts group_offset .. group_offset + E_loc - 1 (a contiguous slice;
+group_offset may be traced, e.g. axis_index * E_loc). Rows of those groups get their products;
 rows of all other groups, and padding rows, come back as zeros with zero dx, and dw covers the
-G_loc held experts only. Without group_offset, G_loc must equal G. (megablox's contract.)
+E_loc held experts only. Without group_offset, E_loc must equal E. (megablox's contract.)
 parallel/expert_parallel.py does not need it: after its all_to_all a device holds only rows of
 its own experts (sorted, then padding), so it passes their local sizes and no offset.
 
 Gradients (a custom_vjp, the same structure on every backend):
-  dx = grouped_matmul(dy, w^T)          dy [M, N], w[g]^T [N, K]: a grouped matmul (no copy of w
-                                        on the kernels: they read w[g] transposed)
-  dw[g] = x[rows of g]^T dy[rows of g]  the transposed grouped matmul ("tgmm"), fp32 sums,
+  dx = grouped_matmul(dy, w^T)          dy [M, J], w[e]^T [J, I]: a grouped matmul (no copy of w
+                                        on the kernels: they read w[e] transposed)
+  dw[e] = x[rows of e]^T dy[rows of e]  the transposed grouped matmul ("tgmm"), fp32 sums,
                                         returned in w's dtype; zeros for an empty group.
 
 Backends (chosen once here; model code never asks):
   sm90        a Hopper GPU (compute capability 9.x): our Pallas Mosaic GPU kernels
               `ops/pallas/grouped_matmul_sm90.py` (gmm and tgmm) for bf16/fp16 operands; other
-              dtypes (fp32) go to ragged_dot. Elsewhere it runs in GPU interpret mode (tests).
+              dtypes (fp32) go to ragged_dot. Off a GPU it runs in GPU interpret mode (tests).
   megablox    a TPU: `jax.experimental.pallas.ops.tpu.megablox` gmm / tgmm; elsewhere in
               interpret mode (tests).
   ragged_dot  the CPU and any other GPU: XLA's `jax.lax.ragged_dot` / `ragged_dot_general`; also
               the reference, `grouped_matmul_reference` / `transposed_grouped_matmul_reference`.
-DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox in the environment forces a backend (read at trace
-time), e.g. for benchmarks and for tests of every backend on the CPU.
+DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox in the environment forces a backend, e.g. for
+benchmarks and for tests of every backend on the CPU. It is read at trace time: an already traced
+or compiled program keeps the backend it was traced with.
 
 Not done: SwiGLU's w1 and w3 are two calls (a fused call would read x once and write one [M, 2F]
 result; a later step).
@@ -45,10 +46,10 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops.platform import forced_impl, on_hopper
+from dsv3_jax.ops.platform import (forced_impl, gpu_interpret, num_sms, on_hopper, on_tpu,
+                                   tpu_interpret)
 
 IMPLS = ("auto", "ragged_dot", "sm90", "megablox")
-_16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((0,), (0,)), ((), ())),  # contract over the (ragged) rows
     lhs_ragged_dimensions=[0],
@@ -60,13 +61,13 @@ _TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
 # Group bookkeeping
 # ------------------------------------------------------------------------------------------------
 def _all_starts(group_sizes: jax.Array) -> jax.Array:
-    """int32 [G+1]: group g owns rows [starts[g], starts[g+1])."""
+    """int32 [E+1]: group e owns rows [starts[e], starts[e+1])."""
     gs = group_sizes.astype(jnp.int32)
     return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(gs, dtype=jnp.int32)])
 
 
 def local_starts(group_sizes: jax.Array, group_offset, num_local: int) -> jax.Array:
-    """int32 [G_loc+1]: row starts of the held groups offset .. offset + G_loc - 1 (and the end of
+    """int32 [E_loc+1]: row starts of the held groups offset .. offset + E_loc - 1 (and the end of
     the last one), in rows of x."""
     starts = _all_starts(group_sizes)
     if group_offset is None:
@@ -75,7 +76,7 @@ def local_starts(group_sizes: jax.Array, group_offset, num_local: int) -> jax.Ar
 
 
 def _local_frame(group_sizes, group_offset, num_local):
-    """(sizes of the held groups [G_loc], first row of the held groups) for the ragged_dot path."""
+    """(sizes of the held groups [E_loc], first row of the held groups) for the ragged_dot path."""
     if group_offset is None:
         return group_sizes.astype(jnp.int32), None
     offset = jnp.asarray(group_offset, jnp.int32)
@@ -87,7 +88,7 @@ def _local_frame(group_sizes, group_offset, num_local):
 # ragged_dot backend (the reference)
 # ------------------------------------------------------------------------------------------------
 def _ragged_forward(x, w, group_sizes, group_offset=None, transpose_rhs=False):
-    """x [M, C] @ w[g] ([G_loc, C, N], or w[g]^T for w [G_loc, N, C]) -> [M, N] f32."""
+    """x [M, I] @ w[e] ([E_loc, I, J], or w[e]^T for w [E_loc, J, I]) -> [M, J] f32."""
     w = w.astype(x.dtype)
     if transpose_rhs:
         w = jnp.swapaxes(w, 1, 2)
@@ -101,7 +102,7 @@ def _ragged_forward(x, w, group_sizes, group_offset=None, transpose_rhs=False):
 
 
 def _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype=jnp.float32):
-    """x [M, K], dy [M, N] -> [G_loc, K, N] f32, per held group x_g^T dy_g."""
+    """x [M, I], dy [M, J] -> [E_loc, I, J] f32, per held group x_e^T dy_e."""
     sizes, row_lo = _local_frame(group_sizes, group_offset, num_local)
     dy = dy.astype(x.dtype)
     if row_lo is not None:
@@ -112,7 +113,7 @@ def _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype=jnp.flo
 
 def grouped_matmul_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                              group_offset=None) -> jax.Array:
-    """x [M, K], w [G_loc, K, N], group_sizes int32 [G] -> [M, N] in x's dtype (lax.ragged_dot);
+    """x [M, I], w [E_loc, I, J], group_sizes int32 [E] -> [M, J] in x's dtype (lax.ragged_dot);
     the module docstring's contract, group_offset included."""
     return _ragged_forward(x, w, group_sizes, group_offset).astype(x.dtype)
 
@@ -120,8 +121,8 @@ def grouped_matmul_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
 def transposed_grouped_matmul_reference(x: jax.Array, dy: jax.Array, group_sizes: jax.Array,
                                         group_offset=None, num_groups: int | None = None
                                         ) -> jax.Array:
-    """x [M, K], dy [M, N] -> [G_loc, K, N] float32: x[rows of g]^T dy[rows of g] for the held
-    groups (G_loc = num_groups, default len(group_sizes))."""
+    """x [M, I], dy [M, J] -> [E_loc, I, J] float32: x[rows of e]^T dy[rows of e] for the held
+    groups (E_loc = num_groups, default len(group_sizes))."""
     num_local = group_sizes.shape[0] if num_groups is None else num_groups
     return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local)
 
@@ -129,30 +130,27 @@ def transposed_grouped_matmul_reference(x: jax.Array, dy: jax.Array, group_sizes
 # ------------------------------------------------------------------------------------------------
 # Pallas backends
 # ------------------------------------------------------------------------------------------------
-def _not_on(platform: str) -> bool:
-    return jax.devices()[0].platform != platform
-
-
 def _sm90_forward(x, w, group_sizes, group_offset, transpose_rhs):
-    if jnp.dtype(x.dtype) not in _16BIT:
-        return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
     from dsv3_jax.ops.pallas import grouped_matmul_sm90  # Mosaic GPU is imported only when used
 
+    if jnp.dtype(x.dtype) not in grouped_matmul_sm90.IN_DTYPES:
+        return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
     starts = local_starts(group_sizes, group_offset, w.shape[0])
     return grouped_matmul_sm90.gmm(x, w.astype(x.dtype), starts, transpose_rhs=transpose_rhs,
-                                   out_dtype=x.dtype, interpret=_not_on("gpu"))
+                                   out_dtype=x.dtype, interpret=gpu_interpret(), num_sms=num_sms())
 
 
 def _sm90_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
-    if jnp.dtype(x.dtype) not in _16BIT:
-        return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
     from dsv3_jax.ops.pallas import grouped_matmul_sm90
 
+    if jnp.dtype(x.dtype) not in grouped_matmul_sm90.IN_DTYPES:
+        return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
     starts = local_starts(group_sizes, group_offset, num_local)
-    # The kernel writes w's dtype straight from its fp32 sums (no [G, K, N] fp32 round trip).
-    kernel_out = out_dtype if jnp.dtype(out_dtype) in (*_16BIT, jnp.dtype(jnp.float32)) else None
+    # The kernel writes w's dtype straight from its fp32 sums (no [E, I, J] fp32 round trip).
+    kernel_out = out_dtype if jnp.dtype(out_dtype) in grouped_matmul_sm90.OUT_DTYPES else None
     return grouped_matmul_sm90.tgmm(x, dy.astype(x.dtype), starts,
-                                    out_dtype=kernel_out or jnp.float32, interpret=_not_on("gpu"))
+                                    out_dtype=kernel_out or jnp.float32, interpret=gpu_interpret(),
+                                    num_sms=num_sms())
 
 
 def _megablox():
@@ -161,8 +159,8 @@ def _megablox():
 
 
 def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """(tm, tk, tn) for megablox: 128 where the dim allows (to be tuned on a TPU); M is padded to
-    tm (a multiple of 16, bf16's sublane tile) by the caller, K and N may end in a partial tile."""
+    """(tm, tk, tn) for M, I, J: 128 where the dim allows (to be tuned on a TPU); M is padded to
+    tm (a multiple of 16, bf16's sublane tile) by the caller, I and J may end in a partial tile."""
     return min(128, -(-m // 16) * 16), min(128, k), min(128, n)
 
 
@@ -179,7 +177,7 @@ def _megablox_forward(x, w, group_sizes, group_offset, transpose_rhs):
     out = _megablox().gmm(_pad_rows(x, tiling[0]), w.astype(x.dtype),
                           group_sizes.astype(jnp.int32), preferred_element_type=x.dtype,
                           tiling=tiling, group_offset=offset, transpose_rhs=transpose_rhs,
-                          interpret=_not_on("tpu"))[:m]
+                          interpret=tpu_interpret())[:m]
     # megablox leaves rows past the last held group unwritten (garbage) when it holds every group.
     starts = local_starts(group_sizes, group_offset, w.shape[0])
     rows = jnp.arange(m, dtype=jnp.int32)[:, None]
@@ -192,7 +190,7 @@ def _megablox_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
     return _megablox().tgmm(_pad_rows(x, tiling[0]).T, _pad_rows(dy.astype(x.dtype), tiling[0]),
                             group_sizes.astype(jnp.int32), preferred_element_type=out_dtype,
                             tiling=tiling, group_offset=offset, num_actual_groups=num_local,
-                            interpret=_not_on("tpu"))
+                            interpret=tpu_interpret())
 
 
 _FORWARD = {"ragged_dot": _ragged_forward, "sm90": _sm90_forward, "megablox": _megablox_forward}
@@ -210,7 +208,7 @@ def grouped_matmul_impl() -> str:
         return forced
     if on_hopper():
         return "sm90"
-    return "megablox" if jax.devices()[0].platform == "tpu" else "ragged_dot"
+    return "megablox" if on_tpu() else "ragged_dot"
 
 
 def _varying_axes(a) -> frozenset:
@@ -234,9 +232,9 @@ def same_varying_axes(*arrays):
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, group_offset=None, *,
                    impl: str = "auto") -> jax.Array:
-    """x [M, K], w [G_loc, K, N], group_sizes int [G] -> [M, N] in x's dtype.
+    """x [M, I], w [E_loc, I, J], group_sizes int [E] -> [M, J] in x's dtype.
 
-    group_offset: None (w holds every group, G_loc = G) or an int32 scalar, the index in
+    group_offset: None (w holds every group, E_loc = E) or an int32 scalar, the index in
     group_sizes of w[0] (module docstring). impl: "auto" or one of ragged_dot, sm90, megablox.
     """
     if impl not in IMPLS:
@@ -277,7 +275,7 @@ def _grouped_matmul_bwd(static, residuals, dy):
     x, w, group_sizes, offset = residuals
     offset = offset if has_offset else None
     with jax.named_scope(f"grouped_matmul_dgrad_{impl}"):
-        dx = _FORWARD[impl](dy.astype(x.dtype), w, group_sizes, offset, True)  # dy @ w[g]^T
+        dx = _FORWARD[impl](dy.astype(x.dtype), w, group_sizes, offset, True)  # dy @ w[e]^T
     with jax.named_scope(f"grouped_matmul_wgrad_{impl}"):
         dw = _WGRAD[impl](x, dy, group_sizes, offset, w.shape[0], w.dtype)
     return dx.astype(x.dtype), dw.astype(w.dtype), None, None

@@ -1,8 +1,10 @@
-"""What the ops dispatchers need to know about the machine: the one definition of "a Hopper GPU",
-and the environment variables that force an implementation.
+"""The one place that reads the machine: what the ops dispatchers need to know about it, and the
+`DSV3_*` environment variables that force an implementation. Kernels read nothing: a dispatcher
+asks here and passes them what they need (interpret mode, the SM count) as arguments.
 
-Each op module keeps its own choice (`ops/fp8.gemm_impl`, `ops/grouped_matmul.grouped_matmul_impl`,
-`ops/attention.attention_impl`); they read the machine and the overrides through these two helpers.
+Everything here is read at trace time: a function already traced (jit's cache in this process, a
+lowered or exported program) keeps the choice made then; setting a `DSV3_*` variable later changes
+only what is traced after that.
 """
 
 from __future__ import annotations
@@ -18,9 +20,30 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
+def on_tpu() -> bool:
+    return jax.devices()[0].platform == "tpu"
+
+
+def gpu_interpret() -> bool:
+    """Whether a Mosaic GPU kernel runs in GPU interpret mode here: anywhere but on a GPU."""
+    return jax.devices()[0].platform != "gpu"
+
+
+def tpu_interpret() -> bool:
+    """Whether a Mosaic TPU kernel runs in interpret mode here: anywhere but on a TPU."""
+    return not on_tpu()
+
+
+def num_sms() -> int | None:
+    """The default GPU's SM count (132 on an H100 SXM); None off a GPU or when it does not say."""
+    device = jax.devices()[0]
+    sms = getattr(device, "core_count", 0) if device.platform == "gpu" else 0
+    return int(sms) if sms else None
+
+
 def forced_impl(variable: str, impls: tuple[str, ...]) -> str | None:
     """The implementation the environment variable `variable` forces, or None when it is unset or
-    "auto". A value outside `impls` is refused with the valid ones."""
+    "auto" (read at trace time). A value outside `impls` is refused with the valid ones."""
     forced = os.environ.get(variable, "auto")
     if forced not in impls:
         raise ValueError(f"{variable}={forced!r}; use one of {impls} (or leave it unset).")

@@ -6,6 +6,8 @@
   mla_decode_sm90.py     flash-decoding over the latent cache (Mosaic GPU);
                      reference ops.attention.mla_decode_reference
   grouped_matmul_sm90.py  MoE grouped matmul gmm / tgmm for Hopper; references in ops.grouped_matmul
+  hopper.py          their shared parts; a kernel imports it, jax and numpy only (never another
+                     kernel, never its dispatcher in dsv3_jax.ops: tests/test_ops_structure.py)
 
 Nothing here is imported by default: `dsv3_jax.ops` picks a kernel per platform and imports it when
 it is used, so CPU and TPU runs never load Mosaic GPU.

@@ -2,34 +2,35 @@
 
 The math (SPEC.md section 3, DeepSeek's DeepGEMM):
 
-    C[m, n] = sum_kb (A_q[m, kb] . B_q[n, kb]) * a_s[m, kb] * b_s[n, kb]     (fp32), then -> bf16
+    C[m, j] = sum_ib (A_q[m, ib] . B_q[j, ib]) * a_s[m, ib] * b_s[j, ib]     (fp32), then -> bf16
 
-A_q [M, K] and B_q [N, K] are float8_e4m3fn, both K-major (K is the contiguous dimension); kb runs
-over 128-wide K blocks. a_s [M, Kb] holds one scale per row and K block (1x128 activation tiles);
-b_s is given per row, [N, Kb]: the wrapper expands 128x128 weight-block scales [ceil(N/128), Kb] to
+Letters (dsv3_jax/model/__init__.py): M rows, I the contracted dim, J the output dim; Ib = I / 128.
+A_q [M, I] and B_q [J, I] are float8_e4m3fn, both I-major (I is the contiguous dimension); ib runs
+over 128-wide I blocks. a_s [M, Ib] holds one scale per row and I block (1x128 activation tiles);
+b_s is given per row, [J, Ib]: the wrapper expands 128x128 weight-block scales [ceil(J/128), Ib] to
 rows, and Wgrad's 1x128 gradient tiles are per-row already.
 
-Why the promotion: Hopper's FP8 tensor-core accumulator keeps only about 14 bits, so a long K sum
-loses precision. DeepGEMM's fix, done here: every 128-wide K block gets a *fresh* WGMMA
+Why the promotion: Hopper's FP8 tensor-core accumulator keeps only about 14 bits, so a long sum over
+I loses precision. DeepGEMM's fix, done here: every 128-wide I block gets a *fresh* WGMMA
 accumulator; once that block's product is done it is scaled and added into fp32 registers
-(acc += partial * a_s[m] * b_s[n]), so the tensor core never sums more than 128 products.
+(acc += partial * a_s[m] * b_s[j]), so the tensor core never sums more than 128 products.
 
 The tiling:
   * One CTA computes a `cta_m x cta_n` output tile; its `num_compute_wgs` (2) compute warpgroups
     each own a `tile_m x tile_n` slice of it (split along M by default), and a third warpgroup only
     issues TMA copies (`plgpu.emit_pipeline_warp_specialized`): A [cta_m, 128], B [cta_n, 128] and the
-    two scale rows of each K block, `max_concurrent_steps` blocks in flight.
-  * Per K block a compute warpgroup runs `wgmma(acc_k, A[rows, 128], B[cols, 128]^T)`. The transpose
-    is only a view: B's shared-memory tile stays K-major, which is what an FP8 wgmma requires (the
+    two scale rows of each I block, `max_concurrent_steps` blocks in flight.
+  * Per I block a compute warpgroup runs `wgmma(acc_i, A[rows, 128], B[cols, 128]^T)`. The transpose
+    is only a view: B's shared-memory tile stays I-major, which is what an FP8 wgmma requires (the
     real lowering rejects transposed 8-bit operands: "Only f16 WGMMA supports transposes").
   * The kernel is persistent: one CTA per SM walks the output tiles in a snake order (`planar_snake`)
     so that neighbouring CTAs share A rows / B columns in L2.
   * Epilogue: the fp32 registers are cast to bf16 (or the requested dtype), stored to swizzled
     shared memory and written out by TMA.
 
-Layouts the wrapper prepares (all copies, done by XLA around the call): M, N padded to the CTA tile
-and K to 128 with zeros (exact: zero products), a_s transposed to [Kb, Mp] and b_s to [Kb, Np], so
-that each K block's scales are one contiguous row for TMA. Real DeepSeek-V3 shapes (multiples of
+Layouts the wrapper prepares (all copies, done by XLA around the call): M, J padded to the CTA tile
+and I to 128 with zeros (exact: zero products), a_s transposed to [Ib, Mp] and b_s to [Ib, Jp], so
+that each I block's scales are one contiguous row for TMA. Real DeepSeek-V3 shapes (multiples of
 128 or of the tile) pay only the small scale transposes.
 
 The plain-jnp reference it is tested against is `dsv3_jax.ops.fp8.fp8_gemm_reference`; tests run
@@ -54,10 +55,10 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops import fp8 as fp8_ops
+from dsv3_jax.ops.pallas.hopper import (OUT_DTYPES, SMEM_BYTES, interpret_params, persistent_grid,
+                                        refuse, round_up, transforms, wgmma_new)
 
-BLOCK_K = 128  # the quantization block along K: one wgmma accumulator per block
-_OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+BLOCK_K = 128  # the quantization block along I (the contracted dim): one wgmma accumulator each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,28 +73,26 @@ class TileConfig:
     tile_n: int = 128  # columns per compute warpgroup (a multiple of 64, at most 256)
     num_compute_wgs: int = 2  # compute warpgroups per CTA (one more issues the TMA copies)
     wg_dimension: str = "m"  # how the compute warpgroups split the CTA tile: "m" or "n"
-    max_concurrent_steps: int = 4  # K blocks in flight (shared-memory stages)
+    max_concurrent_steps: int = 4  # I blocks in flight (shared-memory stages)
     grid_minor_dim: str = "n"  # the snake order walks this dimension fastest ...
     grid_tile_width: int = 4  # ... in bands this many tiles wide
 
     def __post_init__(self):
-        def refuse(field, why):
-            raise ValueError(f"TileConfig.{field}={getattr(self, field)!r}: {why}.")
-
         if self.tile_m < 64 or self.tile_m % 64:
-            refuse("tile_m", "must be a positive multiple of 64 (the wgmma M)")
+            refuse(self, "tile_m", "must be a positive multiple of 64 (the wgmma M)")
         if self.tile_n < 64 or self.tile_n % 64 or self.tile_n > 256:
-            refuse("tile_n", "must be 64, 128, 192 or 256 (wgmma N <= 256, 128-byte epilogue rows)")
+            refuse(self, "tile_n",
+                   "must be 64, 128, 192 or 256 (wgmma N <= 256, 128-byte epilogue rows)")
         if self.num_compute_wgs not in (1, 2):
-            refuse("num_compute_wgs", "must be 1 or 2")
+            refuse(self, "num_compute_wgs", "must be 1 or 2")
         if self.wg_dimension not in ("m", "n"):
-            refuse("wg_dimension", 'must be "m" or "n"')
+            refuse(self, "wg_dimension", 'must be "m" or "n"')
         if self.max_concurrent_steps < 2:
-            refuse("max_concurrent_steps", "must be >= 2 (double buffering at least)")
+            refuse(self, "max_concurrent_steps", "must be >= 2 (double buffering at least)")
         if self.grid_minor_dim not in ("m", "n"):
-            refuse("grid_minor_dim", 'must be "m" or "n"')
+            refuse(self, "grid_minor_dim", 'must be "m" or "n"')
         if self.grid_tile_width < 1:
-            refuse("grid_tile_width", "must be >= 1")
+            refuse(self, "grid_tile_width", "must be >= 1")
 
     @property
     def cta_m(self) -> int:
@@ -105,7 +104,6 @@ class TileConfig:
 
 
 DEFAULT_CONFIG = TileConfig()
-SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may opt into
 _SMEM_SLACK = 4 * 1024  # barriers and alignment
 
 
@@ -129,11 +127,11 @@ def fit_to_smem(cfg: TileConfig, out_dtype) -> TileConfig:
 
 def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: TileConfig):
     """One persistent CTA: loops over output tiles; see the module docstring."""
-    # a_gmem:  [Mp, Kp]  float8_e4m3fn, K-major
-    # b_gmem:  [Np, Kp]  float8_e4m3fn, K-major
-    # as_gmem: [Kb, Mp]  float32, a_s transposed: row kb holds the scales of K block kb
-    # bs_gmem: [Kb, Np]  float32, per-row b scales, transposed likewise
-    # out_gmem: [Mp, Np] out dtype
+    # a_gmem:  [Mp, Ip]  float8_e4m3fn, I-major
+    # b_gmem:  [Jp, Ip]  float8_e4m3fn, I-major
+    # as_gmem: [Ib, Mp]  float32, a_s transposed: row ib holds the scales of I block ib
+    # bs_gmem: [Ib, Jp]  float32, per-row b scales, transposed likewise
+    # out_gmem: [Mp, Jp] out dtype
     mp, kp = a_gmem.shape
     np_ = b_gmem.shape[0]
     out_dtype = out_gmem.dtype
@@ -141,13 +139,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: TileConfig):
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
     m_iters, n_iters, k_iters = mp // cta_m, np_ // cta_n, kp // BLOCK_K
 
-    # 128 fp8 = 128 bytes per K row: 128-byte swizzle, (8, 128) tiles, as wgmma expects.
-    in_swizzle = plgpu.find_swizzle(BLOCK_K * 8)
-    in_transforms = (plgpu.TilingTransform((8, in_swizzle)), plgpu.SwizzleTransform(in_swizzle))
-    out_itemsize = jnp.dtype(out_dtype).itemsize
-    out_swizzle = plgpu.find_swizzle(tn * out_itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
+    # 128 fp8 = 128 bytes per I row: 128-byte swizzle, (8, 128) tiles, as wgmma expects.
+    in_transforms = transforms(BLOCK_K, a_gmem.dtype)
+    out_transforms = transforms(tn, out_dtype)
 
     def make_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -194,12 +188,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: TileConfig):
                 # a_smem:  [cta_m, 128] fp8 (swizzled)   b_smem: [cta_n, 128] fp8 (swizzled)
                 # as_smem: [1, cta_m] f32                bs_smem: [1, cta_n] f32
                 # acc:     [tm, tn] f32 registers (WGMMA layout), the promoted accumulator
-                def block_product(acc_ref):  # acc_ref: [tm, tn] f32, a fresh wgmma accumulator
-                    plgpu.wgmma(acc_ref, a_smem.at[wg_rows],
-                                b_smem.at[wg_cols].transpose((1, 0)))  # B viewed [128, tn], K-major
-                    return acc_ref[...]  # waits for the wgmma
-
-                partial = pl.run_scoped(block_product, plgpu.ACC((tm, tn), jnp.float32))
+                # partial: [tm, tn] f32, this block's product in a fresh wgmma accumulator
+                partial = wgmma_new((tm, tn), a_smem.at[wg_rows],
+                                    b_smem.at[wg_cols].transpose((1, 0)))  # B viewed [128, tn]
                 sa = plgpu.load(as_smem.at[0, wg_rows], layout=plgpu.Layout.WGMMA.reduce(1))  # [tm]
                 sb = plgpu.load(bs_smem.at[0, wg_cols], layout=plgpu.Layout.WGMMA.reduce(0))  # [tn]
                 # The scale rows were read by ordinary loads and the TMA engine (async proxy) will
@@ -226,75 +217,56 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: TileConfig):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def default_num_sms() -> int:
-    """Streaming multiprocessors of the default GPU (132 on an H100 SXM); 2 elsewhere (interpret)."""
-    device = jax.devices()[0]
-    if device.platform != "gpu":
-        return 2
-    return int(getattr(device, "core_count", 0) or 132)
-
-
 def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
              out_dtype=jnp.bfloat16, config: TileConfig | None = None,
              interpret: bool | plgpu.InterpretGPUParams = False,
              num_sms: int | None = None) -> jax.Array:
-    """C = dequant(A) dequant(B)^T with per-128-K-block fp32 promotion, on Hopper.
+    """C = dequant(A) dequant(B)^T with per-128-I-block fp32 promotion, on Hopper.
 
-    Args:
-      a_q: [M, K] float8_e4m3fn; a_s: [M, ceil(K/128)] float32 (1x128 tiles).
-      b_q: [N, K] float8_e4m3fn; b_s: [ceil(N/128), ceil(K/128)] (128x128 blocks) or
-        [N, ceil(K/128)] (1x128 tiles) float32.
+    Args (checked by the dispatcher, `ops.fp8.check_gemm_args`, not here):
+      a_q: [M, I] float8_e4m3fn; a_s: [M, ceil(I/128)] float32 (1x128 tiles).
+      b_q: [J, I] float8_e4m3fn; b_s: [ceil(J/128), ceil(I/128)] (128x128 blocks) or
+        [J, ceil(I/128)] (1x128 tiles) float32.
       out_dtype: bfloat16 (default), float16 or float32.
       config: tiling (DEFAULT_CONFIG when None).
       interpret: True (or an `InterpretGPUParams`, e.g. with the race detector on) runs the
         kernel in Pallas GPU interpret mode on the CPU (tests).
-      num_sms: persistent CTAs (default: the GPU's SM count; 2 in interpret mode).
+      num_sms: persistent CTAs: the SM count the dispatcher passes (None: hopper.persistent_grid's).
     Returns:
-      [M, N] in out_dtype.
+      [M, J] in out_dtype.
     """
-    fp8_ops.check_gemm_args(a_q, a_s, b_q, b_s)
     out_dtype = jnp.dtype(out_dtype)
-    if out_dtype not in _OUT_DTYPES:
+    if out_dtype not in OUT_DTYPES:
         raise ValueError(f"fp8_gemm_sm90: out_dtype={out_dtype} is not supported; use one of "
-                         f"{[str(d) for d in _OUT_DTYPES]}.")
+                         f"{[str(d) for d in OUT_DTYPES]}.")
     cfg = fit_to_smem(config or DEFAULT_CONFIG, out_dtype)
     m, k = a_q.shape
     n = b_q.shape[0]
     kb = -(-k // BLOCK_K)
-    mp, np_, kp = _round_up(m, cfg.cta_m), _round_up(n, cfg.cta_n), kb * BLOCK_K
+    mp, np_, kp = round_up(m, cfg.cta_m), round_up(n, cfg.cta_n), kb * BLOCK_K
 
-    b_rows = fp8_ops.b_scales_per_row(b_s, n)  # [N, Kb]
-    a_p = jnp.pad(a_q, ((0, mp - m), (0, kp - k)))  # [Mp, Kp]
-    b_p = jnp.pad(b_q, ((0, np_ - n), (0, kp - k)))  # [Np, Kp]
-    as_t = jnp.pad(a_s.astype(jnp.float32), ((0, mp - m), (0, 0))).T  # [Kb, Mp]
-    bs_t = jnp.pad(b_rows.astype(jnp.float32), ((0, np_ - n), (0, 0))).T  # [Kb, Np]
+    # [J, Ib]: 128x128 block scales repeated over their rows (the two layouts coincide when J = 1).
+    b_rows = b_s if b_s.shape[0] == n else jnp.repeat(b_s, BLOCK_K, axis=0)[:n]
+    a_p = jnp.pad(a_q, ((0, mp - m), (0, kp - k)))  # [Mp, Ip]
+    b_p = jnp.pad(b_q, ((0, np_ - n), (0, kp - k)))  # [Jp, Ip]
+    as_t = jnp.pad(a_s.astype(jnp.float32), ((0, mp - m), (0, 0))).T  # [Ib, Mp]
+    bs_t = jnp.pad(b_rows.astype(jnp.float32), ((0, np_ - n), (0, 0))).T  # [Ib, Jp]
 
-    sms = num_sms or default_num_sms()
     n_tiles = (mp // cfg.cta_m) * (np_ // cfg.cta_n)
     call = plgpu.kernel(
         functools.partial(_kernel, cfg=cfg),
         out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=(max(1, min(sms, n_tiles)),),
+        grid=persistent_grid(n_tiles, num_sms, interpret),
         grid_names=("sm",),
         num_threads=cfg.num_compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
-                   else plgpu.InterpretGPUParams() if interpret else None),
+        interpret=interpret_params(interpret),
     )
     out = call(a_p, b_p, as_t, bs_t)
     return out[:m, :n] if (mp, np_) != (m, n) else out
 
 
-def flops(m: int, n: int, k: int) -> float:
-    """Useful floating-point operations of one [M, K] x [K, N] product."""
-    return 2.0 * m * n * k
-
-
-__all__ = ["BLOCK_K", "DEFAULT_CONFIG", "SMEM_BYTES", "TileConfig", "default_num_sms", "fit_to_smem",
-           "flops", "fp8_gemm", "smem_bytes"]
+__all__ = ["BLOCK_K", "DEFAULT_CONFIG", "SMEM_BYTES", "TileConfig", "fit_to_smem", "fp8_gemm",
+           "smem_bytes"]

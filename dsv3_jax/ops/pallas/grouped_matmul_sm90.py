@@ -1,39 +1,40 @@
 """Grouped (ragged) matmuls of the routed experts for Hopper (sm_90a), Pallas Mosaic GPU.
 
-The math (rows of x sorted by expert; group g owns the rows [starts[g], starts[g+1])):
+Letters (dsv3_jax/model/__init__.py): M rows, I input dim, J output dim, E experts (groups). The
+math (rows of x sorted by expert; group e owns the rows [starts[e], starts[e+1])):
 
-    gmm:   out[m, :] = x[m, :] @ w[g(m)]          x [M, K], w [G, K, N]  -> [M, N]
-           (transpose_rhs: w[g(m)]^T, w [G, N, K]: the input gradient dx = dy w^T needs no copy)
-           rows outside [starts[0], starts[G]) are zeros.
-    tgmm:  out[g] = x[starts[g]:starts[g+1]]^T @ dy[starts[g]:starts[g+1]]
-                                                  x [M, K], dy [M, N]   -> [G, K, N]
+    gmm:   out[m, :] = x[m, :] @ w[e(m)]          x [M, I], w [E, I, J]  -> [M, J]
+           (transpose_rhs: w[e(m)]^T, w [E, J, I]: the input gradient dx = dy w^T needs no copy)
+           rows outside [starts[0], starts[E]) are zeros.
+    tgmm:  out[e] = x[starts[e]:starts[e+1]]^T @ dy[starts[e]:starts[e+1]]
+                                                  x [M, I], dy [M, J]   -> [E, I, J]
            (the weight gradient dw; an empty group gets zeros).
 
-`starts` [G+1] is in absolute rows of x, so the kernels never see an expert-parallel group offset:
+`starts` [E+1] is in absolute rows of x, so the kernels never see an expert-parallel group offset:
 the caller (`dsv3_jax/ops/grouped_matmul.py`) slices the starts of the experts it holds. The
 references the kernels are tested against are `grouped_matmul_reference` and
 `transposed_grouped_matmul_reference` in that file (XLA's `lax.ragged_dot`).
 
-gmm tiling. The output [M, N] is cut into `block_m x block_n` tiles; one CTA per SM (persistent)
-walks the tiles in a snake order (`planar_snake`, bands `grid_block_n` tiles wide along N) so that
+gmm tiling. The output [M, J] is cut into `block_m x block_n` tiles; one CTA per SM (persistent)
+walks the tiles in a snake order (`planar_snake`, bands `grid_block_n` tiles wide along J) so that
 CTAs working at the same time share rows of x and columns of w in L2. For one output tile:
   * the wrapper precomputed, per row tile, the range [lo, hi) of groups whose rows meet it (most
     tiles: one group; a tile across a boundary: two or more; a tile of padding rows: none);
-  * for each such group g with rows in the tile, one `emit_pipeline` over K (`block_k` = 64 bf16 =
-    one 128-byte swizzled row) streams x[tile rows, k-block] and w[g][k-block, tile cols] by TMA,
+  * for each such group e with rows in the tile, one `emit_pipeline` over I (`block_k` = 64 bf16 =
+    one 128-byte swizzled row) streams x[tile rows, i-block] and w[e][i-block, tile cols] by TMA,
     `max_concurrent_steps` stages deep, into `wgmma(acc, x_tile, w_tile)` (fp32 accumulator in
     registers; for transpose_rhs the w tile is [block_n, block_k] and wgmma reads it transposed,
     which 16-bit wgmma supports);
-  * the rows of the tile that belong to g are selected into the shared-memory output tile
-    (`where(row in g, acc, out_tile)`, starting from zeros), so rows of other groups, and padding
+  * the rows of the tile that belong to e are selected into the shared-memory output tile
+    (`where(row in e, acc, out_tile)`, starting from zeros), so rows of other groups, and padding
     rows, are never written with a wrong product; one TMA store writes the whole tile.
-A tile across a boundary runs the K loop once per group (the extra cost is at most G + 1 tiles of
-ceil(M / block_m)); a tile with no group is only stored as zeros (no K loop).
+A tile across a boundary runs the I loop once per group (the extra cost is at most E + 1 tiles of
+ceil(M / block_m)); a tile with no group is only stored as zeros (no I loop).
 
-tgmm tiling. One work item is (group g, a `block_k x block_n` tile of the [K, N] output); CTAs walk
+tgmm tiling. One work item is (group e, a `block_k x block_n` tile of the [I, J] output); CTAs walk
 the items persistently. For an item, `emit_pipeline` runs over the `block_m`-row blocks that meet
 the group's rows (a dynamic count, none for an empty group), streaming x[block, k cols] and
-dy[block, n cols]; `wgmma(acc, x_blk^T, dy_blk)` contracts over the rows (x's tile is read
+dy[block, j cols]; `wgmma(acc, x_blk^T, dy_blk)` contracts over the rows (x's tile is read
 transposed, allowed for 16-bit operands). The first and last block of a group may hold rows of its
 neighbours: there both tiles are masked in shared memory (rows outside the group set to 0, a
 register round trip, then `commit_smem` before the wgmma reads them); interior blocks are used as
@@ -62,9 +63,11 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-_IN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-SMEM_BYTES = 227 * 1024  # shared memory a Hopper CTA may opt into
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, OUT_DTYPES, SMEM_BYTES, interpret_params,
+                                        persistent_grid, refuse, round_up, transforms)
+
+IN_DTYPES = DTYPES_16BIT  # operands; the dispatcher routes others (fp32) to lax.ragged_dot
+_SMEM_SLACK = 4 * 1024  # barriers and alignment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,102 +75,74 @@ class TileConfig:
     """Tiling of both kernels (defaults to be tuned on an H100).
 
     gmm:  output tiles block_m x block_n, contraction steps of block_k.
-    tgmm: output tiles block_k x block_n of each group's [K, N], contraction steps of block_m rows.
+    tgmm: output tiles block_k x block_n of each group's [I, J], contraction steps of block_m rows.
     """
 
     block_m: int = 128  # gmm: rows per tile (wgmma M, a multiple of 64); tgmm: rows per step
-    block_n: int = 128  # columns per tile (wgmma N: a multiple of 64, at most 256)
+    block_n: int = 128  # columns per tile (a wgmma's width: a multiple of 64, at most 256)
     block_k: int = 64  # gmm: contraction step; tgmm: output rows (wgmma M) per tile
     max_concurrent_steps: int = 4  # pipeline stages in shared memory
-    grid_block_n: int = 4  # the snake order's band width along N
+    grid_block_n: int = 4  # the snake order's band width along J
 
     def __post_init__(self):
-        def refuse(field, why):
-            raise ValueError(f"TileConfig.{field}={getattr(self, field)!r}: {why}.")
-
         for field in ("block_m", "block_k"):
             if getattr(self, field) < 64 or getattr(self, field) % 64:
-                refuse(field, "must be a positive multiple of 64")
+                refuse(self, field, "must be a positive multiple of 64")
         if self.block_n < 64 or self.block_n % 64 or self.block_n > 256:
-            refuse("block_n", "must be 64, 128, 192 or 256 (wgmma N <= 256)")
+            refuse(self, "block_n", "must be 64, 128, 192 or 256 (wgmma N <= 256)")
         if self.max_concurrent_steps < 2:
-            refuse("max_concurrent_steps", "must be >= 2 (the wgmma of a step is still reading "
-                   "its tiles while the next step's copies are issued)")
+            refuse(self, "max_concurrent_steps", "must be >= 2 (the wgmma of a step is still "
+                   "reading its tiles while the next step's copies are issued)")
         if self.grid_block_n < 1:
-            refuse("grid_block_n", "must be >= 1")
+            refuse(self, "grid_block_n", "must be >= 1")
 
 
 DEFAULT_GMM_CONFIG = TileConfig()
 DEFAULT_TGMM_CONFIG = TileConfig(block_m=64, block_k=128)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _transforms(minor: int, dtype):
-    """Tiling + swizzle for a shared-memory tile whose minor (contiguous) dim holds `minor` elems."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def default_num_sms() -> int:
-    """Streaming multiprocessors of the default GPU (132 on an H100 SXM); 2 elsewhere (interpret)."""
-    device = jax.devices()[0]
-    if device.platform != "gpu":
-        return 2
-    return int(getattr(device, "core_count", 0) or 132)
-
-
-def _interpret_params(interpret):
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
 def _check_dtypes(name, *arrays):
     for a in arrays:
-        if jnp.dtype(a.dtype) not in _IN_DTYPES:
+        if jnp.dtype(a.dtype) not in IN_DTYPES:
             raise ValueError(f"{name}: operands must be bfloat16 or float16, got {a.dtype}; "
                              "dsv3_jax.ops.grouped_matmul routes other dtypes to lax.ragged_dot.")
 
 
 # ------------------------------------------------------------------------------------------------
-# gmm: out = x @ w[g(row)]
+# gmm: out = x @ w[e(row)]
 # ------------------------------------------------------------------------------------------------
 def smem_bytes_gmm(cfg: TileConfig, in_dtype, out_dtype) -> int:
     stage = (cfg.block_m + cfg.block_n) * cfg.block_k * jnp.dtype(in_dtype).itemsize
     out = cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize
-    return cfg.max_concurrent_steps * stage + out + 4 * 1024
+    return cfg.max_concurrent_steps * stage + out + _SMEM_SLACK
 
 
 def _gmm_kernel(starts_gmem, tile_lo_gmem, tile_hi_gmem, x_gmem, w_gmem, out_gmem, *,
                 cfg: TileConfig, transpose_rhs: bool):
     """One persistent CTA: walks output tiles (module docstring)."""
-    # starts_gmem:  [G+1] int32, group g owns rows [starts[g], starts[g+1])
-    # tile_lo_gmem: [Mt] int32, tile_hi_gmem: [Mt] int32: groups [lo, hi) meet row tile i
-    # x_gmem:       [Mp, Kp] bf16/f16
-    # w_gmem:       [G, Kp, Np], or [G, Np, Kp] when transpose_rhs
-    # out_gmem:     [Mp, Np]
+    # starts_gmem:  [E+1] int32, group e owns rows [starts[e], starts[e+1])
+    # tile_lo_gmem: [Mt] int32, tile_hi_gmem: [Mt] int32: groups [lo, hi) meet each row tile
+    # x_gmem:       [Mp, Ip] bf16/f16
+    # w_gmem:       [E, Ip, Jp], or [E, Jp, Ip] when transpose_rhs
+    # out_gmem:     [Mp, Jp]
     mp, kp = x_gmem.shape
     np_ = out_gmem.shape[1]
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     m_tiles, n_tiles, k_steps = mp // bm, np_ // bn, kp // bk
     dtype, out_dtype = x_gmem.dtype, out_gmem.dtype
 
-    x_spec = plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=_transforms(bk, dtype),
+    x_spec = plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=transforms(bk, dtype),
                              delay_release=1)
     if transpose_rhs:
-        w_spec = plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=_transforms(bk, dtype),
+        w_spec = plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=transforms(bk, dtype),
                                  delay_release=1)
     else:
-        w_spec = plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=_transforms(bn, dtype),
+        w_spec = plgpu.BlockSpec((bk, bn), lambda k: (k, 0), transforms=transforms(bn, dtype),
                                  delay_release=1)
 
     @functools.partial(pl.run_scoped,
                        o_smem=plgpu.SMEM((bm, bn), out_dtype,
-                                         transforms=_transforms(bn, out_dtype)))  # [bm, bn]
+                                         transforms=transforms(bn, out_dtype)))  # [bm, bn]
     def _scoped(o_smem):
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def _tile(loop_info):
@@ -175,7 +150,7 @@ def _gmm_kernel(starts_gmem, tile_lo_gmem, tile_hi_gmem, x_gmem, w_gmem, out_gme
             mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), 1, cfg.grid_block_n)
             row0 = mi * bm
             rows, cols = pl.ds(row0, bm), pl.ds(ni * bn, bn)
-            x_tile_rows = x_gmem.at[rows, :]  # [bm, Kp]
+            x_tile_rows = x_gmem.at[rows, :]  # [bm, Ip]
 
             def product(g):
                 w_g = w_gmem.at[g, cols, :] if transpose_rhs else w_gmem.at[g, :, cols]
@@ -218,9 +193,9 @@ def _gmm_kernel(starts_gmem, tile_lo_gmem, tile_hi_gmem, x_gmem, w_gmem, out_gme
 
 def row_tile_group_ranges(starts: jax.Array, m_padded: int, block_m: int
                           ) -> tuple[jax.Array, jax.Array]:
-    """For each block_m row tile i: [lo_i, hi_i), the groups g whose rows [starts[g], starts[g+1])
-    meet the tile's rows [i block_m, (i+1) block_m) (an empty group may be included; it is
-    skipped in the kernel). starts int32 [G+1] non-decreasing -> (lo, hi) int32 [Mp / block_m]."""
+    """For each block_m row tile: [lo, hi), the groups e whose rows [starts[e], starts[e+1]) meet
+    the tile's rows [tile * block_m, (tile + 1) * block_m) (an empty group may be included; it is
+    skipped in the kernel). starts int32 [E+1] non-decreasing -> (lo, hi) int32 [Mp / block_m]."""
     row0 = jnp.arange(0, m_padded, block_m, dtype=jnp.int32)
     lo = jnp.searchsorted(starts[1:], row0, side="right").astype(jnp.int32)  # ends <= row0: before
     hi = jnp.searchsorted(starts[:-1], row0 + block_m, side="left").astype(jnp.int32)
@@ -231,25 +206,25 @@ def gmm(x: jax.Array, w: jax.Array, starts: jax.Array, *, transpose_rhs: bool = 
         out_dtype=None, config: TileConfig | None = None,
         interpret: bool | plgpu.InterpretGPUParams = False, num_sms: int | None = None
         ) -> jax.Array:
-    """out[m] = x[m] @ w[g] for starts[g] <= m < starts[g+1]; zeros for other rows.
+    """out[m] = x[m] @ w[e] for starts[e] <= m < starts[e+1]; zeros for other rows.
 
     Args:
-      x: [M, K] bf16 or f16, rows sorted by group.
-      w: [G, K, N] (or [G, N, K] with transpose_rhs=True, multiplying by w[g]^T), x's dtype.
-      starts: int32 [G+1], non-decreasing, in rows of x (starts[G] <= M).
+      x: [M, I] bf16 or f16, rows sorted by group.
+      w: [E, I, J] (or [E, J, I] with transpose_rhs=True, multiplying by w[e]^T), x's dtype.
+      starts: int32 [E+1], non-decreasing, in rows of x (starts[E] <= M).
       out_dtype: x's dtype when None; bf16, f16 or f32.
       config: tiling (DEFAULT_GMM_CONFIG when None).
       interpret: True (or InterpretGPUParams) runs in Pallas GPU interpret mode on the CPU.
-      num_sms: persistent CTAs (default: the GPU's SM count; 2 in interpret mode).
+      num_sms: persistent CTAs: the SM count the dispatcher passes (None: hopper.persistent_grid's).
     Returns:
-      [M, N] in out_dtype.
+      [M, J] in out_dtype.
     """
     _check_dtypes("grouped_matmul_sm90.gmm", x, w)
     if x.dtype != w.dtype:
         raise ValueError(f"grouped_matmul_sm90.gmm: x is {x.dtype} but w is {w.dtype}; cast w.")
     cfg = config or DEFAULT_GMM_CONFIG
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    if out_dtype not in _OUT_DTYPES:
+    if out_dtype not in OUT_DTYPES:
         raise ValueError(f"grouped_matmul_sm90.gmm: out_dtype={out_dtype} is not supported.")
     m, k = x.shape
     g = w.shape[0]
@@ -259,7 +234,7 @@ def gmm(x: jax.Array, w: jax.Array, starts: jax.Array, *, transpose_rhs: bool = 
                          f"{transpose_rhs}) and starts {starts.shape} do not match.")
     if smem_bytes_gmm(cfg, x.dtype, out_dtype) > SMEM_BYTES:
         raise ValueError(f"{cfg} needs more than {SMEM_BYTES} bytes of shared memory.")
-    mp, kp, np_ = _round_up(m, cfg.block_m), _round_up(k, cfg.block_k), _round_up(n, cfg.block_n)
+    mp, kp, np_ = round_up(m, cfg.block_m), round_up(k, cfg.block_k), round_up(n, cfg.block_n)
     x_p = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
     if transpose_rhs:
         w_p = jnp.pad(w, ((0, 0), (0, np_ - n), (0, kp - k))) if (np_, kp) != (n, k) else w
@@ -271,30 +246,30 @@ def gmm(x: jax.Array, w: jax.Array, starts: jax.Array, *, transpose_rhs: bool = 
     call = plgpu.kernel(
         functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
         out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=(max(1, min(num_sms or default_num_sms(), n_tiles)),),
+        grid=persistent_grid(n_tiles, num_sms, interpret),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )
     out = call(starts, lo, hi, x_p, w_p)
     return out[:m, :n] if (mp, np_) != (m, n) else out
 
 
 # ------------------------------------------------------------------------------------------------
-# tgmm: out[g] = x[rows of g]^T @ dy[rows of g]
+# tgmm: out[e] = x[rows of e]^T @ dy[rows of e]
 # ------------------------------------------------------------------------------------------------
 def smem_bytes_tgmm(cfg: TileConfig, in_dtype, out_dtype) -> int:
     stage = cfg.block_m * (cfg.block_k + cfg.block_n) * jnp.dtype(in_dtype).itemsize
     out = cfg.block_k * cfg.block_n * jnp.dtype(out_dtype).itemsize
-    return cfg.max_concurrent_steps * stage + out + 4 * 1024
+    return cfg.max_concurrent_steps * stage + out + _SMEM_SLACK
 
 
 def _tgmm_kernel(starts_gmem, x_gmem, dy_gmem, out_gmem, *, cfg: TileConfig):
     """One persistent CTA: walks (group, output tile) items (module docstring)."""
-    # starts_gmem: [G+1] int32, group g owns rows [starts[g], starts[g+1])
-    # x_gmem:      [Mp, Kp] bf16/f16
-    # dy_gmem:     [Mp, Np] bf16/f16
-    # out_gmem:    [G, Kp, Np]
+    # starts_gmem: [E+1] int32, group e owns rows [starts[e], starts[e+1])
+    # x_gmem:      [Mp, Ip] bf16/f16
+    # dy_gmem:     [Mp, Jp] bf16/f16
+    # out_gmem:    [E, Ip, Jp]
     kp = x_gmem.shape[1]
     np_ = dy_gmem.shape[1]
     groups = out_gmem.shape[0]
@@ -304,7 +279,7 @@ def _tgmm_kernel(starts_gmem, x_gmem, dy_gmem, out_gmem, *, cfg: TileConfig):
 
     @functools.partial(pl.run_scoped,
                        o_smem=plgpu.SMEM((bk, bn), out_dtype,
-                                         transforms=_transforms(bn, out_dtype)))  # [bk, bn]
+                                         transforms=transforms(bn, out_dtype)))  # [bk, bn]
     def _scoped(o_smem):
         @plgpu.nd_loop((groups, k_tiles * n_tiles), collective_axes="sm")
         def _item(loop_info):
@@ -322,7 +297,7 @@ def _tgmm_kernel(starts_gmem, x_gmem, dy_gmem, out_gmem, *, cfg: TileConfig):
 
             def scope(acc_ref):  # acc_ref: [bk, bn] f32
                 def step(idx, x_smem, dy_smem):
-                    # x_smem: [bm, bk] (rows, k cols); dy_smem: [bm, bn] (rows, n cols)
+                    # x_smem: [bm, bk] (rows, i cols); dy_smem: [bm, bn] (rows, j cols)
                     (i,) = idx
 
                     @pl.when((i == 0) | (i == n_blocks - 1))  # blocks shared with neighbours
@@ -339,9 +314,9 @@ def _tgmm_kernel(starts_gmem, x_gmem, dy_gmem, out_gmem, *, cfg: TileConfig):
                         step, grid=(n_blocks,),
                         in_specs=[
                             plgpu.BlockSpec((bm, bk), lambda i: (first_block + i, 0),
-                                            transforms=_transforms(bk, dtype), delay_release=1),
+                                            transforms=transforms(bk, dtype), delay_release=1),
                             plgpu.BlockSpec((bm, bn), lambda i: (first_block + i, 0),
-                                            transforms=_transforms(bn, dtype), delay_release=1),
+                                            transforms=transforms(bn, dtype), delay_release=1),
                         ],
                         max_concurrent_steps=cfg.max_concurrent_steps,
                     )(x_gmem.at[:, pl.ds(ki * bk, bk)], dy_gmem.at[:, pl.ds(ni * bn, bn)])
@@ -360,51 +335,45 @@ def _tgmm_kernel(starts_gmem, x_gmem, dy_gmem, out_gmem, *, cfg: TileConfig):
 def tgmm(x: jax.Array, dy: jax.Array, starts: jax.Array, *, out_dtype=jnp.float32,
          config: TileConfig | None = None, interpret: bool | plgpu.InterpretGPUParams = False,
          num_sms: int | None = None) -> jax.Array:
-    """out[g] = x[starts[g]:starts[g+1]]^T @ dy[starts[g]:starts[g+1]]: the weight gradient.
+    """out[e] = x[starts[e]:starts[e+1]]^T @ dy[starts[e]:starts[e+1]]: the weight gradient.
 
     Args:
-      x: [M, K] bf16/f16; dy: [M, N] of the same dtype; rows sorted by group.
-      starts: int32 [G+1], non-decreasing (starts[G] <= M); rows outside [starts[0], starts[G])
+      x: [M, I] bf16/f16; dy: [M, J] of the same dtype; rows sorted by group.
+      starts: int32 [E+1], non-decreasing (starts[E] <= M); rows outside [starts[0], starts[E])
         are ignored.
       out_dtype: float32 (default), bf16 or f16; the sum is fp32 in any case.
       config: tiling (DEFAULT_TGMM_CONFIG when None); interpret, num_sms: as for `gmm`.
     Returns:
-      [G, K, N] in out_dtype; zeros for an empty group.
+      [E, I, J] in out_dtype; zeros for an empty group.
     """
     _check_dtypes("grouped_matmul_sm90.tgmm", x, dy)
     if x.dtype != dy.dtype or x.shape[0] != dy.shape[0] or starts.ndim != 1:
         raise ValueError(f"grouped_matmul_sm90.tgmm: x {x.shape} {x.dtype} and dy {dy.shape} "
-                         f"{dy.dtype} must share rows and dtype; starts {starts.shape} is [G+1].")
+                         f"{dy.dtype} must share rows and dtype; starts {starts.shape} is [E+1].")
     cfg = config or DEFAULT_TGMM_CONFIG
     out_dtype = jnp.dtype(out_dtype)
-    if out_dtype not in _OUT_DTYPES:
+    if out_dtype not in OUT_DTYPES:
         raise ValueError(f"grouped_matmul_sm90.tgmm: out_dtype={out_dtype} is not supported.")
     if smem_bytes_tgmm(cfg, x.dtype, out_dtype) > SMEM_BYTES:
         raise ValueError(f"{cfg} needs more than {SMEM_BYTES} bytes of shared memory.")
     m, k = x.shape
     n = dy.shape[1]
     g = starts.shape[0] - 1
-    mp, kp, np_ = _round_up(m, cfg.block_m), _round_up(k, cfg.block_k), _round_up(n, cfg.block_n)
+    mp, kp, np_ = round_up(m, cfg.block_m), round_up(k, cfg.block_k), round_up(n, cfg.block_n)
     x_p = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
     dy_p = jnp.pad(dy, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else dy
     n_items = g * (kp // cfg.block_k) * (np_ // cfg.block_n)
     call = plgpu.kernel(
         functools.partial(_tgmm_kernel, cfg=cfg),
         out_type=jax.ShapeDtypeStruct((g, kp, np_), out_dtype),
-        grid=(max(1, min(num_sms or default_num_sms(), n_items)),),
+        grid=persistent_grid(n_items, num_sms, interpret),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )
     out = call(starts.astype(jnp.int32), x_p, dy_p)
     return out[:, :k, :n] if (kp, np_) != (k, n) else out
 
 
-def flops(m: int, k: int, n: int) -> float:
-    """Useful floating-point operations of a grouped matmul over m rows: 2 m k n."""
-    return 2.0 * m * k * n
-
-
-__all__ = ["DEFAULT_GMM_CONFIG", "DEFAULT_TGMM_CONFIG", "SMEM_BYTES", "TileConfig",
-           "default_num_sms", "flops", "gmm", "row_tile_group_ranges", "smem_bytes_gmm",
-           "smem_bytes_tgmm", "tgmm"]
+__all__ = ["DEFAULT_GMM_CONFIG", "DEFAULT_TGMM_CONFIG", "IN_DTYPES", "SMEM_BYTES", "TileConfig",
+           "gmm", "row_tile_group_ranges", "smem_bytes_gmm", "smem_bytes_tgmm", "tgmm"]

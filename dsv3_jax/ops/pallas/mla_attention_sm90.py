@@ -1,22 +1,24 @@
 """Causal flash attention for MLA training and prefill on Hopper (sm_90a), Pallas Mosaic GPU.
 
-The math (SPEC.md section 2, MLA), per batch row b and head h, queries i and keys j:
+Letters (dsv3_jax/model/__init__.py): B batch, T query positions, S key positions (the same T
+tokens: causal self-attention), H heads, A qk head dim (N + R = 192: nope 128 + rope 64), O v head
+dim (128). The math (SPEC.md section 2, MLA), per batch row b and head h, query t and key s:
 
-    s_ij = scale * q_i . k_j                 (qk head dim K = 192: nope 128 + rope 64)
-    visible(i, j) = j <= i  and  seg_i == seg_j      (segment ids: packed documents)
-    P = softmax_j(s_ij over visible j)       (float32)
-    o_i = sum_j P_ij v_j                     (v head dim V = 128)
-    lse_i = log2 sum_{visible j} 2^(s_ij log2 e)    (saved for the backward, base 2)
+    score_ts = scale * q_t . k_s             (over the A dims of one head)
+    visible(t, s) = s <= t  and  seg_t == seg_s      (segment ids: packed documents)
+    P = softmax_s(score_ts over visible s)   (float32)
+    o_t = sum_s P_ts v_s                     (over O dims)
+    lse_t = log2 sum_{visible s} 2^(score_ts log2 e)    (saved for the backward, base 2)
 
 Forward (flash attention 2/3 style, online softmax). One CTA owns `2 * block_q` query rows of one
 (batch, head); its two compute warpgroups take `block_q` rows each and a third warpgroup only issues
 TMA copies of the key/value blocks (`plgpu.emit_pipeline_warp_specialized`, `stages` blocks in
 flight). Per key block a compute warpgroup runs
 
-    S  = wgmma(Q [block_q, K], K_blk [block_kv, K]^T)          fp32 registers
+    S  = wgmma(Q [block_q, A], K_blk [block_kv, A]^T)          fp32 registers
     masks (causal, segment) -> -inf; running max m, running sum l (base 2: exp2 with log2(e) folded
     into the scale, so each exponent is one FMA)
-    O  = O * 2^(m_old - m_new) + wgmma(P.astype(bf16) [block_q, block_kv], V_blk [block_kv, V])
+    O  = O * 2^(m_old - m_new) + wgmma(P.astype(bf16) [block_q, block_kv], V_blk [block_kv, O])
 
 and at the end writes O / l (bf16) and lse = m + log2(l) (fp32) through shared memory and TMA. The
 causal structure is used twice: a CTA only walks key blocks up to its last row (a dynamic pipeline
@@ -28,7 +30,7 @@ document) never computes exp2(-inf - -inf).
 Backward (FlashAttention-2 style, two kernels and an XLA preprocess; `_backward_kernels`). With
 the saved base-2 lse, P is recomputed block by block instead of stored:
 
-    delta_i = o_i . do_i                                   (XLA, fp32 [B, H, T])
+    delta_t = o_t . do_t                                   (XLA, fp32 [B, H, T])
     P  = 2^(S log2 e - lse)   (masked entries: 2^-inf = 0);   dP = dO V^T;   dS = P * (dP - delta)
     dV = P^T dO;   dK = scale * dS^T Q;   dQ = scale * dS K
 
@@ -36,9 +38,9 @@ the saved base-2 lse, P is recomputed block by block instead of stored:
     per `block_q_bwd` rows and a TMA warpgroup streaming the key/value (and key segment) blocks,
     `stages_bwd` in flight, up to the tile's last row (causal dynamic length, longest tiles first).
     Per key block: S = wgmma(Q, K_blk^T), mask, P, dP = wgmma(dO, V_blk^T), dS, and
-    dQ += wgmma(dS.astype(bf16) [registers], K_blk) into fp32 registers [block_q_bwd, K].
-  * dkv kernel: a CTA owns `block_kv_bwd` key rows (one compute warpgroup: dK [block_kv_bwd, K] and
-    dV [block_kv_bwd, V] take 96 + 64 fp32 registers per thread at V3 dims); the query-side blocks
+    dQ += wgmma(dS.astype(bf16) [registers], K_blk) into fp32 registers [block_q_bwd, A].
+  * dkv kernel: a CTA owns `block_kv_bwd` key rows (one compute warpgroup: dK [block_kv_bwd, A] and
+    dV [block_kv_bwd, O] take 96 + 64 fp32 registers per thread at V3 dims); the query-side blocks
     (Q, dO, lse, delta, query segments) stream in from the first query block that can see its keys
     (a dynamic start, `q_first`) to the end. The tiles are transposed, keys on rows: S^T =
     wgmma(K, Q_blk^T), P^T, dV += wgmma(P^T.astype(bf16), dO_blk), dP^T = wgmma(V, dO_blk^T),
@@ -48,15 +50,15 @@ the saved base-2 lse, P is recomputed block by block instead of stored:
   Both write their bf16 results through the shared-memory tile of the input they no longer need
   (Q's, K's and V's) and TMA. Segments are masked, never skipped (as in the forward). Padded rows
   have dO = 0 (the cotangent of the slice), so they add nothing; padded keys are seen only by them.
-  `mla_attention(..., backward="reference")` keeps the previous backward (dq, dk, dv recomputed
-  through `jax.vjp` of the jnp reference, materialising the [T, T] scores) to compare against.
+  The previous backward (dq, dk, dv recomputed through `jax.vjp` of the jnp reference) is the
+  dispatcher's: `ops.attention.mla_attention_kernel(..., backward="reference")`.
 
-Layouts: q, k [B, T, H, K] and v [B, T, H, V] are read in place; each TMA box is one head's
+Layouts: q, k [B, T, H, A] and v [B, T, H, O] are read in place; each TMA box is one head's
 [rows, dim] slice (strided in global memory by H * dim). Shared-memory tiles are 128-byte swizzled
-(8 x 64 bf16 tiles), so head dims must be multiples of 64; wgmma's N and the fp32 register
+(8 x 64 bf16 tiles), so head dims must be multiples of 64; a wgmma's width and the fp32 register
 accumulators limit them to 256. The wrapper pads T up to a multiple of the CTA tiles (zeros; padded
 keys sit after every real query, so causality hides them; padded segment ids are -1) and slices the
-outputs back. Requirements, checked with clear errors: bf16 (or f16) q, k, v of one dtype; K, V
+outputs back. Requirements, checked with clear errors: bf16 (or f16) q, k, v of one dtype; A, O
 multiples of 64, at most 256; segment_ids int [B, T].
 
 The plain-jnp reference it is tested against is `dsv3_jax.ops.attention.mla_attention_reference`
@@ -68,14 +70,14 @@ at DeepSeek-V3 shapes).
 Status: NOT YET RUN ON A GPU (forward and backward). In interpret mode the forward and the backward
 kernels match the reference (outputs; dq, dk, dv within the same 2^-6 bound, observed ~2^-8), and
 the Mosaic GPU lowering for sm_90a of all three kernels passes. The interpret-mode differences are
-those of `_wgmma_into` (register operands P, P^T, dS, dS^T staged through shared memory there; on
-the GPU they feed the wgmma from registers). ptxas, register pressure (the dkv kernel holds dK,
-dV, S^T and dP^T: ~224 fp32 registers per thread before temporaries at V3 dims, spills likely;
-a 32-row dkv tile is not possible with 64-row wgmma, splitting dK's columns is the usual fix),
-the run on an H100 and its speed remain to be confirmed there. Tuning ideas, not done: the causal
-mask only on diagonal blocks, overlap of softmax and wgmma across the two warpgroups (FA3's
-ping-pong schedule barrier), skipping key blocks of other documents, issuing dV and dP^T as one
-wgmma group (one wait instead of two), manual consumed barriers so the next blocks load earlier.
+those of `hopper.wgmma_into` (register operands P, P^T, dS, dS^T staged through shared memory there;
+on the GPU they feed the wgmma from registers). ptxas, register pressure (the dkv kernel holds dK,
+dV, S^T and dP^T: ~224 fp32 registers per thread before temporaries at V3 dims, spills likely; a
+32-row dkv tile is not possible with 64-row wgmma, splitting dK's columns is the usual fix), the run
+on an H100 and its speed remain to be confirmed there. Tuning ideas, not done: the causal mask only
+on diagonal blocks, overlap of softmax and wgmma across the two warpgroups (FA3's ping-pong schedule
+barrier), skipping key blocks of other documents, issuing dV and dP^T as one wgmma group (one wait
+instead of two), manual consumed barriers so the next blocks load earlier.
 """
 
 from __future__ import annotations
@@ -90,12 +92,11 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-LOG2E = math.log2(math.e)
-_M_INIT = -1e30  # running-max start: finite, so fully masked blocks give exp2(-inf) = 0, not NaN
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, SMEM_BYTES, TRANSFORMS_16BIT,
+                                        interpret_params, pad_axis, refuse, wgmma_into, wgmma_new)
+
 _DIM_MULTIPLE = 64  # 128-byte swizzle of bf16 rows: head dims in whole 64-element tiles
-_MAX_DIM = 256  # wgmma N and the fp32 register accumulators
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-SMEM_BYTES = 227 * 1024
+_MAX_DIM = 256  # a wgmma's width and the fp32 register accumulators
 _SMEM_SLACK = 2 * 1024
 _DQ_WGS = 2  # compute warpgroups of the dq kernel (block_q_bwd rows each)
 _DKV_WGS = 1  # compute warpgroups of the dkv kernel: dK + dV take 160 fp32 registers per thread
@@ -103,7 +104,7 @@ _DKV_WGS = 1  # compute warpgroups of the dkv kernel: dK + dV take 160 fp32 regi
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Block sizes (to be tuned on an H100). All block sizes are multiples of 64 (wgmma M)."""
+    """Block sizes (to be tuned on an H100). All block sizes are multiples of 64 (a wgmma's M)."""
 
     block_q: int = 64  # query rows per compute warpgroup (forward: 2 warpgroups per CTA)
     block_kv: int = 64  # key rows per pipeline step
@@ -114,13 +115,11 @@ class TileConfig:
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
-            value = getattr(self, name)
-            if value < 64 or value % 64:
-                raise ValueError(f"TileConfig.{name}={value}: must be a positive multiple of 64 "
-                                 "(the wgmma M).")
+            if getattr(self, name) < 64 or getattr(self, name) % 64:
+                refuse(self, name, "must be a positive multiple of 64 (the wgmma M)")
         for name in ("stages", "stages_bwd"):
             if getattr(self, name) < 2:
-                raise ValueError(f"TileConfig.{name}={getattr(self, name)}: must be >= 2.")
+                refuse(self, name, "must be >= 2")
 
     @property
     def q_tile(self) -> int:
@@ -171,7 +170,7 @@ def check_dims(q_shape, k_shape, v_shape, dtypes, config: TileConfig | None = No
             raise ValueError(f"mla_attention_sm90: {name} {d} must be a multiple of {_DIM_MULTIPLE} "
                              f"and at most {_MAX_DIM}; use the reference for other dims.")
     dts = {jnp.dtype(d) for d in dtypes}
-    if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
+    if len(dts) != 1 or next(iter(dts)) not in DTYPES_16BIT:
         raise ValueError(f"mla_attention_sm90: q, k, v must all be bfloat16 (or float16), got "
                          f"{[str(jnp.dtype(d)) for d in dtypes]}.")
     need = max(smem_bytes_fwd(cfg, dk, dv), smem_bytes_bwd(cfg, dk, dv))
@@ -189,16 +188,6 @@ def supports(q_shape, k_shape, v_shape, dtypes) -> bool:
     return True
 
 
-_SWIZZLE = 128
-_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.SwizzleTransform(_SWIZZLE))
-
-
-def _interpret_params(interpret):
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
 def _mask(s, row0, col0, shape, rowseg=None, colseg=None, keys_on_rows: bool = False):
     """s with invisible entries at -inf. row0/col0: global index of the tile's first row/column;
     rowseg [rows] (WGMMA.reduce(1)) and colseg [cols] (WGMMA.reduce(0)) segment ids, or None.
@@ -213,42 +202,6 @@ def _mask(s, row0, col0, shape, rowseg=None, colseg=None, keys_on_rows: bool = F
     return jnp.where(visible, s, -jnp.inf)
 
 
-def _wgmma_new(shape, a, b):
-    """a @ b into a fresh fp32 accumulator (both operands in shared memory)."""
-
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
-        return acc_ref[...]
-
-    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-
-
-def _wgmma_into(acc, a, b, interpret: bool, a_scratch=None):
-    """acc + a @ b on the tensor cores (acc fp32 registers, WGMMA layout; a registers or shared
-    memory, b shared memory). On the GPU the product accumulates into `acc` itself (`pl.run_state`
-    over a preinitialised accumulator) and a register operand `a` feeds the wgmma directly.
-    GPU interpret mode in jax 0.11.2 can do neither (no `run_state` over an accumulator, shared-
-    memory operands only), so there a register `a` is staged through `a_scratch` (shared memory of
-    a's shape) and the product goes into a fresh accumulator that is then added: the same sum, one
-    more fp32 rounding."""
-    if interpret:
-        if a_scratch is not None:  # a is in registers
-            a_scratch[...] = a
-            plgpu.commit_smem()
-            a = a_scratch
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, a, b)
-            return acc_ref[...]
-
-        return acc + pl.run_scoped(product, plgpu.ACC(acc.shape, jnp.float32))
-
-    def accumulate(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
-
-    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-
-
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -258,8 +211,8 @@ def _stream_kv_blocks(body, compute_context, k_rows, v_rows, kseg_row, bkv: int,
     K [bkv, dk] and V [bkv, dv] tiles (and the keys' segment ids when kseg_row is given) through
     `stages` buffers to the `wgs` compute warpgroups (the forward and the dq kernel share this)."""
     dk, dv = k_rows.shape[-1], v_rows.shape[-1]
-    specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=_TRANSFORMS),
-             plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=_TRANSFORMS)]
+    specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=TRANSFORMS_16BIT),
+             plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=TRANSFORMS_16BIT)]
     refs = [k_rows, v_rows]
     if kseg_row is not None:
         specs.append(plgpu.BlockSpec((bkv,), lambda i: (i,)))
@@ -272,9 +225,9 @@ def _stream_kv_blocks(body, compute_context, k_rows, v_rows, kseg_row, bkv: int,
 
 def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, has_segments: bool,
                 interpret: bool):
-    # q_gmem, k_gmem: [B, Tp, H, K] bf16     v_gmem: [B, Tp, H, V] bf16
+    # q_gmem, k_gmem: [B, Tp, H, A] bf16     v_gmem: [B, Tp, H, O] bf16
     # qseg_gmem, kseg_gmem (with segments): [B, Tp] int32 (the same array twice)
-    # o_gmem: [B, Tp, H, V] bf16             lse_gmem: [B, H, Tp] f32 (base 2)
+    # o_gmem: [B, Tp, H, O] bf16             lse_gmem: [B, H, Tp] f32 (base 2)
     if has_segments:
         qseg_gmem, kseg_gmem, o_gmem, lse_gmem = rest
     else:
@@ -290,13 +243,13 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
     s_scale = scale * LOG2E
 
     def scoped(q_smem, o_smem, lse_smem, qseg_smem, q_bar, seg_bar, p_smem=None):
-        # q_smem: [2, bq, K]  o_smem: [2, bq, V]  lse_smem: [2, bq] f32  qseg_smem: [2, bq] i32
-        # p_smem: [2, bq, bkv] (interpret mode only: P staged for the wgmma; see _wgmma_into)
+        # q_smem: [2, bq, A]  o_smem: [2, bq, O]  lse_smem: [2, bq] f32  qseg_smem: [2, bq] i32
+        # p_smem: [2, bq, bkv] (interpret mode only: P staged for the wgmma; see hopper.wgmma_into)
         wg = lax.axis_index("wg")
         q_base = qi * (wgs * bq) + wg * bq
 
         def body(idx, k_smem, v_smem, *seg_and_carry):
-            # k_smem: [bkv, K]  v_smem: [bkv, V]  kseg_smem: [bkv] i32 (with segments)
+            # k_smem: [bkv, A]  v_smem: [bkv, O]  kseg_smem: [bkv] i32 (with segments)
             (step,) = idx
             carry = seg_and_carry[-1]
             acc, m_i, l_i = carry
@@ -317,7 +270,7 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
-            acc = _wgmma_into(acc, p.astype(dtype), v_smem, interpret,  # [bq, V] += P V
+            acc = wgmma_into(acc, p.astype(dtype), v_smem, interpret,  # [bq, O] += P V
                               None if p_smem is None else p_smem.at[wg])
             return acc, m_new, l_i
 
@@ -330,7 +283,7 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
                 plgpu.barrier_wait(seg_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), plgpu.Layout.WGMMA)
-            m_i = plgpu.layout_cast(jnp.full((bq,), _M_INIT, jnp.float32),
+            m_i = plgpu.layout_cast(jnp.full((bq,), M_INIT, jnp.float32),
                                     plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc, m_i, l_i = run_pipeline((acc, m_i, l_i))
@@ -348,19 +301,19 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((wgs, bq, dk), dtype, transforms=_TRANSFORMS),
-        plgpu.SMEM((wgs, bq, dv), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((wgs, bq, dk), dtype, transforms=TRANSFORMS_16BIT),
+        plgpu.SMEM((wgs, bq, dv), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.SMEM((wgs, bq), jnp.float32),
         plgpu.SMEM((wgs, bq), jnp.int32),
         plgpu.Barrier(num_barriers=wgs),
         plgpu.Barrier(num_barriers=wgs),
-        *([plgpu.SMEM((wgs, bq, bkv), dtype, transforms=_TRANSFORMS)] if interpret else []),
+        *([plgpu.SMEM((wgs, bq, bkv), dtype, transforms=TRANSFORMS_16BIT)] if interpret else []),
         collective_axes="wg",
     )
 
 
 def _forward(q, k, v, seg, cfg: TileConfig, scale: float, interpret):
-    """Padded inputs ([B, Tp, H, *], seg [B, Tp] or None) -> (o [B, Tp, H, V], lse [B, H, Tp])."""
+    """Padded inputs ([B, Tp, H, *], seg [B, Tp] or None) -> (o [B, Tp, H, O], lse [B, H, Tp])."""
     b, tp, h, _ = q.shape
     dv = v.shape[-1]
     has_segments = seg is not None
@@ -374,7 +327,7 @@ def _forward(q, k, v, seg, cfg: TileConfig, scale: float, interpret):
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )
     args = (q, k, v) + ((seg, seg) if has_segments else ())
     return call(*args)
@@ -385,9 +338,9 @@ def _forward(q, k, v, seg, cfg: TileConfig, scale: float, interpret):
 # ------------------------------------------------------------------------------------------------
 def _dq_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg: TileConfig,
                scale: float, has_segments: bool, interpret: bool):
-    # q_gmem, k_gmem: [B, Tp, H, K]    v_gmem, do_gmem: [B, Tp, H, V]    (bf16)
+    # q_gmem, k_gmem: [B, Tp, H, A]    v_gmem, do_gmem: [B, Tp, H, O]    (bf16)
     # lse_gmem (base 2), delta_gmem: [B, H, Tp] f32    qseg_gmem, kseg_gmem: [B, Tp] i32
-    # dq_gmem: [B, Tp, H, K] bf16
+    # dq_gmem: [B, Tp, H, A] bf16
     if has_segments:
         qseg_gmem, kseg_gmem, dq_gmem = rest
     else:
@@ -402,26 +355,26 @@ def _dq_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg
     s_scale = scale * LOG2E
 
     def scoped(q_smem, do_smem, lse_smem, delta_smem, qseg_smem, bars, ds_smem=None):
-        # q_smem: [2, bq, K]  do_smem: [2, bq, V]  lse/delta_smem: [2, bq] f32  qseg: [2, bq] i32
+        # q_smem: [2, bq, A]  do_smem: [2, bq, O]  lse/delta_smem: [2, bq] f32  qseg: [2, bq] i32
         # bars: q, dO, lse, delta, segments (one barrier per warpgroup each)
-        # ds_smem: [2, bq, bkv] (interpret mode only: dS staged for the wgmma; see _wgmma_into)
+        # ds_smem: [2, bq, bkv] (interpret only: dS staged for the wgmma; see hopper.wgmma_into)
         wg = lax.axis_index("wg")
         q_base = qi * (wgs * bq) + wg * bq
 
         def body(idx, k_smem, v_smem, *seg_and_carry):
-            # k_smem: [bkv, K]  v_smem: [bkv, V]  kseg_smem: [bkv] i32 (with segments)
+            # k_smem: [bkv, A]  v_smem: [bkv, O]  kseg_smem: [bkv] i32 (with segments)
             (step,) = idx
             dq_acc, lse, delta = seg_and_carry[-1]
-            s = _wgmma_new((bq, bkv), q_smem.at[wg], k_smem.transpose((1, 0))) * s_scale
+            s = wgmma_new((bq, bkv), q_smem.at[wg], k_smem.transpose((1, 0))) * s_scale
             qseg = kseg = None
             if has_segments:
                 qseg = plgpu.load(qseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                 kseg = plgpu.load(seg_and_carry[0], layout=plgpu.Layout.WGMMA.reduce(0))
             s = _mask(s, q_base, step * bkv, (bq, bkv), qseg, kseg)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))  # masked: exp2(-inf) = 0
-            dp = _wgmma_new((bq, bkv), do_smem.at[wg], v_smem.transpose((1, 0)))  # dO V^T
+            dp = wgmma_new((bq, bkv), do_smem.at[wg], v_smem.transpose((1, 0)))  # dO V^T
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-            dq_acc = _wgmma_into(dq_acc, ds.astype(dtype), k_smem, interpret,  # [bq, K] += dS K
+            dq_acc = wgmma_into(dq_acc, ds.astype(dtype), k_smem, interpret,  # [bq, A] += dS K
                                  None if ds_smem is None else ds_smem.at[wg])
             return dq_acc, lse, delta
 
@@ -450,20 +403,20 @@ def _dq_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((wgs, bq, dk), dtype, transforms=_TRANSFORMS),
-        plgpu.SMEM((wgs, bq, dv), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((wgs, bq, dk), dtype, transforms=TRANSFORMS_16BIT),
+        plgpu.SMEM((wgs, bq, dv), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.SMEM((wgs, bq), jnp.float32),
         plgpu.SMEM((wgs, bq), jnp.float32),
         plgpu.SMEM((wgs, bq), jnp.int32),
         tuple(plgpu.Barrier(num_barriers=wgs) for _ in range(5)),
-        *([plgpu.SMEM((wgs, bq, bkv), dtype, transforms=_TRANSFORMS)] if interpret else []),
+        *([plgpu.SMEM((wgs, bq, bkv), dtype, transforms=TRANSFORMS_16BIT)] if interpret else []),
         collective_axes="wg",
     )
 
 
 def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg: TileConfig,
                 scale: float, has_segments: bool, interpret: bool):
-    # Inputs as _dq_kernel's; dk_gmem: [B, Tp, H, K] bf16, dv_gmem: [B, Tp, H, V] bf16.
+    # Inputs as _dq_kernel's; dk_gmem: [B, Tp, H, A] bf16, dv_gmem: [B, Tp, H, O] bf16.
     # Tiles are transposed (keys on rows): S^T = K Q^T [bkv, bq], so that P^T and dS^T are the
     # register A operands of dV += P^T dO and dK += dS^T Q.
     if has_segments:
@@ -480,16 +433,16 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
     s_scale = scale * LOG2E
 
     def scoped(k_smem, v_smem, kseg_smem, bars, pt_smem=None, dst_smem=None):
-        # k_smem: [1, bkv, K]  v_smem: [1, bkv, V]  kseg_smem: [1, bkv] i32; bars: k, v, segments
+        # k_smem: [1, bkv, A]  v_smem: [1, bkv, O]  kseg_smem: [1, bkv] i32; bars: k, v, segments
         # pt_smem, dst_smem: [1, bkv, bq] (interpret mode only: P^T, dS^T staged for the wgmma)
         wg = lax.axis_index("wg")
         k_base = kj * (wgs * bkv) + wg * bkv
 
         def body(idx, q_smem, do_smem, lse_smem, delta_smem, *seg_and_carry):
-            # q_smem: [bq, K]  do_smem: [bq, V]  lse/delta_smem: [bq] f32  qseg_smem: [bq] i32
+            # q_smem: [bq, A]  do_smem: [bq, O]  lse/delta_smem: [bq] f32  qseg_smem: [bq] i32
             (step,) = idx
             dk_acc, dv_acc = seg_and_carry[-1]
-            st = _wgmma_new((bkv, bq), k_smem.at[wg], q_smem.transpose((1, 0))) * s_scale
+            st = wgmma_new((bkv, bq), k_smem.at[wg], q_smem.transpose((1, 0))) * s_scale
             kseg = qseg = None
             if has_segments:
                 kseg = plgpu.load(kseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -497,12 +450,12 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
             st = _mask(st, k_base, (q_first + step) * bq, (bkv, bq), kseg, qseg, keys_on_rows=True)
             lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(0))
             pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
-            dv_acc = _wgmma_into(dv_acc, pt.astype(dtype), do_smem, interpret,  # += P^T dO
+            dv_acc = wgmma_into(dv_acc, pt.astype(dtype), do_smem, interpret,  # += P^T dO
                                  None if pt_smem is None else pt_smem.at[wg])
-            dpt = _wgmma_new((bkv, bq), v_smem.at[wg], do_smem.transpose((1, 0)))  # V dO^T
+            dpt = wgmma_new((bkv, bq), v_smem.at[wg], do_smem.transpose((1, 0)))  # V dO^T
             delta = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(0))
             dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
-            dk_acc = _wgmma_into(dk_acc, dst.astype(dtype), q_smem, interpret,  # += dS^T Q
+            dk_acc = wgmma_into(dk_acc, dst.astype(dtype), q_smem, interpret,  # += dS^T Q
                                  None if dst_smem is None else dst_smem.at[wg])
             return dk_acc, dv_acc
 
@@ -524,8 +477,8 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
             plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_gmem.at[b, rows, h])
             plgpu.wait_smem_to_gmem(0)
 
-        specs = [plgpu.BlockSpec((bq, dk), lambda i: (q_first + i, 0), transforms=_TRANSFORMS),
-                 plgpu.BlockSpec((bq, dv), lambda i: (q_first + i, 0), transforms=_TRANSFORMS),
+        specs = [plgpu.BlockSpec((bq, dk), lambda i: (q_first + i, 0), transforms=TRANSFORMS_16BIT),
+                 plgpu.BlockSpec((bq, dv), lambda i: (q_first + i, 0), transforms=TRANSFORMS_16BIT),
                  plgpu.BlockSpec((bq,), lambda i: (q_first + i,)),
                  plgpu.BlockSpec((bq,), lambda i: (q_first + i,))]
         refs = [q_gmem.at[b, :, h, :], do_gmem.at[b, :, h, :], lse_gmem.at[b, h],
@@ -541,11 +494,12 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((wgs, bkv, dk), dtype, transforms=_TRANSFORMS),
-        plgpu.SMEM((wgs, bkv, dv), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((wgs, bkv, dk), dtype, transforms=TRANSFORMS_16BIT),
+        plgpu.SMEM((wgs, bkv, dv), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.SMEM((wgs, bkv), jnp.int32),
         tuple(plgpu.Barrier(num_barriers=wgs) for _ in range(3)),
-        *([plgpu.SMEM((wgs, bkv, bq), dtype, transforms=_TRANSFORMS)] * 2 if interpret else []),
+        *([plgpu.SMEM((wgs, bkv, bq), dtype, transforms=TRANSFORMS_16BIT)] * 2
+          if interpret else []),
         collective_axes="wg",
     )
 
@@ -557,11 +511,11 @@ def _backward_kernels(q, k, v, seg, o, lse, do, cfg: TileConfig, scale: float, i
     has_segments = seg is not None
     do = do.astype(q.dtype)
     # delta_i = o_i . do_i, [B, H, Tp] f32 (XLA; the rows of dP - delta).
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    delta = jnp.einsum("btho,btho->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     args = (q, k, v, do, lse, delta) + ((seg, seg) if has_segments else ())
     static = dict(cfg=cfg, scale=scale, has_segments=has_segments, interpret=bool(interpret))
     common = dict(thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-                  interpret=_interpret_params(interpret))
+                  interpret=interpret_params(interpret))
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, **static),
         out_type=jax.ShapeDtypeStruct((b, tp, h, dk), q.dtype),
@@ -579,34 +533,19 @@ def _backward_kernels(q, k, v, seg, o, lse, do, cfg: TileConfig, scale: float, i
 # ------------------------------------------------------------------------------------------------
 # The differentiable wrapper
 # ------------------------------------------------------------------------------------------------
-def _pad_t(x: jax.Array, tp: int, value=0) -> jax.Array:
-    if x.shape[1] == tp:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, tp - x.shape[1])
-    return jnp.pad(x, widths, constant_values=value)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, seg, static):
     return _flash_fwd(q, k, v, seg, static)[0]
 
 
-def _flash_fwd(q, k, v, seg, static):
-    cfg, scale, interpret, _ = static
-    o, lse = _forward(q, k, v, seg, cfg, scale, interpret)
+def _flash_fwd(q, k, v, seg, static):  # static: (cfg, scale, interpret)
+    o, lse = _forward(q, k, v, seg, *static)
     return o, (q, k, v, seg, o, lse)
 
 
-def _flash_bwd(static, res, do):
-    cfg, scale, interpret, backward = static
-    q, k, v, seg, o, lse = res
-    if backward == "kernel":
-        dq, dk, dv = _backward_kernels(q, k, v, seg, o, lse, do, cfg, scale, interpret)
-    else:
-        dq, dk, dv = _backward_reference(q, k, v, seg, do, scale)
-    dseg = None if seg is None else jnp.zeros(seg.shape, jax.dtypes.float0)
-    return dq, dk, dv, dseg
+def _flash_bwd(static, res, do):  # res: (q, k, v, seg, o, lse)
+    dseg = None if res[3] is None else jnp.zeros(res[3].shape, jax.dtypes.float0)
+    return (*_backward_kernels(*res, do, *static), dseg)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -614,50 +553,35 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                   segment_ids: jax.Array | None = None, config: TileConfig | None = None,
-                  interpret: bool | plgpu.InterpretGPUParams = False,
-                  backward: str = "kernel") -> jax.Array:
-    """Causal flash attention with qk head dim K and v head dim V (differentiable: custom_vjp).
+                  interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+    """Causal flash attention with qk head dim A and v head dim O (differentiable: custom_vjp, the
+    dq and dkv kernels).
 
     Args:
-      q, k: [B, T, H, K]; v: [B, T, H, V]; one dtype, bfloat16 (or float16); K, V multiples of 64,
+      q, k: [B, T, H, A]; v: [B, T, H, O]; one dtype, bfloat16 (or float16); A, O multiples of 64,
         at most 256 (module docstring).
       scale: softmax scale.
       segment_ids: optional int [B, T]; a query sees only keys of its own segment.
       config: block sizes (DEFAULT_CONFIG when None).
       interpret: True (or `InterpretGPUParams`) runs the kernels in GPU interpret mode on the CPU.
-      backward: "kernel" (the dq and dkv kernels) or "reference" (dq, dk, dv recomputed through
-        `jax.vjp` of the jnp reference: materialises [T, T] scores; kept to compare against).
     Returns:
-      [B, T, H, V] in q's dtype; the same contract as `ops.attention.mla_attention_reference`.
+      [B, T, H, O] in q's dtype; the same contract as `ops.attention.mla_attention_reference`.
     """
     cfg = config or DEFAULT_CONFIG
-    if backward not in ("kernel", "reference"):
-        raise ValueError(f"mla_attention_sm90: backward={backward!r}; expected 'kernel' or "
-                         "'reference'.")
     check_dims(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), cfg)
     b, t = q.shape[:2]
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"mla_attention_sm90: segment_ids has shape {segment_ids.shape}; expected "
                          f"{(b, t)} (one id per token).")
     tp = -(-t // cfg.t_multiple) * cfg.t_multiple
-    seg = None if segment_ids is None else _pad_t(segment_ids.astype(jnp.int32), tp, -1)
-    o = _flash(_pad_t(q, tp), _pad_t(k, tp), _pad_t(v, tp), seg, (cfg, float(scale), interpret,
-                                                                  backward))
+    seg = None if segment_ids is None else pad_axis(segment_ids.astype(jnp.int32), 1, tp, -1)
+    o = _flash(pad_axis(q, 1, tp), pad_axis(k, 1, tp), pad_axis(v, 1, tp), seg,
+               (cfg, float(scale), interpret))
     return o[:, :t] if tp != t else o
 
 
-def _backward_reference(q, k, v, seg, do, scale):
-    """dq, dk, dv recomputed through `jax.vjp` of the jnp reference (the `backward="reference"`
-    path: correct, but it materialises the [T, T] scores)."""
-    from dsv3_jax.ops.attention import mla_attention_reference
-
-    _, vjp = jax.vjp(lambda q, k, v: mla_attention_reference(q, k, v, scale=scale,
-                                                             segment_ids=seg), q, k, v)
-    return vjp(do)
-
-
 def flops(b: int, t: int, h: int, dk: int, dv: int, backward: bool = False) -> float:
-    """Useful FLOPs of causal attention (half the score matrix): 2 T^2/2 (K + V) per head forward;
+    """Useful FLOPs of causal attention (half the score matrix): 2 T^2/2 (A + O) per head forward;
     the backward does 2.5x that (dQ, dK, dV, dP and the recomputed S)."""
     fwd = 2.0 * b * h * (t * t / 2) * (dk + dv)
     return fwd * 3.5 if backward else fwd

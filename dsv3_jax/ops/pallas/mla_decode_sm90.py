@@ -1,11 +1,13 @@
 """MLA decoding over the latent cache on Hopper (sm_90a), Pallas Mosaic GPU, split along the cache.
 
-The math (SPEC.md section 2, absorbed MLA), per sequence b, for every query row r = (t, h) of that
-sequence (T new tokens x H heads) at absolute position pos[r] = q_positions[b, t]:
+Letters (dsv3_jax/model/__init__.py): B batch, T new tokens, H heads, S cache slots, C kv latent
+rank (512), R qk rope head dim (64); THp: the T*H query rows of a sequence, padded to a multiple
+of 64. The math (SPEC.md section 2, absorbed MLA), per sequence b, for every query row (t, h) of
+that sequence at absolute position pos[t] = q_positions[b, t], over the cache slots s:
 
-    s_rj = scale * (q_latent_r . c_j + q_pe_r . k_pe_j)      cache row j = [c_j (C=512) | k_pe_j (R=64)]
-    visible(r, j) = j <= pos[r]
-    o_r = sum_{visible j} softmax_j(s_rj) c_j                 [C], fp32 softmax and accumulation
+    score_ths = scale * (q_latent_th . c_s + q_pe_th . k_pe_s)    cache row s = [c_s | k_pe_s]
+    visible(t, s) = s <= pos[t]
+    o_th = sum_{visible s} softmax_s(score_ths) c_s            [C], fp32 softmax and accumulation
 
 The cache rows are shared by all heads, so a sequence's T*H query rows form one matrix and each
 cached row is read once per row tile (MQA-like, head dim 576 for scores, 512 for values).
@@ -18,7 +20,7 @@ c[:, 256:] and k_pe. Two compute warpgroups each own one 256-column half of the 
 [64, 512] fp32 accumulator would need 256 registers per thread; a half needs 128):
 
     S   = wgmma(Qlat_lo, C_lo^T) + wgmma(Qlat_hi, C_hi^T) + wgmma(Qpe, Kpe^T)   [64, block_s] fp32
-    masked to slot <= pos[r]; online softmax (base 2, as in mla_attention_sm90)
+    masked to slot <= pos[t]; online softmax (base 2, as in mla_attention_sm90)
     O_w = O_w * 2^(m_old - m_new) + wgmma(P.astype(bf16), C_w)                   [64, 256] fp32
 
 Both warpgroups compute S and the softmax (the same numbers): the score wgmma is repeated rather than
@@ -29,16 +31,16 @@ short sequences in a long cache cost only what they read. Each split writes its 
 output (bf16, staged through the query's shared memory once both warpgroups are done with it) and
 its log-sum-exp (fp32, -inf when the split holds no visible slot); the combine step is jnp:
 
-    o_r = sum_splits 2^(lse_split - lse) o_split,   lse = log2 sum_splits 2^lse_split
+    o_th = sum_splits 2^(lse_split - lse) o_split,   lse = log2 sum_splits 2^lse_split
 
 Why Mosaic GPU and not the Triton backend: the Triton backend is deprecated (DESIGN.md) and cannot
 use wgmma with shared-memory operands and TMA warp specialisation, which the head-shared latent rows
 are made for: one TMA load of a cache block feeds 64 query rows' wgmmas.
 
-What the wrapper does (XLA, around the call): flattens q to rows [B, T*H, 576] (latent | rope),
-pads the rows to a multiple of 64 (padded rows see slot 0 only, and are sliced away), builds the
-per-row positions [B, Rp] and per-tile visible limits [B, Rp/64], pads the cache slots to a multiple
-of `block_s * splits` when needed (a copy: allocate caches in multiples of 64 slots to avoid it), and
+What the wrapper does (XLA, around the call): flattens q to rows [B, T*H, 576] (latent | rope), pads
+the rows to a multiple of 64 (padded rows see slot 0 only, and are sliced away), builds the per-row
+positions [B, THp] and per-tile visible limits [B, THp/64], pads the cache slots to a multiple of
+`block_s * splits` when needed (a copy: allocate caches in multiples of 64 slots to avoid it), and
 combines the splits. The number of splits is chosen so that batch x row tiles x splits fills the GPU
 (about two CTAs per SM) without splits shorter than two blocks. Requirements (checked): C a multiple
 of 128 and at most 512 (two 64-multiple halves), R a multiple of 64, bf16/f16 inputs of one dtype.
@@ -63,12 +65,11 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.mla_attention_sm90 import (LOG2E, _M_INIT, _TRANSFORMS,
-                                                    _interpret_params, _wgmma_into)
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, NUM_SMS, SMEM_BYTES,
+                                        TRANSFORMS_16BIT, interpret_params, pad_axis, refuse,
+                                        wgmma_into)
 
 ROWS = 64  # query rows per CTA (wgmma M)
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-SMEM_BYTES = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +80,15 @@ class DecodeConfig:
     block_s: int = 64
     stages: int = 2
     splits: int | None = None
-    target_ctas: int = 264  # about two per SM of an H100 (132 SMs)
+    target_ctas: int = 2 * NUM_SMS  # about two per SM of an H100
 
     def __post_init__(self):
         if self.block_s < 64 or self.block_s % 64:
-            raise ValueError(f"DecodeConfig.block_s={self.block_s}: must be a multiple of 64.")
+            refuse(self, "block_s", "must be a multiple of 64")
         if self.stages < 2:
-            raise ValueError(f"DecodeConfig.stages={self.stages}: must be >= 2.")
+            refuse(self, "stages", "must be >= 2")
         if self.splits is not None and self.splits < 1:
-            raise ValueError(f"DecodeConfig.splits={self.splits}: must be >= 1 (or None).")
+            refuse(self, "splits", "must be >= 1 (or None)")
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -117,7 +118,7 @@ def check_dims(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes,
         raise ValueError(f"mla_decode_sm90: latent rank {c} must be a multiple of 128 and at most "
                          f"512, rope dim {r} a multiple of 64; use the reference for other dims.")
     dts = {jnp.dtype(d) for d in dtypes}
-    if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
+    if len(dts) != 1 or next(iter(dts)) not in DTYPES_16BIT:
         raise ValueError(f"mla_decode_sm90: q_latent, q_pe and cache must all be bfloat16 (or "
                          f"float16), got {[str(jnp.dtype(d)) for d in dtypes]}.")
     if smem_bytes(cfg, c, r) > SMEM_BYTES:
@@ -144,12 +145,12 @@ def choose_splits(batch: int, row_tiles: int, slots: int, cfg: DecodeConfig) -> 
 
 def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: int, r: int,
             blocks_per_split: int, cfg: DecodeConfig, scale: float, interpret: bool):
-    # q_gmem:     [B, Rp, C + R] bf16   rows (t, h) flattened, [q_latent | q_pe]
+    # q_gmem:     [B, THp, C + R] bf16   rows (t, h) flattened, [q_latent | q_pe]
     # cache_gmem: [B, Sp, C + R] bf16   [c | k_pe] per slot
-    # pos_gmem:   [B, Rp] int32         absolute position of each row (slots <= it are visible)
-    # limit_gmem: [B, Rp / 64] int32    max position over each row tile
-    # o_gmem:     [splits, B, Rp, C] bf16  normalised partial outputs
-    # lse_gmem:   [splits, B, Rp] f32   base-2 log-sum-exp of each split (-inf: nothing visible)
+    # pos_gmem:   [B, THp] int32         absolute position of each row (slots <= it are visible)
+    # limit_gmem: [B, THp / 64] int32    max position over each row tile
+    # o_gmem:     [splits, B, THp, C] bf16  normalised partial outputs
+    # lse_gmem:   [splits, B, THp] f32   base-2 log-sum-exp of each split (-inf: nothing visible)
     bs, half = cfg.block_s, c // 2
     dtype = q_gmem.dtype
     tile, split, b = lax.axis_index("rows"), lax.axis_index("split"), lax.axis_index("batch")
@@ -162,7 +163,7 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
     def scoped(qlat_smem, qpe_smem, pos_smem, lse_smem, q_bar, done_bar, p_smem=None):
         # qlat_smem: [2, 64, C/2] the halves of q_latent; after the walk, the output halves
         # qpe_smem: [64, R]   pos_smem: [64] int32   lse_smem: [64] f32
-        # p_smem: [2, 64, bs] (interpret mode only: P staged for the wgmma; see _wgmma_into)
+        # p_smem: [2, 64, bs] (interpret mode only: P staged for the wgmma; see hopper.wgmma_into)
         wg = lax.axis_index("wg")
         p_scratch = None if p_smem is None else p_smem.at[wg]
 
@@ -190,8 +191,8 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
             p16 = p.astype(dtype)
             acc = lax.cond(  # O_w += P C_w: each warpgroup its own half of the latent columns
                 wg == 0,
-                lambda: _wgmma_into(acc, p16, clo_smem, interpret, p_scratch),
-                lambda: _wgmma_into(acc, p16, chi_smem, interpret, p_scratch))
+                lambda: wgmma_into(acc, p16, clo_smem, interpret, p_scratch),
+                lambda: wgmma_into(acc, p16, chi_smem, interpret, p_scratch))
             return acc, m_new, l_i
 
         def compute_context(run_pipeline):
@@ -211,7 +212,7 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
             plgpu.barrier_arrive(done_bar.at[0])
             plgpu.barrier_wait(done_bar.at[0])
             acc = plgpu.layout_cast(jnp.zeros((ROWS, half), jnp.float32), plgpu.Layout.WGMMA)
-            m_i = plgpu.layout_cast(jnp.full((ROWS,), _M_INIT, jnp.float32),
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32),
                                     plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc, m_i, l_i = run_pipeline((acc, m_i, l_i))
@@ -240,31 +241,23 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
         pipeline = plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
             max_concurrent_steps=cfg.stages, compute_context=compute_context,
-            in_specs=[plgpu.BlockSpec((bs, half), block(0), transforms=_TRANSFORMS),
-                      plgpu.BlockSpec((bs, half), block(1), transforms=_TRANSFORMS),
-                      plgpu.BlockSpec((bs, r), block(c // r), transforms=_TRANSFORMS)])
+            in_specs=[plgpu.BlockSpec((bs, half), block(0), transforms=TRANSFORMS_16BIT),
+                      plgpu.BlockSpec((bs, half), block(1), transforms=TRANSFORMS_16BIT),
+                      plgpu.BlockSpec((bs, r), block(c // r), transforms=TRANSFORMS_16BIT)])
         cache_b = cache_gmem.at[b]
         pipeline(cache_b, cache_b, cache_b)
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((2, ROWS, half), dtype, transforms=_TRANSFORMS),
-        plgpu.SMEM((ROWS, r), dtype, transforms=_TRANSFORMS),
+        plgpu.SMEM((2, ROWS, half), dtype, transforms=TRANSFORMS_16BIT),
+        plgpu.SMEM((ROWS, r), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.SMEM((ROWS,), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32),
         plgpu.Barrier(num_barriers=4),
         plgpu.Barrier(num_arrivals=2, num_barriers=2),
-        *([plgpu.SMEM((2, ROWS, bs), dtype, transforms=_TRANSFORMS)] if interpret else []),
+        *([plgpu.SMEM((2, ROWS, bs), dtype, transforms=TRANSFORMS_16BIT)] if interpret else []),
         collective_axes="wg",
     )
-
-
-def _pad_axis(x, axis, size, value=0):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
@@ -272,7 +265,8 @@ def combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
     -inf for a split that saw nothing) -> [...rows, C] float32."""
     lse_max = jnp.max(lse_parts, axis=0)  # finite: the split holding slot 0 sees every row
     w = jnp.exp2(lse_parts - lse_max[None])  # [splits, ...rows]
-    num = jnp.einsum("s...,s...c->...c", w, o_parts.astype(jnp.float32))
+    # The sum over the splits (axis 0, a dim the package's letter legend has no letter for).
+    num = jnp.einsum(w, [0, ...], o_parts.astype(jnp.float32), [0, ..., 1], [..., 1])
     return num / jnp.sum(w, axis=0)[..., None]
 
 
@@ -305,12 +299,12 @@ def mla_decode(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array, q_positio
     sp = splits * blocks_per_split * cfg.block_s
 
     q = jnp.concatenate([q_latent, q_pe], axis=-1).reshape(b, rows, c + r)
-    q = _pad_axis(q, 1, rp)  # [B, Rp, C + R]
+    q = pad_axis(q, 1, rp)  # [B, THp, C + R]
     pos = jnp.repeat(q_positions.astype(jnp.int32), h, axis=1)  # [B, T*H], row (t, h) -> t
-    pos = _pad_axis(pos, 1, rp)  # padded rows: position 0
-    limit = jnp.max(pos.reshape(b, row_tiles, ROWS), axis=-1)  # [B, Rp/64]
-    cache_p = _pad_axis(cache, 1, sp)  # a copy only when S is not a multiple of the split
-    interp = _interpret_params(interpret)
+    pos = pad_axis(pos, 1, rp)  # padded rows: position 0
+    limit = jnp.max(pos.reshape(b, row_tiles, ROWS), axis=-1)  # [B, THp/64]
+    cache_p = pad_axis(cache, 1, sp)  # a copy only when S is not a multiple of the split
+    interp = interpret_params(interpret)
     call = plgpu.kernel(
         functools.partial(_kernel, c=c, r=r, blocks_per_split=blocks_per_split, cfg=cfg,
                           scale=float(scale), interpret=interp is not None),
