@@ -33,7 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops import fp8
+from dsv3_jax.ops import fp8, platform
 
 from benchutil import add_timing_flags, fill_timing, provenance, fmt as _fmt, time_median as _time
 
@@ -140,7 +140,7 @@ def _bench_shape(label, m, k, n, args, configs, rows, detail_rows) -> bool:
     best = None  # (name, seconds, out) of the fastest tiling that compiled and matched
     for name, cfg in configs.items():
         gemm = jax.jit(functools.partial(fp8_gemm_sm90.fp8_gemm, config=cfg,
-                                         interpret=args.smoke))
+                                         interpret=args.smoke, num_sms=platform.num_sms()))
         try:
             out = jax.block_until_ready(gemm(*ops))
         except Exception as e:  # noqa: BLE001 - a tiling that does not compile is reported
