@@ -26,11 +26,11 @@ import shutil
 from absl import flags
 
 from dsv3_jax import cli
+from dsv3_jax.convert.layout import PARAM_DTYPES
 from dsv3_jax.files import atomic_dir
 from dsv3_jax.train.checkpoint import MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE
 
 _COMMANDS = ("hf-to-orbax", "orbax-to-hf")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConversionError(ValueError):
@@ -70,27 +70,20 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: str = "float32", progress: bool
     return cfg
 
 
-def read_orbax(path: str):
-    """(ModelConfig, params, folder holding its tokenizer) from the Orbax layout or a workdir."""
-    from dsv3_jax.train.checkpoint import CheckpointNotFoundError, read_params
-
-    try:
-        cfg, params, _ = read_params(path)
-    except CheckpointNotFoundError as e:
-        raise ConversionError(f"--orbax_dir: {e}") from e
-    return cfg, params, os.path.abspath(os.path.expanduser(path))
-
-
 def orbax_to_hf(orbax_dir: str, out: str, *, fp8: bool = False, dtype: str | None = None,
                 max_shard_bytes: int | None = None, progress: bool = True):
     """Writes the params of an Orbax folder or training workdir as a Hugging Face checkpoint."""
     from dsv3_jax.convert import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
+    from dsv3_jax.train.checkpoint import CheckpointNotFoundError, read_params
 
     out = _check_out(out)
-    cfg, params, source = read_orbax(orbax_dir)
+    try:
+        cfg, params, _ = read_params(orbax_dir)
+    except CheckpointNotFoundError as e:
+        raise ConversionError(f"--orbax_dir: {e}") from e
     save_hf_checkpoint(out, cfg, params, fp8=fp8, dtype=dtype, progress=progress,
                        max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)  # atomic
-    _copy_tokenizer(source, out)
+    _copy_tokenizer(os.path.expanduser(orbax_dir), out)
     return cfg
 
 
@@ -100,8 +93,8 @@ def _define_flags():
     flags.DEFINE_string("orbax_dir", None, "orbax-to-hf: a converted Orbax folder or a training "
                         "workdir.")
     flags.DEFINE_string("out", None, "The folder to write (must not exist, or be empty).")
-    flags.DEFINE_enum("dtype", None, _DTYPES, "hf-to-orbax: parameter dtype (default float32); "
-                      "orbax-to-hf: dtype of the written tensors (default: the parameters' own).")
+    flags.DEFINE_enum("dtype", None, PARAM_DTYPES, "hf-to-orbax: parameter dtype (default "
+                      "float32); orbax-to-hf: the written tensors' dtype (default: their own).")
     flags.DEFINE_bool("fp8", False, "orbax-to-hf: write block-scaled FP8 linear weights.")
     flags.DEFINE_float("max_shard_gb", 5.0, "orbax-to-hf: safetensors shard size, GB.")
 

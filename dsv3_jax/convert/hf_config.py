@@ -123,10 +123,8 @@ def _rope_fields(keys: _Keys) -> dict[str, Any]:
     if scaling is not None and params is not None and scaling != params:
         raise HFCheckpointError(f"{source}: rope_scaling={scaling!r} and rope_parameters={params!r} "
                                 "disagree; keep one of them.")
-    rope = params if params is not None else scaling
-    name = "rope_parameters" if params is not None else "rope_scaling"
-    if rope is None:
-        rope = {}
+    rope, name = ((params, "rope_parameters") if params is not None
+                  else ({} if scaling is None else scaling, "rope_scaling"))
     if not isinstance(rope, dict):
         keys.refuse(name, "must be an object", "write a JSON object or null")
     unknown = sorted(set(rope) - set(_ROPE_KEYS))

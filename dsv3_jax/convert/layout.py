@@ -68,12 +68,9 @@ class Leaf:
     sources: dict[tuple[int, ...], str] = dataclasses.field(default_factory=dict)
 
     @property
-    def item_shape(self) -> tuple[int, ...]:
-        return self.shape[self.n_lead:]
-
-    @property
     def hf_shape(self) -> tuple[int, ...]:
-        return self.item_shape[::-1] if self.transpose else self.item_shape
+        item = self.shape[self.n_lead:]
+        return item[::-1] if self.transpose else item
 
     @property
     def is_router_bias(self) -> bool:
@@ -93,9 +90,6 @@ _Q_LORA = [(("attn", "wq_a", "kernel"), "self_attn.q_a_proj.weight", True),
 _Q_FULL = [(("attn", "wq", "kernel"), "self_attn.q_proj.weight", True)]
 _MLP = [(("w1", "kernel"), "gate_proj.weight", True), (("w2", "kernel"), "down_proj.weight", True),
         (("w3", "kernel"), "up_proj.weight", True)]
-_EXPERTS = [(("ffn", "w1"), "mlp.experts.{e}.gate_proj.weight", True),
-            (("ffn", "w2"), "mlp.experts.{e}.down_proj.weight", True),
-            (("ffn", "w3"), "mlp.experts.{e}.up_proj.weight", True)]
 # Linear weights quantized in DeepSeek's FP8 release (the router, eh_proj, embedding and head are not).
 FP8_WEIGHT = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj|"
                         r"kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(experts\.\d+\.|"
@@ -110,7 +104,7 @@ def _block_entries(cfg: ModelConfig, moe: bool) -> list[tuple[tuple[str, ...], s
     entries.append((("ffn", "gate", "kernel"), "mlp.gate.weight", True, False))
     if cfg.has_score_correction_bias:
         entries.append((tree.ROUTER_BIAS_PATH, "mlp.gate.e_score_correction_bias", False, False))
-    entries += [(p, n, t, True) for p, n, t in _EXPERTS]
+    entries += [(("ffn", p[0]), "mlp.experts.{e}." + n, t, True) for p, n, t in _MLP]
     if cfg.n_shared_experts:
         entries += [(("ffn", "shared_experts") + p, "mlp.shared_experts." + n, t, False) for p, n, t in _MLP]
     return entries

@@ -1,8 +1,4 @@
-"""Reading a Hugging Face checkpoint folder into (ModelConfig, params): `load_hf_checkpoint`.
-
-The folder holds `config.json` and either `model.safetensors` or the shards that
-`model.safetensors.index.json` names; pickle checkpoints (`pytorch_model.bin`, ...) are refused.
-"""
+"""Reading a Hugging Face checkpoint folder into (ModelConfig, params): `load_hf_checkpoint`."""
 
 from __future__ import annotations
 
@@ -31,10 +27,7 @@ _PICKLE = re.compile(r"pytorch_model.*\.bin|.*\.(pt|pth|ckpt|pkl)")
 
 
 class _Checkpoint:
-    """The safetensors files of an HF folder: which file holds each tensor, headers checked.
-
-    Tensors are read one at a time, mapped from their file (`st.SafetensorsFile.read`).
-    """
+    """The safetensors files of an HF folder: which file holds each tensor, headers checked."""
 
     def __init__(self, path: str):
         self.path = path
@@ -44,8 +37,7 @@ class _Checkpoint:
         if os.path.isfile(index):
             self._open_index(index)
         elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
-            f = self._open(SINGLE_FILE)
-            self.where = {name: SINGLE_FILE for name in f.keys()}
+            self.where = dict.fromkeys(self._open(SINGLE_FILE).keys(), SINGLE_FILE)
         else:
             self._refuse_folder()
 
@@ -111,12 +103,6 @@ class _Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def file_of(self, name: str) -> str:
-        return self.where[name]
-
     def info(self, name: str) -> st.TensorInfo:
         return self.files[self.where[name]].info(name)
 
@@ -124,8 +110,8 @@ class _Checkpoint:
         return self.files[self.where[name]].read(name, rows)
 
 
-def _open_folder(path: str) -> tuple[dict, _Checkpoint]:
-    """(config.json as a dict, the checkpoint's tensors); refuses what is not an HF checkpoint."""
+def _open_folder(path: str) -> tuple[dict, str, _Checkpoint]:
+    """(config.json as a dict, its path, the tensors); refuses what is not an HF checkpoint."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise HFCheckpointError(f"{path} does not exist; pass a Hugging Face checkpoint folder "
@@ -145,7 +131,8 @@ def _open_folder(path: str) -> tuple[dict, _Checkpoint]:
             hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise HFCheckpointError(f"{config_path} is not valid JSON ({e}).") from e
-    return hf, _Checkpoint(path)
+    return hf, config_path, _Checkpoint(path)
+
 
 def _present_mtp_depth(cfg: ModelConfig, ckpt: _Checkpoint, source: str) -> ModelConfig:
     """cfg with mtp_depth set to the MTP layers the checkpoint holds (config may declare more)."""
@@ -177,14 +164,16 @@ def _check_tensors(plan: list[Leaf], ckpt: _Checkpoint, cfg: ModelConfig,
                 missing.append(name)
                 continue
             used.add(name)
-            info, where = ckpt.info(name), f"tensor {name!r} in {ckpt.file_of(name)}"
+            info, where = ckpt.info(name), f"tensor {name!r} in {ckpt.where[name]}"
             if tuple(info.shape) != leaf.hf_shape:
                 raise HFCheckpointError(
                     f"{where} has shape {list(info.shape)}; expected {list(leaf.hf_shape)} for "
-                    f"{'/'.join(leaf.path)} from {source} ({_shape_hint(cfg)}). The tensors "
-                    "and config.json belong to different models.")
+                    f"{'/'.join(leaf.path)} from {source} (hidden_size={cfg.dim}, vocab_size="
+                    f"{cfg.vocab_size}, q_lora_rank={cfg.q_lora_rank}, kv_lora_rank="
+                    f"{cfg.kv_lora_rank}, num_attention_heads={cfg.n_heads}). The tensors and "
+                    "config.json belong to different models.")
             if info.dtype == "F8_E4M3":
-                used.add(_check_fp8(name, info, ckpt, fp8_block, source))
+                used.add(_check_fp8(name, where, info, ckpt, fp8_block, source))
             elif info.dtype not in _FLOAT_CODES:
                 raise HFCheckpointError(f"{where} has dtype {info.dtype}; expected a floating-point "
                                         f"dtype ({', '.join(_FLOAT_CODES)}, or F8_E4M3 with a "
@@ -197,23 +186,18 @@ def _check_tensors(plan: list[Leaf], ckpt: _Checkpoint, cfg: ModelConfig,
         if copy in ckpt:
             used.add(copy)
             _check_copy(ckpt, copy, shared)
-    unexpected = sorted(n for n in ckpt.names() if n not in used and not layout.IGNORABLE.fullmatch(n))
+    unexpected = sorted(n for n in ckpt.where
+                        if n not in used and not layout.IGNORABLE.fullmatch(n))
     if unexpected:
         raise HFCheckpointError(
             f"the checkpoint in {ckpt.path} holds {len(unexpected)} tensor(s) that {source} does "
-            f"not account for, e.g. {unexpected[:8]} (in {ckpt.file_of(unexpected[0])}); it is not "
+            f"not account for, e.g. {unexpected[:8]} (in {ckpt.where[unexpected[0]]}); it is not "
             "a DeepSeek-V3 checkpoint of that config (check num_hidden_layers, "
             "num_nextn_predict_layers, n_routed_experts, q_lora_rank).")
 
 
-def _shape_hint(cfg: ModelConfig) -> str:
-    return (f"hidden_size={cfg.dim}, vocab_size={cfg.vocab_size}, q_lora_rank={cfg.q_lora_rank}, "
-            f"kv_lora_rank={cfg.kv_lora_rank}, num_attention_heads={cfg.n_heads}")
-
-
-def _check_fp8(name: str, info: st.TensorInfo, ckpt: _Checkpoint,
+def _check_fp8(name: str, where: str, info: st.TensorInfo, ckpt: _Checkpoint,
                fp8_block: tuple[int, int] | None, source: str) -> str:
-    where = f"tensor {name!r} in {ckpt.file_of(name)}"
     if fp8_block is None:
         raise HFCheckpointError(f"{where} is F8_E4M3 but {source} has no quantization_config; add "
                                 "DeepSeek's {\"quant_method\": \"fp8\", \"fmt\": \"e4m3\", "
@@ -230,7 +214,7 @@ def _check_fp8(name: str, info: st.TensorInfo, ckpt: _Checkpoint,
     s_info = ckpt.info(scale)
     if tuple(s_info.shape) != want or s_info.dtype not in _FLOAT_CODES:
         raise HFCheckpointError(
-            f"tensor {scale!r} in {ckpt.file_of(scale)} is {s_info.dtype} {list(s_info.shape)}; "
+            f"tensor {scale!r} in {ckpt.where[scale]} is {s_info.dtype} {list(s_info.shape)}; "
             f"expected a float tensor of shape {list(want)} (one scale per {bm}x{bn} block of "
             f"{name}, {list(info.shape)}).")
     return scale
@@ -248,13 +232,9 @@ def _check_copy(ckpt: _Checkpoint, copy: str, shared: str, rows_per_chunk: int =
         if not np.array_equal(np.asarray(ckpt.read(copy, rows), np.float32),
                               np.asarray(ckpt.read(shared, rows), np.float32)):
             raise HFCheckpointError(
-                f"{copy!r} ({ckpt.file_of(copy)}) differs from {shared!r} (rows from {r}): "
+                f"{copy!r} ({ckpt.where[copy]}) differs from {shared!r} (rows from {r}): "
                 "dsv3_jax's MTP modules share the main embedding and output head (SPEC.md "
                 "'Multi-token prediction'), so this checkpoint cannot be represented.")
-
-
-def _normalize_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(*s.indices(d)[:2]) for s, d in zip(index, shape))
 
 
 def _dequantize_into(dst: np.ndarray, q_rows: np.ndarray, scale_inv: np.ndarray, row0: int,
@@ -265,17 +245,14 @@ def _dequantize_into(dst: np.ndarray, q_rows: np.ndarray, scale_inv: np.ndarray,
     scales; its columns start at a block edge. Temporaries hold at most bn x (columns + bn) values."""
     bm, bn = block
     lo = cols.start // bn * bn
+    view = dst.T if transpose else dst
     r = 0
     while r < len(q_rows):
         i = row0 + r
         end = r + min(bn, bm - i % bm, len(q_rows) - r)
         s = scale_inv[i // bm, lo // bn:-(-cols.stop // bn)][None]
         band = layout.on_host(fp8.weight_dequant, q_rows[r:end, lo:cols.stop], s, block=bn)
-        band = band[:, cols.start - lo:]
-        if transpose:
-            dst[:, r:end] = band.T
-        else:
-            dst[r:end] = band
+        view[r:end] = band[:, cols.start - lo:]
         r = end
 
 
@@ -307,7 +284,7 @@ def _put(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding, fill) -
     that hold the same index, so the host holds one shard at a time."""
     by_index: dict[tuple, list] = {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
-        key = tuple((s.start, s.stop) for s in _normalize_index(index, shape))
+        key = tuple(s.indices(d)[:2] for s, d in zip(index, shape))
         by_index.setdefault(key, []).append(device)
     arrays = []
     for key, devices in by_index.items():
@@ -379,8 +356,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh 
     if dtype_name not in layout.PARAM_DTYPES:
         raise HFCheckpointError(f"load_hf_checkpoint: dtype={dtype_name!r}; use one of "
                                 f"{layout.PARAM_DTYPES}.")
-    hf, ckpt = _open_folder(path)
-    source = os.path.join(os.fspath(path), CONFIG_FILE)
+    hf, source, ckpt = _open_folder(path)
     cfg = config_from_hf(hf, source=source).replace(param_dtype=dtype_name, scan_layers=scan_layers)
     fp8_block = hf_config.fp8_block(hf, source)
     cfg = _present_mtp_depth(cfg, ckpt, source)
@@ -388,6 +364,8 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh 
     _check_tensors(plan, ckpt, cfg, fp8_block, source)
     shardings = _shardings(cfg, mesh) if mesh is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    replicated = (default if mesh is None
+                  else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     params: dict = {}
     for leaf in tqdm(plan, desc="loading", unit="param", disable=not progress):
         names = list(leaf.sources.values())
@@ -402,21 +380,12 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh 
         sharding = shardings.get(leaf.path, default)
         fill = lambda out, index, leaf=leaf, q=quantized: _fill(out, leaf, index, ckpt, fp8_block, q)
         _set(params, leaf.path, _put(leaf.shape, out_dtype, sharding, fill))
-        if quantized:
+        if quantized:  # the scale sibling (see keep_fp8), float32 and replicated
+            grid = tuple(-(-d // b) for d, b in zip(leaf.hf_shape, fp8_block))
+            scales = dataclasses.replace(
+                leaf, shape=leaf.shape[:leaf.n_lead] + (grid[::-1] if leaf.transpose else grid))
+            fill = lambda out, index, s=scales: _fill(out, s, index, ckpt, fp8_block, True, True)
             _set(params, leaf.path[:-1] + (leaf.path[-1] + "_scale_inv",),
-                 _load_scales(leaf, ckpt, fp8_block, mesh, default))
+                 _put(scales.shape, np.dtype(np.float32), replicated, fill))
     return cfg, params
-
-
-def _load_scales(leaf: Leaf, ckpt: _Checkpoint, fp8_block, mesh, default) -> jax.Array:
-    """The FP8 scale sibling of `leaf` (see load_hf_checkpoint, keep_fp8): float32, replicated."""
-    bm, bn = fp8_block
-    rows, cols = leaf.hf_shape
-    hf_grid = (-(-rows // bm), -(-cols // bn))
-    item = hf_grid[::-1] if leaf.transpose else hf_grid
-    scale_leaf = dataclasses.replace(leaf, shape=leaf.shape[:leaf.n_lead] + item)
-    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                if mesh is not None else default)
-    fill = lambda out, index: _fill(out, scale_leaf, index, ckpt, fp8_block, True, scales=True)
-    return _put(scale_leaf.shape, np.dtype(np.float32), sharding, fill)
 

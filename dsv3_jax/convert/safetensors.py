@@ -54,23 +54,11 @@ import safetensors
 from dsv3_jax.files import atomic_file
 
 # The format's dtype codes and their numpy dtypes (ml_dtypes for the ones numpy lacks).
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
+DTYPES: dict[str, np.dtype] = {code: np.dtype(t) for code, t in {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}.items()}
 _CODES = {dt: code for code, dt in DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's limit
 _DAMAGED = "the file is truncated or damaged, or not a safetensors file; download or export it again"
@@ -102,17 +90,12 @@ class TensorInfo:
 
 # ------------------------------------------------------------------------------------ the header
 
-class _Duplicate(Exception):
-    """A JSON object names a key twice (json.loads would silently keep the last)."""
-
-
 def _no_duplicates(pairs):
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _Duplicate(key)
-        seen[key] = value
-    return seen
+    """json's object_pairs_hook: KeyError(key) for a key named twice (json.loads keeps the last)."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise KeyError(next(key for key in keys if keys.count(key) > 1))
+    return dict(pairs)
 
 
 def _read_header(path: str) -> tuple[int, dict, int]:
@@ -134,7 +117,7 @@ def _read_header(path: str) -> tuple[int, dict, int]:
         raise SafetensorsError(f"cannot read {path}: {e}") from e
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _Duplicate as e:
+    except KeyError as e:
         raise SafetensorsError(f"{path}: the header names tensor {e.args[0]!r} twice; {_DAMAGED}.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: the header is not UTF-8 JSON ({e}); {_DAMAGED}.") from e
@@ -214,9 +197,8 @@ def _diagnose(path: str) -> str:
 
 
 def _library_view(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Opens `path` with the safetensors package, which checks the header and the layout, and
-    returns {name: (dtype code, shape)} as it reads them. Anything it refuses becomes a
-    SafetensorsError with its reason and this module's own diagnosis."""
+    """{name: (dtype code, shape)} as the safetensors package reads `path`, after its own checks;
+    what it refuses becomes a SafetensorsError with its reason and this module's diagnosis."""
     try:
         with safetensors.safe_open(path, framework="numpy") as f:
             view = {}
@@ -236,12 +218,7 @@ def _library_view(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 class SafetensorsFile:
     """One safetensors file, its header validated (by the safetensors library, then parsed here);
-    tensors are read on demand, mapped from the file.
-
-    Every tensor entry has a known dtype code, a shape of non-negative integers, and `data_offsets`
-    that span exactly prod(shape) x itemsize bytes; together they tile the data section. Errors
-    name the file and, where one is at fault, the tensor.
-    """
+    tensors are read on demand, mapped from the file."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -250,11 +227,7 @@ class SafetensorsFile:
         problem = _layout_problem(self.path, header, size - 8 - n)
         if problem:
             raise SafetensorsError(f"{self.path}: {problem}; {_DAMAGED}.")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise SafetensorsError(f"{self.path}: __metadata__ is {metadata!r}; expected an object "
-                                   f"of strings; {_DAMAGED}.")
-        self.metadata: dict[str, str] = metadata
+        header.pop("__metadata__", None)  # the library checked it: {str: str}
         data_start = 8 + n
         self._infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():

@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import os
 from typing import Any
 
@@ -31,15 +31,12 @@ _FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynam
 
 
 @dataclasses.dataclass(frozen=True)
-class _Out:
+class _Out(st.TensorSpec):
     """One tensor of the exported checkpoint: item `lead` of parameter `path`."""
 
-    name: str
     path: tuple[str, ...]
     lead: tuple[int, ...]
     transpose: bool
-    dtype: str  # safetensors code
-    shape: tuple[int, ...]
     role: str = "plain"  # "plain", "fp8" (the quantized weight) or "scale" (its weight_scale_inv)
 
 
@@ -73,12 +70,13 @@ def _outputs(cfg: ModelConfig, flat: dict, quantize: bool, dtype: str | None) ->
     for leaf in layout.plan(cfg):
         code = "F32" if leaf.is_router_bias else st.dtype_code(dtype or np.dtype(flat[leaf.path].dtype))
         for lead, name in sorted(leaf.sources.items()):
+            item = (leaf.path, lead, leaf.transpose)
             if quantize and layout.FP8_WEIGHT.fullmatch(name):
                 grid = tuple(-(-d // fp8.BLOCK) for d in leaf.hf_shape)
-                outs.append(_Out(name, leaf.path, lead, leaf.transpose, "F8_E4M3", leaf.hf_shape, "fp8"))
-                outs.append(_Out(name + "_scale_inv", leaf.path, lead, leaf.transpose, "F32", grid, "scale"))
+                outs += [_Out(name, "F8_E4M3", leaf.hf_shape, *item, "fp8"),
+                         _Out(name + "_scale_inv", "F32", grid, *item, "scale")]
             else:
-                outs.append(_Out(name, leaf.path, lead, leaf.transpose, code, leaf.hf_shape))
+                outs.append(_Out(name, code, leaf.hf_shape, *item))
     by_name = {o.name: o for o in outs}
     for copy, shared in layout.mtp_copies(cfg):
         outs.append(dataclasses.replace(by_name[shared], name=copy))
@@ -97,42 +95,28 @@ def quantize_fp8(w) -> tuple[np.ndarray, np.ndarray]:
     return layout.on_host(_weight_quant, w)
 
 
-class _HostReader:
-    """Host copies of parameter items: a parameter on one CPU device is viewed without a copy;
-    otherwise each item is sliced on its devices and only that slice is brought to the host."""
-
-    def __init__(self, flat: dict):
-        self.flat = flat
-        self._last: tuple[str, np.ndarray, np.ndarray] | None = None  # FP8 quantization cache
-
-    def item(self, out: _Out) -> np.ndarray:
-        array = self.flat[out.path]
-        if isinstance(array, jax.Array) and not (
-                len(array.devices()) == 1 and next(iter(array.devices())).platform == "cpu"):
-            value = np.asarray(array[out.lead]) if out.lead else np.asarray(array)
-        else:
-            value = np.asarray(array)[out.lead]
-        return value.T if out.transpose else value
-
-    def tensor(self, out: _Out) -> np.ndarray:
-        if out.role == "plain":
-            return self.item(out)
-        weight = out.name[:-len("_scale_inv")] if out.role == "scale" else out.name
-        if self._last is None or self._last[0] != weight:
-            self._last = (weight, *quantize_fp8(self.item(out)))
-        return self._last[1] if out.role == "fp8" else self._last[2]
+def _host_item(flat: dict, path: tuple[str, ...], lead: tuple[int, ...], transpose: bool):
+    """Item `lead` of parameter `path` on the host, in HF orientation: a parameter on one CPU
+    device is viewed without a copy; otherwise the item is sliced on its devices and only that
+    slice is brought to the host."""
+    array = flat[path]
+    if isinstance(array, jax.Array) and not (
+            len(array.devices()) == 1 and next(iter(array.devices())).platform == "cpu"):
+        value = np.asarray(array[lead]) if lead else np.asarray(array)
+    else:
+        value = np.asarray(array)[lead]
+    return value.T if transpose else value
 
 
 def _shards(outs: list[_Out], max_shard_bytes: int) -> list[list[_Out]]:
     shards: list[list[_Out]] = [[]]
     size = 0
     for out in outs:
-        nbytes = math.prod(out.shape) * st.DTYPES[out.dtype].itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes and out.role != "scale":
+        if shards[-1] and size + out.nbytes > max_shard_bytes and out.role != "scale":
             shards.append([])
             size = 0
         shards[-1].append(out)
-        size += nbytes
+        size += out.nbytes
     return shards
 
 
@@ -145,17 +129,17 @@ def save_hf_checkpoint(path: str, cfg: ModelConfig, params, *,
     Layout: config.json (current transformers style, `rope_parameters`; see `config_to_hf`), and
     model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json when the
     tensors exceed `max_shard_bytes` (a shard holds at least one tensor). Tensor names and
-    orientation follow `layout`; routed experts are written one tensor per expert, as
-    in DeepSeek's release; the MTP layers get their copies of the embedding and head back.
+    orientation follow `layout` (one tensor per routed expert; the MTP copies written back).
 
     Args:
       path: a folder that does not exist yet (or is empty); written under a temporary name and
         renamed when complete, so a failed save leaves nothing behind under `path`.
       cfg, params: the model; params unboxed or boxed, on any devices (`scan_layers` either way).
       max_shard_bytes: the size above which a new shard file starts.
-      fp8: write the linear weights of the blocks (attention, dense MLP, experts, shared experts) as
+      fp8: write the blocks' linear weights (attention, dense MLP, experts, shared experts) as
         F8_E4M3 with the 128x128 float32 block scales `<name>_scale_inv` of `quantize_fp8` and
-        DeepSeek's `quantization_config`; the router, eh_proj, norms, embedding and head stay as they are.
+        DeepSeek's `quantization_config`; the router, eh_proj, norms, embedding and head are not
+        quantized.
       dtype: the dtype of the written (unquantized) tensors; None keeps each parameter's own dtype.
         The router bias is always float32.
       progress: show a tqdm bar over the tensors.
@@ -173,36 +157,37 @@ def save_hf_checkpoint(path: str, cfg: ModelConfig, params, *,
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise HFCheckpointError(f"save_hf_checkpoint: max_shard_bytes={max_shard_bytes!r}; use a "
                                 "positive number of bytes, e.g. 5 * 2**30.")
-    if dtype is not None and np.dtype(dtype).name not in layout.PARAM_DTYPES:
-        raise HFCheckpointError(f"save_hf_checkpoint: dtype={np.dtype(dtype).name!r}; use one of "
+    dtype = None if dtype is None else np.dtype(dtype)
+    if dtype is not None and dtype.name not in layout.PARAM_DTYPES:
+        raise HFCheckpointError(f"save_hf_checkpoint: dtype={dtype.name!r}; use one of "
                                 f"{layout.PARAM_DTYPES} or None.")
     if cfg.score_func != "sigmoid":
         logging.warning("save_hf_checkpoint: score_func=%r: the checkpoint records scoring_func and "
                         "topk_method, but transformers' DeepseekV3 implements sigmoid routing only "
                         "and will not reproduce this model's logits.", cfg.score_func)
     flat = _check_params(cfg, params)
-    outs = _outputs(cfg, flat, fp8, None if dtype is None else np.dtype(dtype))
+    outs = _outputs(cfg, flat, fp8, dtype)
     shards = _shards(outs, max_shard_bytes)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    write_dtype = np.dtype(dtype).name if dtype is not None else np.dtype(flat[("embed", "embedding")].dtype).name
-    reader = _HostReader(flat)
+    write_dtype = np.dtype(dtype or flat[("embed", "embedding")].dtype).name
+    # An FP8 weight's q and scale_inv are written in a row (`_sort_key`): quantized once for both.
+    quantized = functools.lru_cache(maxsize=1)(lambda *item: quantize_fp8(_host_item(flat, *item)))
     with atomic_dir(path) as partial:  # an empty folder at `path` is replaced, checked above
         bar = tqdm(total=len(outs), desc="saving", unit="tensor", disable=not progress)
-        total = 0
-        for fname, shard in zip(names, shards):
-            specs = [st.TensorSpec(o.name, o.dtype, o.shape) for o in shard]
-            by_name = {o.name: o for o in shard}
 
-            def produce(spec, by_name=by_name):
-                bar.update(1)
-                return reader.tensor(by_name[spec.name])
+        def produce(out: _Out) -> np.ndarray:
+            bar.update(1)
+            item = (out.path, out.lead, out.transpose)
+            if out.role == "plain":
+                return _host_item(flat, *item)
+            return quantized(*item)[0 if out.role == "fp8" else 1]
 
-            total += st.write_file(os.path.join(partial, fname), specs, produce, {"format": "pt"})
+        total = sum(st.write_file(os.path.join(partial, fname), shard, produce, {"format": "pt"})
+                    for fname, shard in zip(names, shards))
         bar.close()
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(math.prod(o.shape) * st.DTYPES[o.dtype].itemsize
-                                                    for o in outs)},
+            index = {"metadata": {"total_size": sum(o.nbytes for o in outs)},
                      "weight_map": {o.name: f for f, shard in zip(names, shards) for o in shard}}
             with open(os.path.join(partial, INDEX_FILE), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
