@@ -11,6 +11,7 @@ import socket
 import time
 
 from absl import flags, logging
+import jax
 from ml_collections import config_flags
 
 from dsv3_jax import cli
@@ -88,8 +89,6 @@ def _initialize_distributed() -> None:
     """jax.distributed.initialize from the flags (or the cluster environment) before any jax use."""
     if not (_DISTRIBUTED.value or _COORDINATOR.value):
         return
-    import jax
-
     # Collectives between processes on CPU hosts (tests, CPU clusters) go through gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     logging.info("joining the multi-process run (coordinator %s, process %s of %s); waiting up to "

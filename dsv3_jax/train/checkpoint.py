@@ -49,9 +49,6 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data", "meta"))
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
         """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
         self._manager.save(step, force=True, args=ocp.args.Composite(
@@ -68,19 +65,16 @@ class Checkpointer:
         empty step folder) is moved aside and the one before it tried. Raises
         CheckpointMismatchError when the newest readable checkpoint belongs to another config.
         """
-        steps = sorted(self._manager.all_steps(), reverse=True)
-        for step in steps:
+        for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 saved = _meta_of(self._manager.restore(
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-            except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
-                self._set_aside(step, e)
-                continue
-            _check_meta(saved, meta, self.directory)
-            try:
+                _check_meta(saved, meta, self.directory)
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            except Exception as e:  # noqa: BLE001
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
                 self._set_aside(step, e)
                 continue
             return step, restored["state"], restored["data"]
@@ -144,22 +138,17 @@ def _params_target(cfg: ModelConfig):
                         abstract_params(cfg))
 
 
-def _step_dirs(checkpoints: str) -> list[tuple[int, str]]:
-    """(step, `<checkpoints>/<step>`) of the step folders, newest first."""
+def _read_workdir_params(checkpoints: str) -> tuple[ModelConfig, dict, dict]:
+    """The newest checkpoint under `checkpoints` whose meta and params read back (training's rule,
+    except that a damaged checkpoint is only skipped, not moved: readers never change a run)."""
     try:
         names = os.listdir(checkpoints)
     except OSError as e:
         raise CheckpointNotFoundError(f"{checkpoints} cannot be read ({e.strerror or e}).") from e
-    steps = sorted((int(n) for n in names if n.isdigit()
-                    and os.path.isdir(os.path.join(checkpoints, n))), reverse=True)
-    return [(step, os.path.join(checkpoints, str(step))) for step in steps]
-
-
-def _read_workdir_params(checkpoints: str) -> tuple[ModelConfig, dict, dict]:
-    """The newest checkpoint under `checkpoints` whose meta and params read back (training's rule,
-    except that a damaged checkpoint is only skipped, not moved: readers never change a run)."""
     skipped = []
-    for step, step_dir in _step_dirs(checkpoints):
+    for step in sorted((int(n) for n in names if n.isdigit()
+                        and os.path.isdir(os.path.join(checkpoints, n))), reverse=True):
+        step_dir = os.path.join(checkpoints, str(step))
         try:
             with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
                 meta = _meta_of(json.load(f))
@@ -194,8 +183,8 @@ def read_params(path: str) -> tuple[ModelConfig, dict, dict]:
     ...) with the `step` used, or {} for a converted folder.
     """
     path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        config_file = os.path.join(path, MODEL_CONFIG_FILE)
+    config_file, params_dir = os.path.join(path, MODEL_CONFIG_FILE), os.path.join(path, PARAMS_DIR)
+    if os.path.isfile(config_file) and os.path.isdir(params_dir):
         try:
             with open(config_file, encoding="utf-8") as f:
                 fields = json.load(f)
@@ -209,11 +198,10 @@ def read_params(path: str) -> tuple[ModelConfig, dict, dict]:
         except TypeError as e:
             raise CheckpointNotFoundError(f"{config_file} does not hold ModelConfig fields ({e}).") from e
         try:
-            params = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR),
-                                                        _params_target(cfg))
+            params = ocp.StandardCheckpointer().restore(params_dir, _params_target(cfg))
         except Exception as e:  # noqa: BLE001
-            raise CheckpointNotFoundError(f"{os.path.join(path, PARAMS_DIR)} does not read back as "
-                                          f"the parameters of {config_file} ({_brief(e)}).") from e
+            raise CheckpointNotFoundError(f"{params_dir} does not read back as the parameters of "
+                                          f"{config_file} ({_brief(e)}).") from e
         return cfg, params, {}
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return _read_workdir_params(os.path.join(path, "checkpoints"))

@@ -1,8 +1,8 @@
 """train_and_evaluate(config, workdir): the one training loop.
 
-Reads like the recipe: `_set_up` makes the run's pieces (a `Run`: mesh, data, model and
-optimizer, restore-or-init, compiled steps), then train_and_evaluate steps with the aux-loss-free
-bias update, logging, evaluation and checkpoints. Nothing is lost on failure: a
+Reads like the recipe: `Run(config, workdir, resources)` makes the run's pieces (mesh, data, model
+and optimizer, restore-or-init, compiled steps), then train_and_evaluate steps with the
+aux-loss-free bias update, logging, evaluation and checkpoints. Nothing is lost on failure: a
 NaN/Inf step leaves the state untouched, SIGTERM/SIGINT save before exiting, and a restart resumes
 from the newest good checkpoint on the exact next batch (the killed-and-resumed run equals the
 uninterrupted one bit for bit; tests check it).
@@ -11,21 +11,17 @@ uninterrupted one bit for bit; tests check it).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 from absl import logging
 import flax.linen as nn
 import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -111,10 +107,8 @@ def _router_biases(params) -> np.ndarray | None:
     """Every router's e_score_correction_bias [n_routers, E], main layers then MTP modules (the
     order of ModelOutput's expert loads)."""
     paths = tree.router_bias_paths(params)
-    if not paths:
-        return None
-    biases = [np.asarray(tree.get(params, p)) for p in paths]
-    return np.concatenate([b.reshape(-1, b.shape[-1]) for b in biases])
+    # A scanned stack's bias is [L, E], an unrolled layer's [E].
+    return np.concatenate([np.atleast_2d(tree.get(params, p)) for p in paths]) if paths else None
 
 
 def _barrier(name: str) -> None:
@@ -124,27 +118,23 @@ def _barrier(name: str) -> None:
         ocp.multihost.get_barrier_sync_fn()(key=f"dsv3_jax: {name}", timeout_ms=3_600_000)
 
 
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit)."""
+@contextlib.contextmanager
+def _stop_signal():
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit): yields
+    a list that gets the received signal's name."""
+    received, previous = [], {}
 
-    def __init__(self):
-        self.received = None
+    def handle(signum, frame):
+        received.append(signal.Signals(signum).name)
 
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {}
-        if jax.process_index() == 0 and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.received = signal.Signals(signum).name
+    if jax.process_index() == 0 and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handle)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -154,17 +144,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     On every exit, an error's included, the checkpointer (its saves in flight finished), the
     metrics files and the progress bar are closed."""
     with contextlib.ExitStack() as resources:
-        run = _set_up(config, workdir, resources)
+        run = Run(config, workdir, resources)
         tc = config.train
 
         # ------------------------------------------------------------ train
         last_train, last_eval = {}, {}
         if run.start_step == 0 and run.eval_set:
             last_eval = run.evaluate(0)
-        stop, profiler = _StopSignal(), _Profiler(tc, run.workdir)
-        throughput = _Throughput(run.tokens_per_step)
+        profiler, throughput = _Profiler(tc, run.workdir), _Throughput(run.tokens_per_step)
         nonfinite, step = 0, run.start_step
-        with stop.installed(), jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with (_stop_signal() as stop, jax.set_mesh(run.mesh),
+              nn.logical_axis_rules(LOGICAL_AXIS_RULES)):
             while step < tc.steps:
                 step += 1
                 profiler.before(step)
@@ -185,9 +175,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             last_eval = run.evaluate(step)
                         if do_save:
                             run.save(step)
-                if stop.received:
-                    logging.warning("%s received: saving step %d and stopping", stop.received,
-                                    step)
+                if stop:
+                    logging.warning("%s received: saving step %d and stopping", stop[0], step)
                     run.save(step)
                     break
 
@@ -195,37 +184,88 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {"train": last_train, "eval": last_eval, "step": step}
 
 
-@dataclasses.dataclass
 class Run:
-    """What `_set_up` gives the loop: the mesh, the data, the compiled steps, the checkpointer and
-    the metrics writer, and the state with the step it stands at."""
+    """The run of `config` in `workdir`: the mesh, the data, the compiled steps, the checkpointer,
+    the metrics writer, and the state (restored from the workdir's newest checkpoint if it has
+    one) with the step it stands at. What must be closed is put on `resources`. Processes meet
+    after preparing data and after compiling."""
 
-    config: ml_collections.ConfigDict
-    workdir: str
-    mesh: jax.sharding.Mesh
-    batch_sharding: jax.sharding.Sharding
-    train_iter: grain.DatasetIterator  # this process's rows of each batch
-    eval_set: list  # validation batches, each int32 [B, T] 'tokens', 'segment_ids', 'positions'
-    train_step: Callable  # compiled (state, batch) -> (state, step metrics)
-    eval_step: Callable | None  # compiled (params, batch) -> prediction stats; None: no eval_set
-    ckpt: Checkpointer
-    writer: metrics_lib.MetricsWriter
-    meta: dict  # saved with each checkpoint: the model config and the tokenizer
-    state: TrainState
-    start_step: int
-    saved_step: int  # the newest step saved (or restored)
-    flops_per_token: float  # training FLOPs (model_stats)
-    peak: float | None  # a device's peak FLOP/s, for MFU; None where unknown
+    def __init__(self, config, workdir: str, resources: contextlib.ExitStack):
+        # ------------------------------------------------------------ config, workdir, mesh
+        check_run_config(config)
+        cfg, tc, dc = model_config(config), config.train, config.data
+        if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
+            raise ValueError(f"workdir={workdir!r} is empty; give the directory the run writes to "
+                             "(and resumes from).")
+        self.config, self.workdir = config, writable_workdir(workdir)
+        self.mesh = mesh = mesh_lib.make_mesh(config.mesh)
+        mesh_lib.check_mesh_fits(dict(mesh.shape), cfg, dc.batch_size)
+        self.batch_sharding = mesh_lib.batch_sharding(mesh)
+        is_main = jax.process_index() == 0
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.config.data.batch_size * self.config.data.seq_len
+        # ------------------------------------------------------------ data
+        # Process 0 tokenizes first; the others then find its token stores and reuse them.
+        if not is_main:
+            _barrier("data prepared")
+        data = pipeline.prepare_data(dc, self.workdir, model_vocab_size=cfg.vocab_size)
+        if is_main:
+            _barrier("data prepared")
+        self.train_iter = pipeline.train_iterator(  # this process's rows of each batch
+            data, dc, seed=tc.seed, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        # Validation batches, each int32 [B, T] 'tokens', 'segment_ids', 'positions'.
+        self.eval_set = pipeline.eval_batches(data, dc, tc.eval_batches) if tc.eval_batches else []
+
+        # ------------------------------------------------------------ model, optimizer, state
+        model, tx, init_boxed = state_builder(cfg, tc, dc.seq_len)
+        abstract_state, state_shardings = mesh_lib.abstract_with_shardings(init_boxed, mesh)
+        # Saved with each checkpoint: the model config and the tokenizer.
+        self.meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
+                     "tokenizer_path": os.path.abspath(data.tokenizer.path)}
+
+        # ------------------------------------------------------------ restore or initialise
+        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                 keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+        resources.callback(_close_quietly, self.ckpt)
+        restored = self.ckpt.restore_latest(abstract_state, self.meta)
+
+        # ------------------------------------------------------------ compiled steps
+        # Compiled ahead of time, then a barrier: processes enter their first collectives together
+        # (a process still compiling would make the others' collective setup time out).
+        # train_step: (state, batch) -> (state, step metrics); eval_step: (params, batch) ->
+        # prediction stats, None without an eval_set.
+        abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
+                                                  sharding=self.batch_sharding)
+                          for k in ("tokens", "segment_ids", "positions")}
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc),
+                                 out_shardings=(state_shardings, None), donate_argnums=0)
+            self.train_step = train_step.lower(abstract_state, abstract_batch).compile()
+            self.eval_step = jax.jit(functools.partial(_eval_step, model=model)).lower(
+                abstract_state.params, abstract_batch).compile() if self.eval_set else None
+            init_state = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings
+                                 ).lower().compile() if restored is None else None
+        _barrier("compiled")
+        if restored is None:
+            self.state, self.start_step = init_state(), 0
+            logging.info("initialised %s from seed %d", config.model.preset, tc.seed)
+        else:
+            self.start_step, self.state, data_state = restored
+            self.train_iter.set_state(data_state)
+            logging.info("resumed from the checkpoint at step %d", self.start_step)
+        self.saved_step = self.start_step  # the newest step saved (or restored)
+        self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=tc.steps,
+                                                start_step=self.start_step, enabled=is_main)
+        resources.callback(_close_quietly, self.writer)
+        self.tokens_per_step = dc.batch_size * dc.seq_len
+        self.flops_per_token = model_stats(cfg, dc.seq_len).train_flops_per_token  # training's
+        self.peak = metrics_lib.peak_flops_per_device(  # a device's FLOP/s, for MFU; None: unknown
+            jax.devices()[0].device_kind, tc.peak_tflops_per_device)
 
     def next_batch(self) -> dict:
         """This process's rows of the next batch -> global int32 [B, T] arrays on the mesh."""
-        size = self.config.data.batch_size
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
-                                                          (size,) + v.shape[1:])
+        return {k: jax.make_array_from_process_local_data(
+                    self.batch_sharding, v, (self.config.data.batch_size,) + v.shape[1:])
                 for k, v in next(self.train_iter).items()}
 
     def save(self, step: int) -> None:
@@ -275,77 +315,6 @@ class Run:
         self.writer.write(step, row)
         self.writer.progress(step, train["loss"], tokens_per_sec)
         return train
-
-
-def _set_up(config, workdir: str, resources: contextlib.ExitStack) -> Run:
-    """The run of `config` in `workdir`, restored from its newest checkpoint if it has one; what
-    must be closed is put on `resources`. Processes meet after preparing data and compiling."""
-    # ---------------------------------------------------------------- config, workdir, mesh
-    check_run_config(config)
-    cfg = model_config(config)
-    tc, dc = config.train, config.data
-    if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
-        raise ValueError(f"workdir={workdir!r} is empty; give the directory the run writes to "
-                         "(and resumes from).")
-    workdir = writable_workdir(workdir)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_mesh_fits(dict(mesh.shape), cfg, dc.batch_size)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    is_main = jax.process_index() == 0
-
-    # ---------------------------------------------------------------- data
-    # Process 0 tokenizes first; the others then find its token stores and reuse them.
-    if not is_main:
-        _barrier("data prepared")
-    data = pipeline.prepare_data(dc, workdir, model_vocab_size=cfg.vocab_size)
-    if is_main:
-        _barrier("data prepared")
-    train_iter = pipeline.train_iterator(data, dc, seed=tc.seed, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-    eval_set = pipeline.eval_batches(data, dc, tc.eval_batches) if tc.eval_batches > 0 else []
-
-    # ---------------------------------------------------------------- model, optimizer, state
-    model, tx, init_boxed = state_builder(cfg, tc, dc.seq_len)
-    abstract_state, state_shardings = mesh_lib.abstract_with_shardings(init_boxed, mesh)
-    meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
-            "tokenizer_path": os.path.abspath(data.tokenizer.path)}
-
-    # ---------------------------------------------------------------- restore or initialise
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
-                        async_save=tc.async_checkpoint)
-    resources.callback(_close_quietly, ckpt)
-    restored = ckpt.restore_latest(abstract_state, meta)
-
-    # ---------------------------------------------------------------- compiled steps
-    # Compiled ahead of time, then a barrier: processes enter their first collectives together
-    # (a process still compiling would make the others' collective setup time out).
-    abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
-                                              sharding=batch_sharding)
-                      for k in ("tokens", "segment_ids", "positions")}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc),
-                             out_shardings=(state_shardings, None),
-                             donate_argnums=0).lower(abstract_state, abstract_batch).compile()
-        eval_step = jax.jit(functools.partial(_eval_step, model=model)).lower(
-            abstract_state.params, abstract_batch).compile() if eval_set else None
-        init_state = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings
-                             ).lower().compile() if restored is None else None
-    _barrier("compiled")
-    if restored is None:
-        state, start_step = init_state(), 0
-        logging.info("initialised %s from seed %d", config.model.preset, tc.seed)
-    else:
-        start_step, state, data_state = restored
-        train_iter.set_state(data_state)
-        logging.info("resumed from the checkpoint at step %d", start_step)
-    writer = metrics_lib.MetricsWriter(workdir, total_steps=tc.steps, start_step=start_step,
-                                       enabled=is_main)
-    resources.callback(_close_quietly, writer)
-    return Run(config, workdir, mesh, batch_sharding, train_iter, eval_set, train_step, eval_step,
-               ckpt, writer, meta, state, start_step, saved_step=start_step,
-               flops_per_token=model_stats(cfg, dc.seq_len).train_flops_per_token,
-               peak=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
-                                                      tc.peak_tflops_per_device))
 
 
 def _close_quietly(resource) -> None:

@@ -53,11 +53,8 @@ def training_loss(out, tokens: jax.Array, segment_ids: jax.Array, *, mtp_lambda:
     ce = _mean_nll(stats["main"])
     mtp_ce = (sum(_mean_nll(s) for s in stats["mtp"]) / len(stats["mtp"])
               if stats["mtp"] else jnp.zeros([], jnp.float32))
-    balance = jnp.zeros([], jnp.float32)
-    if out.balance_loss is not None:
-        balance += jnp.sum(out.balance_loss)
-    if out.mtp_balance_loss is not None:
-        balance += jnp.sum(out.mtp_balance_loss)
+    balance = sum((jnp.sum(b) for b in (out.balance_loss, out.mtp_balance_loss) if b is not None),
+                  jnp.zeros([], jnp.float32))
     loss = ce + mtp_lambda * mtp_ce + balance_alpha * balance
     return loss, {"ce": ce, "mtp_ce": mtp_ce, "balance_loss": balance,
                   "accuracy": stats["main"]["correct"] / jnp.maximum(stats["main"]["count"], 1.0)}

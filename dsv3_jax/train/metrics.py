@@ -45,16 +45,6 @@ def expert_load_stats(load: np.ndarray, bias_norms: np.ndarray | None) -> dict:
     return stats
 
 
-def truncate_after(path: str, step: int) -> None:
-    """Drops rows logged after `step` (a run resumed from an earlier checkpoint redoes them)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
-
-
 class MetricsWriter:
     """metrics.jsonl + TensorBoard + a progress bar; only process 0 writes."""
 
@@ -64,11 +54,16 @@ class MetricsWriter:
             return
         import tensorboardX
 
-        self._path = os.path.join(workdir, "metrics.jsonl")
-        if start_step == 0 and os.path.exists(self._path):
-            os.remove(self._path)  # a fresh run: rows of an earlier, checkpoint-less attempt go
-        truncate_after(self._path, start_step)
-        self._jsonl = open(self._path, "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        # Rows after start_step go: a resumed run redoes them, and a fresh one (start_step 0) drops
+        # those of an earlier, checkpoint-less attempt.
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [line for line in f if start_step and line.strip()
+                        and json.loads(line).get("step", 0) <= start_step]
+            with open(path, "w") as f:
+                f.writelines(rows)
+        self._jsonl = open(path, "a")
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                               dynamic_ncols=True)
@@ -82,13 +77,11 @@ class MetricsWriter:
         for key, value in row.items():
             if key == "step" or value is None:
                 continue
-            if isinstance(value, list):
-                if value and isinstance(value[0], list):
-                    continue  # per-expert vectors (log_expert_load): metrics.jsonl only
+            if not isinstance(value, list):
+                self._tb.add_scalar(key, value, step)
+            elif not (value and isinstance(value[0], list)):  # per-expert vectors: jsonl only
                 for i, v in enumerate(value):
                     self._tb.add_scalar(f"{key}/layer_{i}", v, step)
-            else:
-                self._tb.add_scalar(key, value, step)
         self._tb.flush()
 
     def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
@@ -110,9 +103,7 @@ class MetricsWriter:
 def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if value is None:
-        return None
-    value = np.asarray(value)
+    value = np.asarray(value)  # None: a 0-d object array, whose item() is None
     if value.ndim:
         return value.tolist()
     value = value.item()

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,19 +25,11 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
     steps, warmup, peak = train_cfg.steps, train_cfg.warmup_steps, train_cfg.lr
     final = peak * train_cfg.final_lr_ratio
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
-    if train_cfg.schedule == "cosine":
-        decay_start = warmup
-    else:
-        decay_start = max(warmup, int(round(steps * train_cfg.decay_start_fraction)))
-    decay = optax.cosine_decay_schedule(peak, max(steps - decay_start, 1), alpha=final / peak if peak else 0.0)
-    constant = optax.constant_schedule(peak)
-    return optax.join_schedules([warm, constant, decay], [warmup, decay_start])
-
-
-class ScaleByAdamState(NamedTuple):
-    count: jax.Array
-    mu: Any
-    nu: Any
+    decay_start = (warmup if train_cfg.schedule == "cosine"
+                   else max(warmup, int(round(steps * train_cfg.decay_start_fraction))))
+    decay = optax.cosine_decay_schedule(peak, max(steps - decay_start, 1),
+                                        alpha=final / peak if peak else 0.0)
+    return optax.join_schedules([warm, optax.constant_schedule(peak), decay], [warmup, decay_start])
 
 
 def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype=jnp.float32) -> optax.GradientTransformation:
@@ -51,21 +41,19 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype=jnp.float32) ->
 
     def init(params):
         zeros = lambda p: jnp.zeros(p.shape, moment_dtype)
-        return ScaleByAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
-                                jax.tree.map(zeros, params))
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                                      jax.tree.map(zeros, params))
 
     def update(grads, state, params=None):
         del params
         count = state.count + 1
-        mu = jax.tree.map(lambda m, g: b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32),
-                          state.mu, grads)
-        nu = jax.tree.map(lambda v, g: b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(g.astype(jnp.float32)),
-                          state.nu, grads)
-        c1 = 1 - b1 ** count.astype(jnp.float32)
-        c2 = 1 - b2 ** count.astype(jnp.float32)
+        f32 = lambda x: x.astype(jnp.float32)
+        mu = jax.tree.map(lambda m, g: b1 * f32(m) + (1 - b1) * f32(g), state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), state.nu, grads)
+        c1, c2 = 1 - b1 ** f32(count), 1 - b2 ** f32(count)
         updates = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
         cast = lambda t: jax.tree.map(lambda x: x.astype(moment_dtype), t)
-        return updates, ScaleByAdamState(count, cast(mu), cast(nu))
+        return updates, optax.ScaleByAdamState(count, cast(mu), cast(nu))
 
     return optax.GradientTransformation(init, update)
 

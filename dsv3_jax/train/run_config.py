@@ -27,17 +27,11 @@ _MODEL_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 SCHEDULES = ("warmup_constant_cosine", "cosine")  # optimizer.learning_rate_schedule's
 
 
-def _model_section(preset: str) -> ml_collections.ConfigDict:
-    section = ml_collections.ConfigDict()
-    section.preset = preset
-    for field in dataclasses.fields(ModelConfig):
-        section[field.name] = config_dict.placeholder(_MODEL_FIELD_TYPES[field.type])
-    return section
-
-
 def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = _model_section(preset)
+    c.model = ml_collections.ConfigDict(dict(preset=preset))
+    for field in dataclasses.fields(ModelConfig):
+        c.model[field.name] = config_dict.placeholder(_MODEL_FIELD_TYPES[field.type])
 
     c.data = ml_collections.ConfigDict(dict(
         corpus="builtin",  # "builtin" (this Python's standard library sources), paths, globs
@@ -127,8 +121,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     check_train_config(config.train)
     check_data_config(config.data)
     check_corpus_settings(config.data)
-    for axis in config.mesh.keys():
-        value = config.mesh[axis]
+    for axis, value in config.mesh.items():
         if not _is_int(value) or (value < 1 and value != -1):
             raise ValueError(f"config.mesh.{axis}={value!r} must be a positive device count or -1 "
                              "(the devices the other axes leave).")
@@ -152,10 +145,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _int_at_least(minimum: int, why: str):
     return lambda v: (_is_int(v) and minimum <= v <= INT32_MAX,
                       f"an int in [{minimum}, {INT32_MAX}] ({why})")
@@ -163,7 +152,8 @@ def _int_at_least(minimum: int, why: str):
 
 def _number(low: float, high: float | None = None, *, low_open=False, high_open=False, why=""):
     def rule(v):
-        ok = _is_number(v) and (v > low if low_open else v >= low)
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > low if low_open else v >= low))
         if high is not None:
             ok = ok and (v < high if high_open else v <= high)
         lo = f"> {low}" if low_open else f">= {low}"
@@ -176,15 +166,11 @@ def _bool(v):
     return isinstance(v, bool), "True or False"
 
 
-def _one_of(options):
-    return lambda v: (v in options, f"one of {list(options)}")
-
-
 _TRAIN_RULES = {
     "steps": _int_at_least(1, "optimizer steps of the run"),
     "lr": _number(0, low_open=True, why="the peak learning rate"),
     "warmup_steps": _int_at_least(0, "linear warmup from 0"),
-    "schedule": _one_of(SCHEDULES),
+    "schedule": lambda v: (v in SCHEDULES, f"one of {list(SCHEDULES)}"),
     "decay_start_fraction": _number(0, 1, why="where the cosine decay starts, as a fraction of steps"),
     "final_lr_ratio": _number(0, 1, why="the last learning rate over the peak"),
     "b1": _number(0, 1, high_open=True, why="Adam's first-moment decay"),
@@ -204,8 +190,7 @@ _TRAIN_RULES = {
     "eval_batches": _int_at_least(0, "validation batches per evaluation; 0 disables evaluation"),
     "log_every": _int_at_least(1, "steps between logged rows"),
     "log_expert_load": _bool,
-    "profile_start_step": lambda v: (_is_int(v) and -1 <= v <= INT32_MAX,
-                                     "an int >= -1 (the first traced step; -1: none)"),
+    "profile_start_step": _int_at_least(-1, "the first traced step; -1: none"),
     "profile_steps": _int_at_least(0, "steps traced; 0 disables the profiler"),
     "peak_tflops_per_device": _number(0, why="for MFU; 0 uses the known accelerators' peak"),
     "max_nonfinite_steps": _int_at_least(0, "consecutive NaN/Inf steps skipped before stopping"),
