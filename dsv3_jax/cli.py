@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -48,11 +49,6 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not noisy
 
 
-def quiet_library_logs() -> None:
-    """Keeps the run's own log readable; `run` calls it once."""
-    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
 def debug_requested() -> bool:
     verbose = flags.FLAGS["verbose"].value if flags.FLAGS.is_parsed() else "--verbose" in sys.argv
     return bool(verbose) or os.environ.get("DSV3_DEBUG", "") not in ("", "0")
@@ -60,31 +56,22 @@ def debug_requested() -> bool:
 
 def run(main) -> None:
     """`absl.app.run(main)` with the error contract in the module docstring."""
-    _check_config_file(sys.argv)
-    app.run(_guarded(main), flags_parser=_parse_flags)
-
-
-def _guarded(main):
-    def wrapped(argv):
-        quiet_library_logs()
+    def guarded(argv):
+        absl_logging.get_absl_handler().addFilter(_QuietLibraries())  # our own log stays readable
         try:
             main(argv)
-        except SystemExit:
-            raise
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception) as e:  # not SystemExit: a status is already set
             if debug_requested():
                 raise
-            fail("interrupted.", EXIT_INTERRUPTED)
-        except (app.UsageError, UsageError) as e:
-            if debug_requested():
-                raise
-            fail(str(e), EXIT_USAGE)
-        except Exception as e:  # every error a user can meet ends in a message, not a traceback
-            if debug_requested():
-                raise
-            fail(describe(e), EXIT_ERROR)
+            if isinstance(e, KeyboardInterrupt):
+                fail("interrupted.", EXIT_INTERRUPTED)
+            elif isinstance(e, (app.UsageError, UsageError)):
+                fail(str(e), EXIT_USAGE)
+            else:  # every error a user can meet ends in a message, not a traceback
+                fail(describe(e), EXIT_ERROR)
 
-    return wrapped
+    _check_config_file(sys.argv)
+    app.run(guarded, flags_parser=_parse_flags)
 
 
 def describe(error: BaseException) -> str:
@@ -110,10 +97,8 @@ def fail(message: str, status: int = EXIT_ERROR) -> None:
     print(f"error: {message}", file=sys.stderr)
     absl_logging.flush()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(status)
 
 
@@ -122,8 +107,6 @@ def fail(message: str, status: int = EXIT_ERROR) -> None:
 def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
-    except SystemExit:
-        raise
     except Exception as e:  # flags.Error, and what ml_collections raises for a bad override
         if debug_requested():
             raise
@@ -134,12 +117,11 @@ def _check_config_file(argv) -> None:
     """A `--config=` file that does not exist: name the path (ml_collections would report it
     deep inside a traceback, and only when the config is first read)."""
     for i, arg in enumerate(argv):
-        value = None
         if arg.startswith(("--config=", "-config=")):
             value = arg.split("=", 1)[1]
         elif arg in ("--config", "-config") and i + 1 < len(argv):
             value = argv[i + 1]
-        if value is None:
+        else:
             continue
         path = value.split(":", 1)[0] if not os.path.isfile(value) else value
         if not path:
@@ -155,9 +137,9 @@ def _check_config_file(argv) -> None:
 def _flag_error_message(argv, error: BaseException) -> str:
     """The message for a command line that does not parse; a misspelt --config.* override gets
     the message a misspelt key in a config file gets."""
-    for name in _config_overrides(argv):
-        problem = unknown_setting(name)
-        if problem:
+    for arg in argv:  # --config.<a>.<b>=... or --noconfig.<a>.<b>
+        match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+        if match and (problem := unknown_setting(match.group(1))):
             return problem
     text = str(error).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -172,16 +154,6 @@ def _flag_error_message(argv, error: BaseException) -> str:
     if isinstance(error, flags.UnrecognizedFlagError):
         message += "; --helpfull lists the flags."
     return message
-
-
-def _config_overrides(argv) -> list[str]:
-    """Dotted setting names given as --config.<a>.<b>=... (or --noconfig.<a>.<b>)."""
-    names = []
-    for arg in argv:
-        match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
-        if match:
-            names.append(match.group(1))
-    return names
 
 
 def unknown_setting(dotted: str) -> str | None:
@@ -213,10 +185,8 @@ def positive_ints(flag: str, values) -> list[int]:
     """A list flag's values as ints >= 1, or a UsageError naming the one that is not."""
     if not values:
         raise UsageError(f"{flag} is empty; give one or more counts, e.g. {flag}=256,2048.")
-    out = []
+    values = [str(v).strip() for v in values]
     for v in values:
-        v = str(v).strip()
         if not v.isdigit() or int(v) < 1:
             raise UsageError(f"{flag}: {v!r} is not a positive integer; e.g. {flag}=256,2048.")
-        out.append(int(v))
-    return out
+    return [int(v) for v in values]

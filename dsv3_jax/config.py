@@ -79,20 +79,17 @@ class ModelConfig:
     def __post_init__(self):
         def refuse(field, why, fix):
             raise ConfigError(
-                f"ModelConfig.{field}={getattr(self, field)!r} is invalid: {why}; {fix}."
-            )
+                f"ModelConfig.{field}={getattr(self, field)!r} is invalid: {why}; {fix}.")
 
+        counts = ("n_dense_layers", "n_shared_experts", "q_lora_rank", "mtp_depth")  # 0 allowed
         for field in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
                       "n_routed_experts", "n_activated_experts", "n_expert_groups",
                       "n_limited_groups", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                      "v_head_dim", "max_seq_len", "original_seq_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                refuse(field, "must be a positive integer", f"set {field} to an integer >= 1")
-        for field in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "mtp_depth"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                refuse(field, "must be a non-negative integer", f"set {field} to an integer >= 0")
+                      "v_head_dim", "max_seq_len", "original_seq_len") + counts:
+            value, low = getattr(self, field), (0 if field in counts else 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = "non-negative" if field in counts else "positive"
+                refuse(field, f"must be a {kind} integer", f"set {field} to an integer >= {low}")
         if self.n_dense_layers > self.n_layers:
             refuse("n_dense_layers", f"exceeds n_layers={self.n_layers}",
                    f"set n_dense_layers <= {self.n_layers}")
@@ -100,16 +97,14 @@ class ModelConfig:
             refuse("n_activated_experts", f"exceeds n_routed_experts={self.n_routed_experts}",
                    f"set n_activated_experts <= {self.n_routed_experts}")
         if self.n_routed_experts % self.n_expert_groups:
-            refuse("n_expert_groups",
-                   f"does not divide n_routed_experts={self.n_routed_experts}",
+            refuse("n_expert_groups", f"does not divide n_routed_experts={self.n_routed_experts}",
                    "use a divisor of n_routed_experts (1 disables group-limited routing)")
         if self.n_limited_groups > self.n_expert_groups:
             refuse("n_limited_groups", f"exceeds n_expert_groups={self.n_expert_groups}",
                    f"set n_limited_groups between 1 and {self.n_expert_groups}")
         per_group = self.n_routed_experts // self.n_expert_groups
         if self.n_activated_experts > self.n_limited_groups * per_group:
-            refuse("n_activated_experts",
-                   f"the {self.n_limited_groups} kept group(s) hold only "
+            refuse("n_activated_experts", f"the {self.n_limited_groups} kept group(s) hold only "
                    f"{self.n_limited_groups * per_group} experts",
                    "raise n_limited_groups or lower n_activated_experts")
         if self.n_expert_groups > 1 and self.score_func == "sigmoid" and per_group < 2:
@@ -130,12 +125,10 @@ class ModelConfig:
         if not self.beta_fast > self.beta_slow > 0:
             refuse("beta_fast", f"YaRN needs beta_fast > beta_slow={self.beta_slow} > 0",
                    "use beta_fast=32, beta_slow=1")
-        if not self.mscale > 0:
-            refuse("mscale", "must be positive", "use 1.0 (V3) or 0.707 (V2-Lite)")
-        if not self.norm_eps > 0:
-            refuse("norm_eps", "must be positive", "use 1e-6")
-        if not self.init_std > 0:
-            refuse("init_std", "must be positive", "use 0.006")
+        for field, fix in (("mscale", "use 1.0 (V3) or 0.707 (V2-Lite)"), ("norm_eps", "use 1e-6"),
+                           ("init_std", "use 0.006")):
+            if not getattr(self, field) > 0:
+                refuse(field, "must be positive", fix)
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in _DTYPES:
                 refuse(field, f"must be one of {_DTYPES}", 'use "bfloat16" or "float32"')
@@ -177,10 +170,10 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise ConfigError(f"ModelConfig has no field(s) {unknown}; known fields: "
-                              f"{[f.name for f in dataclasses.fields(self)]}.")
+            raise ConfigError(f"ModelConfig has no field(s) {unknown}; known fields: {names}.")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -69,14 +69,12 @@ def main(argv):
         generated.extend(new)
         text = tokenizer.decode(generated)
         if text.startswith(printed[0]):
-            sys.stdout.write(text[len(printed[0]):])
-            sys.stdout.flush()
+            print(text[len(printed[0]):], end="", flush=True)
             printed[0] = text
 
     sys.stdout.write(_PROMPT.value)
     result = generate_tokens(
-        cfg, params, [prompt], max_new_tokens=_MAX_NEW.value,
-        sampling=sampling,
+        cfg, params, [prompt], max_new_tokens=_MAX_NEW.value, sampling=sampling,
         speculative=_SPECULATIVE.value, seed=_SEED.value,
         stop_tokens=(tokenizer.eos_id,) if _STOP_AT_EOS.value else (), on_tokens=stream)
     sys.stdout.write("\n")

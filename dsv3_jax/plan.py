@@ -63,13 +63,6 @@ def _local_bytes(leaf, spec, sizes: dict) -> int:
     return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
 
 
-def _per_device_model(cfg, tensor: int):
-    """The shapes one device computes with under tensor parallelism."""
-    return cfg.replace(n_heads=cfg.n_heads // tensor, inter_dim=cfg.inter_dim // tensor,
-                       moe_inter_dim=cfg.moe_inter_dim // tensor,
-                       vocab_size=cfg.vocab_size // tensor)
-
-
 def plan(config: ml_collections.ConfigDict, devices: int, mesh_cfg, per_device_batch: int) -> Plan:
     """The per-device memory of `config` on `devices` devices shaped by `mesh_cfg`."""
     from jax._src.ad_checkpoint import saved_residuals  # no public equivalent in jax 0.11
@@ -92,7 +85,9 @@ def plan(config: ml_collections.ConfigDict, devices: int, mesh_cfg, per_device_b
         leaf_specs = jax.tree.leaves(tree_specs, is_leaf=is_spec)
         return sum(_local_bytes(x, s, sizes) for x, s in zip(leaves, leaf_specs))
 
-    local_cfg = _per_device_model(cfg, sizes["tensor"])
+    t = sizes["tensor"]  # the per-device model: what tensor parallelism leaves on a device
+    local_cfg = cfg.replace(n_heads=cfg.n_heads // t, inter_dim=cfg.inter_dim // t,
+                            moe_inter_dim=cfg.moe_inter_dim // t, vocab_size=cfg.vocab_size // t)
     local_model, _, local_init = state_builder(local_cfg, tc, seq_len)
     local_params = jax.eval_shape(local_init).params
     batch = {k: jax.ShapeDtypeStruct((local_batch, seq_len), jnp.int32)
@@ -114,12 +109,11 @@ def parse_mesh(text: str, default) -> ml_collections.ConfigDict:
     sizes = dict(data=1, fsdp=1, expert=1, tensor=1)
     for part in text.split(","):
         name, _, value = part.partition("=")
-        value = value.strip()
-        if (name.strip() not in sizes or not (value.isdigit() or value == "-1")
-                or int(value) == 0):
+        name, value = name.strip(), value.strip()
+        if name not in sizes or not (value.isdigit() or value == "-1") or int(value) == 0:
             raise cli.UsageError(f"--mesh: {part!r} is not axis=size with axis in {list(sizes)} "
                                  "and size a positive int or -1, e.g. --mesh=expert=64,fsdp=-1.")
-        sizes[name.strip()] = int(value)
+        sizes[name] = int(value)
     return ml_collections.ConfigDict(sizes)
 
 

@@ -57,12 +57,11 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CorpusFile:
-    """One file of a corpus: `path` is what is opened, `key` its machine-independent name (the path
-    relative to the corpus root, '/'-separated), `format` one of text / jsonl / arrayrecord."""
+    """One file of a corpus."""
 
-    path: str
-    key: str
-    format: str
+    path: str  # what is opened
+    key: str  # its path relative to the corpus root, '/'-separated (the module docstring's key)
+    format: str  # text, jsonl or arrayrecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +95,10 @@ class Corpus:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
-        def keep(key: str) -> bool:
-            return self.in_split(key, split) and (sample >= 1.0 or unit_hash(salt + key) < sample)
-
+        keep = lambda key: (self.in_split(key, split)
+                            and (sample >= 1.0 or unit_hash(salt + key) < sample))
         for file in self.files:
-            for text in _READERS[file.format](file, keep, self):
-                if text:
-                    yield text
+            yield from filter(None, _READERS[file.format](file, keep, self))  # drops empty texts
 
     def fingerprint(self) -> dict:
         """What the documents of either split depend on: the split rule and each file's path,
@@ -148,10 +144,8 @@ def check_corpus_settings(data_cfg) -> None:
 
 
 def open_corpus(data_cfg) -> Corpus:
-    """The corpus that `data_cfg.corpus` / `.format` / `.text_field` / `.validation_fraction` name.
-
-    Lists and checks the files (existence, type, format); reads none of them.
-    """
+    """The corpus `data_cfg` names: lists and checks the files (existence, type, format), reads
+    none of them."""
     check_corpus_settings(data_cfg)
     spec, fmt, fraction = data_cfg.corpus, data_cfg.format, data_cfg.validation_fraction
     if spec.strip() == BUILTIN:
@@ -190,33 +184,25 @@ def builtin_files() -> tuple[CorpusFile, ...]:
 def _resolve(spec: str) -> list[str]:
     """The files named by a comma-separated list of paths and globs, in order, without repeats."""
     paths: list[str] = []
-    for entry in (e.strip() for e in spec.split(",")):
-        if not entry:
-            continue
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
         pattern = os.path.expanduser(entry)
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            found = [m for m in matches if not os.path.isdir(m)]
+            found = [m for m in sorted(glob.glob(pattern, recursive=True)) if not os.path.isdir(m)]
             if not found:
                 raise DataError(f"data.corpus: the glob {entry!r} matches no files; check the "
                                 "pattern (relative patterns start at the current directory "
                                 f"{os.getcwd()}; use ** for subdirectories, e.g. 'data/**/*.txt').")
-            for path in found:
-                _check_file(path, entry)
-            paths += found
         else:
-            _check_file(pattern, entry)
-            paths.append(pattern)
+            found = [pattern]
+        for path in found:
+            _check_file(path, entry)
+        paths += found
     if not paths:
         raise DataError(f"data.corpus={spec!r} names no files; give 'builtin' or paths / globs.")
-    seen: set[str] = set()
-    unique = []
+    first = {}  # real path -> the first path naming it
     for path in paths:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            unique.append(path)
-    return unique
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())
 
 
 def _check_file(path: str, entry: str) -> None:
@@ -250,7 +236,11 @@ def _format_of(path: str, fmt: str) -> str:
 def _read_text(file: CorpusFile, keep: Callable[[str], bool], corpus: Corpus) -> Iterator[str]:
     if not keep(file.key):
         return
-    data = _read_bytes(file.path)
+    try:
+        with open(file.path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise _unreadable(file.path, e) from None
     try:
         yield data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -304,8 +294,6 @@ def _read_arrayrecord(file: CorpusFile, keep: Callable[[str], bool],
         for begin in range(0, count, _RECORDS_PER_READ):
             indices = [i for i in range(begin, min(begin + _RECORDS_PER_READ, count))
                        if keep(f"{file.key}:{i}")]
-            if not indices:
-                continue
             for index, record in zip(indices, reader.read(indices)):
                 where = f"{file.path}, record {index}"
                 try:
@@ -352,14 +340,6 @@ def _text_of(obj, field: str, where: str) -> str:
         raise DataError(f"{where}: field {field!r} holds a {type(text).__name__}, not a string; "
                         "set data.text_field to the field that holds the text.")
     return text
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise _unreadable(path, e) from None
 
 
 def _unreadable(path: str, e: OSError) -> DataError:

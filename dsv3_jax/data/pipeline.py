@@ -108,8 +108,7 @@ class TokenStore:
         with open(os.path.join(path, FINGERPRINT_FILE), encoding="utf-8") as f:
             self.tokens_sha1: str = json.load(f)["tokens_sha1"]
 
-    def num_sequences(self, seq_len: int) -> int:
-        """Number of whole sequences of seq_len tokens (the last partial one is dropped)."""
+    def num_sequences(self, seq_len: int) -> int:  # the last partial sequence is dropped
         return self.num_tokens // seq_len
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -123,9 +122,8 @@ class TokenStore:
         return self.read(int(self.doc_offsets[d]), int(self.doc_offsets[d + 1]))
 
     def sequence(self, index: int, seq_len: int) -> dict[str, np.ndarray]:
-        """Packed sequence `index`: int32 [seq_len] arrays 'tokens' (= tokens[index*seq_len :
-        (index+1)*seq_len]), 'segment_ids' (1, 2, ... per document piece) and 'positions' (0, 1, ...
-        from the start of each piece)."""
+        """Packed sequence `index` as the module docstring's sequence i: int32 [seq_len] arrays
+        'tokens', 'segment_ids' and 'positions'."""
         if not 0 <= index < self.num_sequences(seq_len):
             raise IndexError(f"sequence {index} outside [0, {self.num_sequences(seq_len)})")
         start = index * seq_len
@@ -153,8 +151,7 @@ class TokenStore:
 
 
 class PackedSequences:
-    """grain random-access source: element i is store.sequence(i, seq_len); len = number of whole
-    sequences."""
+    """grain random-access source: element i is store.sequence(i, seq_len)."""
 
     def __init__(self, store: TokenStore, seq_len: int):
         self._store = store
@@ -222,8 +219,9 @@ def _tokenizer_sample(corpus: Corpus, budget: int) -> list[str]:
 
 def _get_store(corpus: Corpus, tokenizer: Tokenizer, split: str, path: str) -> TokenStore:
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "int32"
-    inputs = _jsonable({"format": STORE_FORMAT, "split": split, "dtype": dtype,
-                        "tokenizer_sha256": tokenizer.sha256, **corpus.fingerprint()})
+    inputs = {"format": STORE_FORMAT, "split": split, "dtype": dtype,
+              "tokenizer_sha256": tokenizer.sha256, **corpus.fingerprint()}
+    inputs = json.loads(json.dumps(inputs))  # as it reads back (tuples as lists), to compare
     if _read_fingerprint(path) == inputs:
         store = TokenStore(path)
         logging.info("data: reusing the %s token store %s (%d documents, %d tokens)", split, path,
@@ -231,46 +229,40 @@ def _get_store(corpus: Corpus, tokenizer: Tokenizer, split: str, path: str) -> T
         return store
     logging.info("data: tokenizing the %s split of %s into %s", split, corpus.describe(), path)
     start = time.perf_counter()
-    _build_store(path, corpus.documents(split), tokenizer, dtype, inputs,
-                 on_empty=lambda: _empty_split_error(corpus, split))
+    _build_store(path, corpus, split, tokenizer, dtype, inputs)
     store = TokenStore(path)
     logging.info("data: %s split: %d documents, %d tokens in %.1f s", split, store.num_documents,
                  store.num_tokens, time.perf_counter() - start)
     return store
 
 
-def _build_store(path: str, documents: Iterable[str], tokenizer: Tokenizer, dtype: str,
-                 inputs: dict, on_empty) -> None:
-    """Writes the token store of `documents` to `path` (built in a private temporary directory and
-    renamed into place, so a crash never leaves a store that looks current)."""
+def _build_store(path: str, corpus: Corpus, split: str, tokenizer: Tokenizer, dtype: str,
+                 inputs: dict) -> None:
+    """Writes the token store of `split` to `path`, atomically: a crash (or a refusal) never
+    leaves a store that looks current."""
     try:
         with atomic_dir(path, replace=True) as tmp:
-            _write_store(tmp, documents, tokenizer, dtype, inputs, on_empty)
+            tokens = ts.open(_array_spec(os.path.join(tmp, "tokens"), dtype=dtype, sharded=True),
+                             create=True).result()
+            offsets, num_tokens, sha1 = [0], 0, hashlib.sha1()
+            for batch in _batches(corpus.documents(split), _ENCODE_BATCH_CHARS):
+                flat, lengths = _with_eos(tokenizer.encode_batch(batch), tokenizer.eos_id, dtype)
+                tokens = tokens.resize(exclusive_max=[num_tokens + len(flat)]).result()
+                tokens[num_tokens:].write(flat).result()
+                sha1.update(flat.astype("<i4").tobytes())
+                offsets.extend((num_tokens + np.cumsum(lengths)).tolist())
+                num_tokens += len(flat)
+                logging.info("data: ... %d documents, %d tokens", len(offsets) - 1, num_tokens)
+            if num_tokens == 0:
+                raise _empty_split_error(corpus, split)
+            doc_offsets = ts.open(_array_spec(os.path.join(tmp, "doc_offsets"), dtype="int64",
+                                              shape=len(offsets)), create=True).result()
+            doc_offsets.write(np.asarray(offsets, np.int64)).result()
+            with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
+                json.dump({"inputs": inputs, "tokens_sha1": sha1.hexdigest()}, f)
     except OSError:
         if _read_fingerprint(path) != inputs:  # not just another process that finished first
             raise
-
-
-def _write_store(tmp: str, documents: Iterable[str], tokenizer: Tokenizer, dtype: str,
-                 inputs: dict, on_empty) -> None:
-    tokens = ts.open(_array_spec(os.path.join(tmp, "tokens"), dtype=dtype, sharded=True),
-                     create=True).result()
-    offsets, num_tokens, sha1 = [0], 0, hashlib.sha1()
-    for batch in _batches(documents, _ENCODE_BATCH_CHARS):
-        flat, lengths = _with_eos(tokenizer.encode_batch(batch), tokenizer.eos_id, dtype)
-        tokens = tokens.resize(exclusive_max=[num_tokens + len(flat)]).result()
-        tokens[num_tokens:].write(flat).result()
-        sha1.update(flat.astype("<i4").tobytes())
-        offsets.extend((num_tokens + np.cumsum(lengths)).tolist())
-        num_tokens += len(flat)
-        logging.info("data: ... %d documents, %d tokens", len(offsets) - 1, num_tokens)
-    if num_tokens == 0:
-        raise on_empty()
-    doc_offsets = ts.open(_array_spec(os.path.join(tmp, "doc_offsets"), dtype="int64",
-                                      shape=len(offsets)), create=True).result()
-    doc_offsets.write(np.asarray(offsets, np.int64)).result()
-    with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
-        json.dump({"inputs": inputs, "tokens_sha1": sha1.hexdigest()}, f)
 
 
 def _batches(documents: Iterable[str], max_chars: int) -> Iterator[list[str]]:
@@ -289,8 +281,7 @@ def _with_eos(ids: list[np.ndarray], eos_id: int, dtype: str) -> tuple[np.ndarra
     """The documents' ids concatenated, each followed by eos; each one's length, eos included."""
     lengths = np.array([len(a) + 1 for a in ids], np.int64)
     flat = np.full(int(lengths.sum()), eos_id, dtype)
-    ends = np.cumsum(lengths)
-    for doc, end in zip(ids, ends):
+    for doc, end in zip(ids, np.cumsum(lengths)):
         flat[end - 1 - len(doc): end - 1] = doc
     return flat, lengths
 
@@ -301,11 +292,6 @@ def _read_fingerprint(path: str) -> dict | None:
             return json.load(f)["inputs"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _jsonable(value: dict) -> dict:
-    """`value` as it reads back from JSON (tuples become lists), so fingerprints compare equal."""
-    return json.loads(json.dumps(value))
 
 
 def _array_spec(path: str, *, dtype: str | None = None, shape: int = 0, sharded: bool = False,
@@ -378,8 +364,7 @@ def train_iterator(data: Data, data_cfg, *, seed: int, process_index: int = 0,
     """An infinite grain DatasetIterator over this process's share of the training batches.
 
     Each batch: int32 'tokens', 'segment_ids', 'positions' of shape [batch_size // process_count,
-    seq_len]. get_state() is a JSON-serialisable dict; set_state(state) on a fresh iterator built
-    with the same settings continues with the exact next batch.
+    seq_len]. Its state is the module docstring's.
     """
     check_data_config(data_cfg)
     seq_len, batch_size = data_cfg.seq_len, data_cfg.batch_size
@@ -423,12 +408,11 @@ def eval_batches(data: Data, data_cfg, num_batches: int) -> list[dict[str, np.nd
             "data.validation_fraction, lower data.batch_size or data.seq_len, or add documents.")
     if not isinstance(num_batches, int) or num_batches < 0:
         raise DataError(f"num_batches={num_batches!r} must be an int >= 0.")
-    source = PackedSequences(data.validation, seq_len)
-    batches = []
-    for b in range(min(num_batches, available)):
-        rows = [source[b * batch_size + j] for j in range(batch_size)]
-        batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
-    return batches
+    def batch(b: int) -> dict[str, np.ndarray]:
+        rows = [data.validation.sequence(b * batch_size + j, seq_len) for j in range(batch_size)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    return [batch(b) for b in range(min(num_batches, available))]
 
 
 class _CheckedIterator(grain.DatasetIterator):

@@ -34,7 +34,6 @@ from dsv3_jax.files import atomic_file
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 _SENTENCE_CHARS = 4096  # x 4 bytes per char at most <= max_sentence_length below
-_MAX_SENTENCE_BYTES = 4 * _SENTENCE_CHARS
 
 
 class Tokenizer:
@@ -58,8 +57,6 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[np.ndarray]:
         """Token ids of each text, int32 [len_i], without eos; encoded on `num_threads` C++ threads
         (-1: all cores) with the GIL released."""
-        if not texts:
-            return []
         return self._sp.encode(texts, return_type="numpy", num_threads=num_threads)
 
     def decode(self, ids) -> str:
@@ -103,7 +100,7 @@ def train_tokenizer(texts: Iterable[str], path: str, *, vocab_size: int,
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
             byte_fallback=True, split_digits=True,
             pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1,
-            max_sentence_length=_MAX_SENTENCE_BYTES, input_sentence_size=0,
+            max_sentence_length=4 * _SENTENCE_CHARS, input_sentence_size=0,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
         raise _training_error(e, vocab_size) from None
@@ -129,8 +126,7 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
     """Each text cut at line ends into pieces of at most _SENTENCE_CHARS characters (a longer line
     is cut inside); concatenating the pieces gives the text back."""
     for text in texts:
-        buf: list[str] = []
-        size = 0
+        buf, size = [], 0
         for line in text.splitlines(keepends=True):
             if size + len(line) > _SENTENCE_CHARS and buf:
                 yield "".join(buf)
@@ -145,8 +141,7 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
 
 
 def _training_error(e: RuntimeError, vocab_size: int) -> DataError:
-    needed = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
-    if needed:
+    if needed := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e)):
         minimum = needed.group(2)
         return DataError(
             f"the model's vocab_size {vocab_size} is too small to train a tokenizer on this "

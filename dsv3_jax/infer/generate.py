@@ -170,6 +170,7 @@ def decode_chunk(cfg: ModelConfig, s: Sampling, speculative: bool, chunk: int, p
 
 
 _PROMPTS_FIX = "pass a list of token-id lists (one per prompt) or a [B, T] integer array"
+_ARRAY = (np.ndarray, jax.Array)
 
 
 def _show(value, limit: int = 60) -> str:
@@ -178,12 +179,7 @@ def _show(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _is_array(value) -> bool:
-    return isinstance(value, (np.ndarray, jax.Array))
-
-
 def _check_ids_dtype(what: str, dtype, vocab_size: int) -> None:
-    """Refuses arrays whose dtype is not an integer type (floats, bools, objects, strings)."""
     if not np.issubdtype(dtype, np.integer):
         hint = " (ids held as floats: .astype(np.int32))" if np.issubdtype(dtype, np.floating) else ""
         raise ValueError(f"{what} is a {dtype} array; token ids are integers in [0, {vocab_size}): "
@@ -198,7 +194,7 @@ def _row_ids(i: int, prompt, vocab_size: int) -> list[int]:
     if sampling_lib.as_int(prompt) is not None:
         raise ValueError(f"prompt {i} is the single token id {_show(prompt)}, not a list of ids; "
                          f"{_PROMPTS_FIX} (one prompt: [ids]).")
-    if _is_array(prompt):
+    if isinstance(prompt, _ARRAY):
         ids = np.asarray(prompt)
         if ids.ndim != 1:
             raise ValueError(f"prompt {i} is an array of shape {ids.shape}; each prompt is a flat "
@@ -208,19 +204,17 @@ def _row_ids(i: int, prompt, vocab_size: int) -> list[int]:
     if not isinstance(prompt, Sequence):
         raise ValueError(f"prompt {i} has type {type(prompt).__name__} ({_show(prompt)}); each "
                          f"prompt is a list of token ids: {_PROMPTS_FIX}.")
-    ids = []
-    for j, token in enumerate(prompt):
-        as_integer = sampling_lib.as_int(token)
-        if as_integer is not None:
-            ids.append(as_integer)
-        elif (isinstance(token, Sequence) and not isinstance(token, (str, bytes))) or \
-                (_is_array(token) and token.ndim > 0):
+    ids = [sampling_lib.as_int(token) for token in prompt]
+    if None in ids:  # the first token that is not an integer
+        j = ids.index(None)
+        token = prompt[j]
+        if (isinstance(token, Sequence) and not isinstance(token, (str, bytes))) or \
+                (isinstance(token, _ARRAY) and token.ndim > 0):
             raise ValueError(f"prompt {i} holds a sequence at position {j} ({_show(token)}): "
                              "prompts nest two levels deep, a batch of flat token-id lists; "
                              f"{_PROMPTS_FIX}.")
-        else:
-            raise ValueError(f"prompt {i} holds {_show(token)} ({type(token).__name__}) at position "
-                             f"{j}; token ids are integers in [0, {vocab_size}): {_PROMPTS_FIX}.")
+        raise ValueError(f"prompt {i} holds {_show(token)} ({type(token).__name__}) at position "
+                         f"{j}; token ids are integers in [0, {vocab_size}): {_PROMPTS_FIX}.")
     return ids
 
 
@@ -229,7 +223,7 @@ def _prompt_rows(prompts, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)):
         raise ValueError(f"prompts is the string {_show(prompts)}; encode the text with the "
                          f"model's tokenizer first and {_PROMPTS_FIX}.")
-    if _is_array(prompts):
+    if isinstance(prompts, _ARRAY):
         ids = np.asarray(prompts)
         if ids.ndim == 1:
             raise ValueError(f"prompts is a 1-D array of shape {ids.shape}: one prompt or a "
@@ -267,12 +261,9 @@ def check_max_new_tokens(max_new_tokens) -> int:
 
 
 def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[list[int]]:
-    """Validated prompts as lists of ints; refuses what generation cannot serve.
-
-    prompts: a list (or tuple) of prompts, each a list/tuple of ints or a 1-D integer array, or a
-    [B, T] integer array (numpy or jax). Every prompt needs at least one token, ids lie in
-    [0, vocab_size), and each prompt's length + max_new_tokens fits in cfg.max_seq_len.
-    """
+    """The prompts (as `generate` takes them) as lists of ints, refusing what generation cannot
+    serve: every prompt needs at least one token, ids lie in [0, vocab_size), and each prompt's
+    length + max_new_tokens fits in cfg.max_seq_len."""
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     context = cfg.max_seq_len
     if max_new_tokens >= context:
@@ -309,21 +300,19 @@ def check_stop_tokens(cfg: ModelConfig, stop_tokens) -> list[int]:
                          f"([{int(stop_tokens)}] for this one).")
     if isinstance(stop_tokens, (str, bytes)):
         raise ValueError(f"stop_tokens={_show(stop_tokens)} is a string; {fix}.")
-    if _is_array(stop_tokens):
+    if isinstance(stop_tokens, _ARRAY):
         if np.ndim(stop_tokens) != 1:
             raise ValueError(f"stop_tokens is an array of shape {np.shape(stop_tokens)}; {fix}.")
         stop_tokens = list(np.asarray(stop_tokens))
     elif not isinstance(stop_tokens, (Sequence, set, frozenset)):
         raise ValueError(f"stop_tokens={_show(stop_tokens)} has type "
                          f"{type(stop_tokens).__name__}; {fix}.")
-    out = set()
     for token in stop_tokens:
         value = sampling_lib.as_int(token)
         if value is None or not 0 <= value < cfg.vocab_size:
             raise ValueError(f"stop_tokens holds {_show(token)}; stop tokens are token ids in "
                              f"[0, {cfg.vocab_size}): {fix}.")
-        out.add(value)
-    return sorted(out)
+    return sorted({sampling_lib.as_int(token) for token in stop_tokens})
 
 
 def check_seed(seed) -> int:
@@ -341,7 +330,7 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
     """Generates for a batch of prompts; see `generate`. The device runs `chunk` steps between host
     visits; `on_tokens(row, new_tokens)` is called after each (for streaming)."""
     prompts = check_prompts(cfg, prompts, max_new_tokens)
-    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    max_new_tokens = int(max_new_tokens)  # check_prompts checked it
     if not isinstance(sampling, Sampling):
         raise ValueError(f"sampling={_show(sampling)} must be a Sampling(temperature=..., "
                          "top_k=..., top_p=...) from dsv3_jax.infer.sampling.")
@@ -408,8 +397,9 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int, temperat
              stop_tokens: Sequence[int] = ()) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
-    `prompts` is a list of prompts, each a list of token ids (lengths may differ), or a [B, T]
-    integer array (numpy or jax) of B prompts of T tokens. Invalid arguments raise ValueError.
+    `prompts` is a list (or tuple) of prompts, each a list of token ids or a 1-D integer array
+    (lengths may differ), or a [B, T] integer array (numpy or jax) of B prompts of T tokens.
+    Invalid arguments raise ValueError.
 
     Greedy when temperature is 0, else sampled (temperature, then top_k, then top_p), seeded by
     `seed`. Generation of a prompt stops after a token in `stop_tokens` (which is kept). With

@@ -29,24 +29,17 @@ def as_int(value) -> int | None:
         return None
     if isinstance(value, (int, np.integer)):
         return int(value)
-    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and \
-            np.issubdtype(value.dtype, np.integer):
-        return int(value)
-    return None
+    scalar = isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0
+    return int(value) if scalar and np.issubdtype(value.dtype, np.integer) else None
 
 
 def as_real(value) -> float | None:
     """value as a Python float when it is a real number (int or float of Python or numpy, or a
     0-d array of either; not a bool), else None. NaN and infinities pass: callers check range."""
-    as_integer = as_int(value)
-    if as_integer is not None:
-        return float(as_integer)
-    if isinstance(value, (float, np.floating)):
+    if as_int(value) is not None or isinstance(value, (float, np.floating)):
         return float(value)
-    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and \
-            np.issubdtype(value.dtype, np.floating):
-        return float(value)
-    return None
+    scalar = isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0
+    return float(value) if scalar and np.issubdtype(value.dtype, np.floating) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +60,8 @@ class Sampling:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no top-k cut).")
         if top_p is None or not 0 < top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be a number in (0, 1] (1 = no nucleus cut).")
-        object.__setattr__(self, "temperature", temperature)
-        object.__setattr__(self, "top_k", top_k)
-        object.__setattr__(self, "top_p", top_p)
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+            object.__setattr__(self, name, value)
 
     @property
     def greedy(self) -> bool:
