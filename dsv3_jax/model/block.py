@@ -1,6 +1,6 @@
 """One transformer block and the stack of them.
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): L layers in a stack, B, T, S cache slots, D,
+Letters (`dsv3_jax/NOTATION.md`): L layers in a stack, B, T, S cache slots, D,
 C + R one latent-cache row.
 
   Block:  x = x + attn(attn_norm(x));  x = x + ffn(ffn_norm(x))

@@ -1,6 +1,6 @@
 """Basic layers: linear projection, RMSNorm, embedding, SwiGLU MLP.
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, D, F, V.
+Letters (`dsv3_jax/NOTATION.md`): B, T, D, F, V.
 
 Every parameter is created through `param_with_axes`, so it carries logical axis names that
 `dsv3_jax/parallel/mesh.py` maps to mesh axes; nothing here knows about devices. Weights are kept in

@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3; SPEC.md section 2).
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T query positions, S cache slots,
+Letters (`dsv3_jax/NOTATION.md`): B, T query positions, S cache slots,
 D, H, N qk nope dim, R rope dim, A = N + R, O v head dim, C kv latent rank, Q q latent rank.
 
   q        = wq_b(q_norm(wq_a(x)))  or wq(x)          [B, T, H, A]   (q_pe rope'd)

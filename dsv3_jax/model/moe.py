@@ -1,7 +1,7 @@
 """DeepSeekMoE: sigmoid / softmax router with group-limited top-k, dropless routed experts, shared
 experts (SPEC.md section 2, "Gate" and "Load balance").
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, D, F expert hidden dim, E routed experts,
+Letters (`dsv3_jax/NOTATION.md`): B, T, D, F expert hidden dim, E routed experts,
 G expert groups, K activated experts per token, M = B*T*K token-expert pairs.
 
 Routing (`Gate`):
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import MLP, dtype_of, param_with_axes
-from dsv3_jax.parallel.expert_parallel import W_IN_AXES, W_OUT_AXES, grouped_matmul_for, routed_experts
+from dsv3_jax.parallel.expert_parallel import (W_IN_AXES, W_OUT_AXES, grouped_matmul_for,
+                                              routed_experts)
 
 
 @flax.struct.dataclass

@@ -1,6 +1,6 @@
 """Multi-token prediction module (DeepSeek-V3 report section 2.2; SPEC.md "Multi-token prediction").
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, D.
+Letters (`dsv3_jax/NOTATION.md`): B, T, D.
 
 Module k (k = 1..mtp_depth) combines the previous depth's hidden state h^{k-1}_i (the main model's
 last hidden state, before its final norm, for k = 1) with the embedding of token t_{i+k}:

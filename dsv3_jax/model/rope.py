@@ -1,6 +1,6 @@
 """Interleaved rotary position embedding with YaRN frequency interpolation (SPEC.md section 2).
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, H, R rope dims (even), R/2 rotation pairs.
+Letters (`dsv3_jax/NOTATION.md`): B, T, H, R rope dims (even), R/2 rotation pairs.
 
 Pairs are dimensions (2i, 2i+1) of the R rope dims, rotated by angle `pos * f_i` with
 `f_i = theta^(-2i/R)`. When the model's context exceeds `original_seq_len`, YaRN blends each

@@ -1,7 +1,7 @@
 """DeepSeek-V3: embedding, n_dense_layers dense blocks, MoE blocks, final norm, output head, and
 mtp_depth multi-token-prediction modules sharing the embedding and the head.
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, S cache slots, D, V, L layers, E routed
+Letters (`dsv3_jax/NOTATION.md`): B, T, S cache slots, D, V, L layers, E routed
 experts, X MTP depth, C + R one latent-cache row (kv_lora_rank + qk_rope_head_dim).
 
   logits = model.apply({"params": params}, tokens)                      # [B, T, V] float32
@@ -76,7 +76,8 @@ class DeepSeekV3(nn.Module):
         if c.n_moe_layers:
             self.moe_layers = Stack(c, c.n_moe_layers, moe=True)
         self.norm = rms_norm(c, "embed")
-        self.head = Linear(c.dim, c.vocab_size, ("embed", "vocab"), c, out_dtype="float32", fp8=False)
+        self.head = Linear(c.dim, c.vocab_size, ("embed", "vocab"), c, out_dtype="float32",
+                           fp8=False)
         self.mtp = [MTPModule(c) for _ in range(c.mtp_depth)]
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,

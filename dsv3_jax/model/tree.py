@@ -58,7 +58,7 @@ def blocks(cfg: ModelConfig) -> list[BlockPath]:
         if cfg.scan_layers and layers:
             out.append(BlockPath((stack, SCANNED), tuple(layers), moe))
         elif not cfg.scan_layers:
-            out += [BlockPath((stack, f"layers_{j}"), (layer,), moe) for j, layer in enumerate(layers)]
+            out += [BlockPath((stack, f"layers_{j}"), (i,), moe) for j, i in enumerate(layers)]
     return out + [BlockPath(mtp_path(k) + ("block",), (cfg.n_layers + k,), True)
                   for k in range(cfg.mtp_depth)]
 
@@ -80,8 +80,8 @@ def block_paths(params) -> list[tuple[str, ...]]:
 
 
 def router_bias_paths(params) -> list[tuple[str, ...]]:
-    """Every router bias in `params`, in the routers' order: ModelOutput's `expert_load` rows (the
-    main model's MoE layers; a scanned stack's bias [L, E] holds L rows), then `mtp_expert_load`'s."""
+    """Every router bias in `params`, in the routers' order: ModelOutput's `expert_load` rows
+    (the main model's MoE layers; a scanned bias [L, E] holds L rows), then `mtp_expert_load`'s."""
     return [p + ROUTER_BIAS_PATH for p in block_paths(params)
             if ROUTER_BIAS in get(params, p).get("ffn", {}).get("gate", {})]
 

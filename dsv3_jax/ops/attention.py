@@ -1,6 +1,6 @@
 """MLA attention cores: the one place that chooses an implementation per platform.
 
-Letters (dsv3_jax/model/__init__.py): B batch, T query positions, S key positions or cache slots,
+Letters (dsv3_jax/NOTATION.md): B batch, T query positions, S key positions or cache slots,
 H heads, A qk head dim (nope + rope), O v head dim, C kv latent rank, R qk rope head dim.
 
 Two cores, each with its plain-jnp reference below:

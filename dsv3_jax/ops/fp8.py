@@ -1,7 +1,7 @@
 """FP8 (E4M3) block-scaled quantization, the block-scaled GEMM, and the FP8 linear layer.
 
 SPEC.md section 3, DeepSeek-V3 report section 3.3. Every number is float8_e4m3fn (max 448).
-Letters (dsv3_jax/model/__init__.py): M rows, I contracted, J output dim; Ib, Jb their 128-blocks.
+Letters (dsv3_jax/NOTATION.md): M rows, I contracted, J output dim; Ib, Jb their 128-blocks.
 
   act_quant(x)      1x128 tiles along the last (contraction) dim:  x [..., I] -> q [..., I],
                     s [..., Ib], s = max(amax, 1e-4) / 448, q = e4m3(x / s).

@@ -1,6 +1,6 @@
 """Grouped (ragged) matmul for the routed experts: the one place that picks its implementation.
 
-Letters (dsv3_jax/model/__init__.py): M rows (token-expert pairs, sorted by expert), I input dim,
+Letters (dsv3_jax/NOTATION.md): M rows (token-expert pairs, sorted by expert), I input dim,
 J output dim, E experts (the groups) in group_sizes, E_loc of them held in w; e indexes them.
 
 `grouped_matmul(x, w, group_sizes)[m] = x[m] @ w[e(m)]`, where rows are laid out group after group:

@@ -1,13 +1,14 @@
 """Dropless routed experts, on one device or across a mesh (expert parallelism with shard_map).
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): U tokens (of one device, inside
-shard_map), K experts per token, E experts (E_loc per device of the `expert` axis), P = size of the
-`expert` axis, D model dim, F expert hidden dim (F_loc per device of the `tensor` axis),
-M = U * K token-expert pairs on one device. The mesh axes named here are those the rules table
-(`parallel/mesh.py`) gives the expert weights' and the batch's logical axes.
+Letters (`dsv3_jax/NOTATION.md`): U tokens (of one device inside shard_map), K experts per token,
+E experts (E_loc per device of the `expert` axis), P = size of the `expert` axis, D model dim,
+F expert hidden dim (F_loc per device of the `tensor` axis), M = U * K token-expert pairs on one
+device. The mesh axes named here are those the rules table (`parallel/mesh.py`) gives the expert
+weights' and the batch's logical axes.
 
-`routed_experts(x, indices, weights, w1, w2, w3, matmul)` = sum_k weights[t, k] * SwiGLU_{indices[t, k]}(x[t])
-is what DeepSeekMoE needs; it picks the implementation from the mesh in context (`jax.set_mesh`):
+`routed_experts(x, indices, weights, w1, w2, w3, matmul)[t]` =
+sum_k weights[t, k] * SwiGLU_{indices[t, k]}(x[t]) is what DeepSeekMoE needs; it picks the
+implementation from the mesh in context (`jax.set_mesh`):
 
 - no mesh, or one device: `local_routed_experts`: sort the M pairs by expert, run
   `ops.grouped_matmul` (w1, w3, SwiGLU, w2), unsort, weight and sum over K.
@@ -65,7 +66,8 @@ def _swiglu_experts(xs, group_sizes, w1, w2, w3, matmul: GroupedMatmul):
 
 def _combine(ys, weights, dtype):
     """ys [U, K, D] expert outputs, weights [U, K] -> weighted sum [U, D] (in float32)."""
-    return jnp.einsum("ukd,uk->ud", ys.astype(jnp.float32), weights.astype(jnp.float32)).astype(dtype)
+    f32 = jnp.float32
+    return jnp.einsum("ukd,uk->ud", ys.astype(f32), weights.astype(f32)).astype(dtype)
 
 
 def local_routed_experts(x: jax.Array, indices: jax.Array, weights: jax.Array, w1: jax.Array,

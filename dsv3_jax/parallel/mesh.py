@@ -82,12 +82,7 @@ def batch_ways(sizes) -> int:
 
 def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
     """Refuses a mesh the model or the batch cannot be split over, naming the axis and the fix.
-
-    Each dim is split as the rules table says: with the table above, the batch over data x fsdp x
-    expert; experts over expert; the model dim of the weights over fsdp x expert (expert weights:
-    fsdp); their low-rank dims over fsdp; heads over tensor x expert; FFN and expert hidden dims
-    and the vocabulary over tensor.
-    """
+    Each dim is split over the mesh axes the rules table gives its logical name."""
     needs = [
         ("exp", cfg.n_routed_experts, "ModelConfig.n_routed_experts"),
         ("embed", cfg.dim, "ModelConfig.dim"),
@@ -117,7 +112,6 @@ def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
 def make_mesh(mesh_cfg, devices=None):
     """A jax Mesh over `devices` (default: all) with axes MESH_AXES."""
     import jax
-    import numpy as np
 
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(mesh_cfg, len(devices))
@@ -129,28 +123,25 @@ def batch_sharding(mesh):
     """Batches [B, T] split over the data-like axes, replicated over expert and tensor."""
     import jax
 
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_axes("activation_batch"), None))
+    spec = jax.sharding.PartitionSpec(mesh_axes("activation_batch"), None)
+    return jax.sharding.NamedSharding(mesh, spec)
 
 
 def abstract_with_shardings(init_boxed, mesh=None):
-    """(abstract tree, placement) of what `init_boxed()` builds, without allocating it.
-
-    `init_boxed` returns a pytree with logically partitioned (boxed) leaves, e.g. a model's init
-    or a TrainState built from one. With a `mesh`, the placement is each leaf's NamedSharding and
-    the abstract leaves (ShapeDtypeStruct) carry it; without one it is each leaf's PartitionSpec
-    of mesh axes (for planning a mesh that does not exist here). Both follow LOGICAL_AXIS_RULES.
-    """
+    """(abstract tree, placement) of what `init_boxed()` builds (a pytree with logically
+    partitioned leaves: a model's init, a TrainState), without allocating it. The placement is each
+    leaf's PartitionSpec of mesh axes from LOGICAL_AXIS_RULES; with a `mesh`, its NamedSharding,
+    which the abstract leaves (ShapeDtypeStruct) then carry."""
     import flax.linen as nn
     import jax
 
     boxed = jax.eval_shape(init_boxed)
-    logical = nn.get_partition_spec(boxed)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    place = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, LOGICAL_AXIS_RULES),
+                         nn.get_partition_spec(boxed), is_leaf=is_spec)
     abstract = nn.unbox(boxed)
-    if mesh is None:
-        specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, LOGICAL_AXIS_RULES), logical,
-                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-        return abstract, specs
-    shardings = nn.logical_to_mesh_sharding(logical, mesh, LOGICAL_AXIS_RULES)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, shardings)
-    return abstract, shardings
+    if mesh is not None:
+        place = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), place, is_leaf=is_spec)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract, place)
+    return abstract, place

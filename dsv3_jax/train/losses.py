@@ -1,6 +1,6 @@
 """The training objective (SPEC.md "Multi-token prediction", "Load balance").
 
-Letters (the package legend, `dsv3_jax/model/__init__.py`): B, T, V, X MTP depth.
+Letters (`dsv3_jax/NOTATION.md`): B, T, V, X MTP depth.
 
   loss = CE(main) + mtp_lambda * mean_k CE(MTP depth k) + balance_alpha * sum_layers L_bal
 

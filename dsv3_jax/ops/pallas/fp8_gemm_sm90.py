@@ -4,7 +4,7 @@ The math (SPEC.md section 3, DeepSeek's DeepGEMM):
 
     C[m, j] = sum_ib (A_q[m, ib] . B_q[j, ib]) * a_s[m, ib] * b_s[j, ib]     (fp32), then -> bf16
 
-Letters (dsv3_jax/model/__init__.py): M rows, I the contracted dim, J the output dim; Ib = I / 128.
+Letters (dsv3_jax/NOTATION.md): M rows, I the contracted dim, J the output dim; Ib = I / 128.
 A_q [M, I] and B_q [J, I] are float8_e4m3fn, both I-major (I is the contiguous dimension); ib runs
 over 128-wide I blocks. a_s [M, Ib] holds one scale per row and I block (1x128 activation tiles);
 b_s is given per row, [J, Ib]: the wrapper expands 128x128 weight-block scales [ceil(J/128), Ib] to

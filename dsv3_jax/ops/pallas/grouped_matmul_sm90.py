@@ -1,6 +1,6 @@
 """Grouped (ragged) matmuls of the routed experts for Hopper (sm_90a), Pallas Mosaic GPU.
 
-Letters (dsv3_jax/model/__init__.py): M rows, I input dim, J output dim, E experts (groups). The
+Letters (dsv3_jax/NOTATION.md): M rows, I input dim, J output dim, E experts (groups). The
 math (rows of x sorted by expert; group e owns the rows [starts[e], starts[e+1])):
 
     gmm:   out[m, :] = x[m, :] @ w[e(m)]          x [M, I], w [E, I, J]  -> [M, J]

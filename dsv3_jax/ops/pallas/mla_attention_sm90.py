@@ -1,6 +1,6 @@
 """Causal flash attention for MLA training and prefill on Hopper (sm_90a), Pallas Mosaic GPU.
 
-Letters (dsv3_jax/model/__init__.py): B batch, T query positions, S key positions (the same T
+Letters (dsv3_jax/NOTATION.md): B batch, T query positions, S key positions (the same T
 tokens: causal self-attention), H heads, A qk head dim (N + R = 192: nope 128 + rope 64), O v head
 dim (128). The math (SPEC.md section 2, MLA), per batch row b and head h, query t and key s:
 

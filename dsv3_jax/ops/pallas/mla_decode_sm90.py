@@ -1,6 +1,6 @@
 """MLA decoding over the latent cache on Hopper (sm_90a), Pallas Mosaic GPU, split along the cache.
 
-Letters (dsv3_jax/model/__init__.py): B batch, T new tokens, H heads, S cache slots, C kv latent
+Letters (dsv3_jax/NOTATION.md): B batch, T new tokens, H heads, S cache slots, C kv latent
 rank (512), R qk rope head dim (64); THp: the T*H query rows of a sequence, padded to a multiple
 of 64. The math (SPEC.md section 2, absorbed MLA), per sequence b, for every query row (t, h) of
 that sequence at absolute position pos[t] = q_positions[b, t], over the cache slots s:
