@@ -12,7 +12,7 @@ Two cores, each with its plain-jnp reference below:
 
 Both compute scores and softmax in float32 and return the query dtype. Model code calls these
 functions and never asks which platform it runs on. Which implementation runs is decided here, in
-`attention_impl` (read at trace time):
+`attention_impl` (read at trace time: ops/platform.py):
 - Hopper GPU (compute capability 9.x): the Pallas Mosaic GPU kernels
   `ops/pallas/mla_attention_sm90.py` (causal flash attention, forward and backward kernels) and
   `ops/pallas/mla_decode_sm90.py` (flash-decoding over the latent cache), when the dims and dtypes
@@ -21,8 +21,7 @@ functions and never asks which platform it runs on. Which implementation runs is
 - TPU: the reference (XLA). Splash attention (Pallas Mosaic TPU) is the candidate there; not done.
 - CPU and other GPUs: the reference.
 DSV3_ATTENTION=reference|sm90 in the environment overrides the choice; "sm90" on a machine without
-a GPU runs the kernels in GPU interpret mode (slow; tests and benchmark smoke runs). The variable is
-read at trace time: an already traced or compiled program keeps the choice it was traced with.
+a GPU runs the kernels in GPU interpret mode (slow; tests and benchmark smoke runs).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import jax.numpy as jnp
 
 from dsv3_jax.ops.platform import forced_impl, gpu_interpret, on_hopper
 
-_NEG_INF = -jnp.inf
 _IMPLS = ("auto", "sm90", "reference")
 
 
@@ -44,8 +42,7 @@ def _einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:
 
 def _softmax_f32(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked softmax over the last axis; scores float32. Rows always keep at least one key."""
-    scores = jnp.where(mask, scores, _NEG_INF)
-    return jax.nn.softmax(scores, axis=-1)
+    return jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
 
 
 def mla_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -85,8 +82,7 @@ def mla_decode_reference(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     c_rank = q_latent.shape[-1]
     c, k_pe = cache[..., :c_rank], cache[..., c_rank:]
     scores = (_einsum_f32("bthc,bsc->bhts", q_latent, c)
-              + _einsum_f32("bthr,bsr->bhts", q_pe, k_pe))
-    scores = scores * scale
+              + _einsum_f32("bthr,bsr->bhts", q_pe, k_pe)) * scale
     slots = jnp.arange(cache.shape[1])
     mask = (slots[None, None, :] <= q_positions[:, :, None])[:, None]  # [B, 1, T, S]
     probs = _softmax_f32(scores, mask).astype(cache.dtype)
@@ -95,10 +91,7 @@ def mla_decode_reference(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
 
 
 def attention_impl() -> str:
-    """"sm90" (the Pallas Mosaic GPU kernels) or "reference", for this machine.
-
-    DSV3_ATTENTION=reference|sm90 overrides the choice (read at trace time).
-    """
+    """"sm90" (the Pallas Mosaic GPU kernels) or "reference" here (module docstring)."""
     return forced_impl("DSV3_ATTENTION", _IMPLS) or ("sm90" if on_hopper() else "reference")
 
 

@@ -29,8 +29,7 @@ Which GEMM runs (decided here, once, in `gemm_impl`; model code never asks): on 
 (compute capability 9.x) the Pallas Mosaic GPU kernel `ops/pallas/fp8_gemm_sm90.py`; everywhere else
 (CPU, TPU, other GPUs) `fp8_gemm_reference`, plain jnp whose per-block dots XLA runs in bf16 with
 fp32 results (e4m3 values and their products are exact there). No other platform has a kernel yet.
-DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice, read at trace time (programs
-already traced or compiled keep the GEMM they were traced with).
+DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice (read at trace time).
 The grouped product has only a plain-jnp path for now (`fp8_grouped_gemm_reference`: the tiles
 dequantized to fp32 and one fp32 ragged_dot, the same sums up to fp32 rounding); a grouped FP8
 kernel for Hopper is still to be written, so on a GPU FP8 routed experts cost more than bf16 ones
@@ -221,11 +220,8 @@ def fp8_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.
 
 
 def gemm_impl() -> str:
-    """The implementation `fp8_gemm(impl="auto")` uses on this machine: "sm90" or "reference".
-
-    The environment variable DSV3_FP8_GEMM=reference|sm90 overrides the choice (read at trace
-    time), e.g. to compare a training run on the kernel with one on the reference.
-    """
+    """The implementation `fp8_gemm(impl="auto")` uses here: "sm90" or "reference" (module
+    docstring), e.g. DSV3_FP8_GEMM=reference to compare a training run with one on the kernel."""
     return forced_impl("DSV3_FP8_GEMM", _GEMM_IMPLS) or ("sm90" if on_hopper() else "reference")
 
 
@@ -244,8 +240,7 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
     """
     if impl not in _GEMM_IMPLS:
         raise ValueError(f"fp8_gemm: impl={impl!r}; use one of {_GEMM_IMPLS}.")
-    if impl == "auto":
-        impl = gemm_impl()
+    impl = gemm_impl() if impl == "auto" else impl
     if impl == "reference":
         return fp8_gemm_reference(a_q, a_s, b_q, b_s, out_dtype=out_dtype)
     check_gemm_args(a_q, a_s, b_q, b_s)
@@ -268,9 +263,7 @@ def calc_diff(x, y) -> float:
     if x.shape != y.shape:
         raise ValueError(f"calc_diff: shapes differ: {x.shape} vs {y.shape}.")
     denom = float(np.sum(x * x + y * y))
-    if denom == 0.0:
-        return 0.0
-    return float(np.sum((x - y) ** 2)) / denom
+    return float(np.sum((x - y) ** 2)) / denom if denom else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,12 +321,6 @@ _fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 # ------------------------------------------------------------------------------------------------
 # The routed experts: grouped FP8 GEMMs
 # ------------------------------------------------------------------------------------------------
-def _row_groups(group_sizes: jax.Array, m: int) -> jax.Array:
-    """Group of each of m rows laid out group after group: int32 [M]; E for rows past the sum."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
-
-
 def _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes) -> None:
     if a_q.ndim != 2 or b_q.ndim != 3 or a_q.shape[1] != b_q.shape[1]:
         raise ValueError(f"fp8_grouped_gemm: a_q {a_q.shape} must be [M, K] and b_q {b_q.shape} "
@@ -389,13 +376,14 @@ def grouped_col_quant(x: jax.Array, group_sizes: jax.Array, block: int = BLOCK,
     m = x.shape[0]
     g = group_sizes.shape[0]
     gs = group_sizes.astype(jnp.int32)
-    group = _row_groups(gs, m)  # [M], E for padding
-    starts = jnp.cumsum(gs) - gs
+    ends, rows = jnp.cumsum(gs), jnp.arange(m, dtype=jnp.int32)
+    group = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)  # [M], E for padding
+    starts = ends - gs
     tiles_per_group = (gs + block - 1) // block
     first_tile = jnp.cumsum(tiles_per_group) - tiles_per_group
     n_tiles = _cdiv(m, block) + g  # >= sum_g ceil(gs_g / block) whatever the sizes
     safe = jnp.minimum(group, g - 1)
-    local = jnp.arange(m, dtype=jnp.int32) - starts[safe]
+    local = rows - starts[safe]
     tile = jnp.where(group < g, first_tile[safe] + local // block, n_tiles)
     xf = jnp.where((group < g)[:, None], x.astype(jnp.float32), 0.0)
     amax = jax.ops.segment_max(jnp.abs(xf), tile, num_segments=n_tiles + 1)  # [tiles + 1, I]

@@ -30,9 +30,8 @@ Backends (chosen once here; model code never asks):
               interpret mode (tests).
   ragged_dot  the CPU and any other GPU: XLA's `jax.lax.ragged_dot` / `ragged_dot_general`; also
               the reference, `grouped_matmul_reference` / `transposed_grouped_matmul_reference`.
-DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox in the environment forces a backend, e.g. for
-benchmarks and for tests of every backend on the CPU. It is read at trace time: an already traced
-or compiled program keeps the backend it was traced with.
+DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox in the environment forces a backend (read at trace
+time), e.g. for benchmarks and for tests of every backend on the CPU.
 
 Not done: SwiGLU's w1 and w3 are two calls (a fused call would read x once and write one [M, 2F]
 result; a later step).
@@ -173,10 +172,9 @@ def _megablox_forward(x, w, group_sizes, group_offset, transpose_rhs):
     m = x.shape[0]
     n = w.shape[1] if transpose_rhs else w.shape[2]
     tiling = megablox_tiling(m, x.shape[1], n)
-    offset = None if group_offset is None else jnp.asarray(group_offset, jnp.int32)
     out = _megablox().gmm(_pad_rows(x, tiling[0]), w.astype(x.dtype),
                           group_sizes.astype(jnp.int32), preferred_element_type=x.dtype,
-                          tiling=tiling, group_offset=offset, transpose_rhs=transpose_rhs,
+                          tiling=tiling, group_offset=group_offset, transpose_rhs=transpose_rhs,
                           interpret=tpu_interpret())[:m]
     # megablox leaves rows past the last held group unwritten (garbage) when it holds every group.
     starts = local_starts(group_sizes, group_offset, w.shape[0])
@@ -186,10 +184,9 @@ def _megablox_forward(x, w, group_sizes, group_offset, transpose_rhs):
 
 def _megablox_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
     tiling = megablox_tiling(x.shape[0], x.shape[1], dy.shape[1])
-    offset = None if group_offset is None else jnp.asarray(group_offset, jnp.int32)
     return _megablox().tgmm(_pad_rows(x, tiling[0]).T, _pad_rows(dy.astype(x.dtype), tiling[0]),
                             group_sizes.astype(jnp.int32), preferred_element_type=out_dtype,
-                            tiling=tiling, group_offset=offset, num_actual_groups=num_local,
+                            tiling=tiling, group_offset=group_offset, num_actual_groups=num_local,
                             interpret=tpu_interpret())
 
 
@@ -203,12 +200,8 @@ _WGRAD = {"ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad, "megablox": _megablo
 def grouped_matmul_impl() -> str:
     """The backend `grouped_matmul(impl="auto")` uses here: "sm90" on a Hopper GPU, "megablox" on
     a TPU, "ragged_dot" elsewhere; DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox overrides it."""
-    forced = forced_impl("DSV3_GROUPED_MATMUL", IMPLS)
-    if forced:
-        return forced
-    if on_hopper():
-        return "sm90"
-    return "megablox" if on_tpu() else "ragged_dot"
+    return forced_impl("DSV3_GROUPED_MATMUL", IMPLS) or (
+        "sm90" if on_hopper() else "megablox" if on_tpu() else "ragged_dot")
 
 
 def _varying_axes(a) -> frozenset:

@@ -55,8 +55,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (OUT_DTYPES, SMEM_BYTES, interpret_params, persistent_grid,
-                                        refuse, round_up, transforms, wgmma_new)
+from dsv3_jax.ops.pallas.hopper import (OUT_DTYPES, SMEM_BYTES, persistent_kernel, refuse,
+                                        round_up, transforms, wgmma_new)
 
 BLOCK_K = 128  # the quantization block along I (the contracted dim): one wgmma accumulator each
 
@@ -231,7 +231,7 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
       config: tiling (DEFAULT_CONFIG when None).
       interpret: True (or an `InterpretGPUParams`, e.g. with the race detector on) runs the
         kernel in Pallas GPU interpret mode on the CPU (tests).
-      num_sms: persistent CTAs: the SM count the dispatcher passes (None: hopper.persistent_grid's).
+      num_sms: persistent CTAs: the dispatcher's SM count (None: hopper.persistent_kernel's).
     Returns:
       [M, J] in out_dtype.
     """
@@ -242,8 +242,7 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
     cfg = fit_to_smem(config or DEFAULT_CONFIG, out_dtype)
     m, k = a_q.shape
     n = b_q.shape[0]
-    kb = -(-k // BLOCK_K)
-    mp, np_, kp = round_up(m, cfg.cta_m), round_up(n, cfg.cta_n), kb * BLOCK_K
+    mp, np_, kp = round_up(m, cfg.cta_m), round_up(n, cfg.cta_n), round_up(k, BLOCK_K)
 
     # [J, Ib]: 128x128 block scales repeated over their rows (the two layouts coincide when J = 1).
     b_rows = b_s if b_s.shape[0] == n else jnp.repeat(b_s, BLOCK_K, axis=0)[:n]
@@ -253,17 +252,9 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
     bs_t = jnp.pad(b_rows.astype(jnp.float32), ((0, np_ - n), (0, 0))).T  # [Ib, Jp]
 
     n_tiles = (mp // cfg.cta_m) * (np_ // cfg.cta_n)
-    call = plgpu.kernel(
-        functools.partial(_kernel, cfg=cfg),
-        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=persistent_grid(n_tiles, num_sms, interpret),
-        grid_names=("sm",),
-        num_threads=cfg.num_compute_wgs + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params(interpret),
-    )
+    call = persistent_kernel(functools.partial(_kernel, cfg=cfg),
+                             jax.ShapeDtypeStruct((mp, np_), out_dtype), n_tiles, num_sms,
+                             interpret, num_threads=cfg.num_compute_wgs + 1, thread_name="wg")
     out = call(a_p, b_p, as_t, bs_t)
     return out[:m, :n] if (mp, np_) != (m, n) else out
 

@@ -63,8 +63,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, OUT_DTYPES, SMEM_BYTES, interpret_params,
-                                        persistent_grid, refuse, round_up, transforms)
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, OUT_DTYPES, SMEM_BYTES, pad_axis,
+                                        persistent_kernel, refuse, round_up, transforms)
 
 IN_DTYPES = DTYPES_16BIT  # operands; the dispatcher routes others (fp32) to lax.ragged_dot
 _SMEM_SLACK = 4 * 1024  # barriers and alignment
@@ -215,7 +215,7 @@ def gmm(x: jax.Array, w: jax.Array, starts: jax.Array, *, transpose_rhs: bool = 
       out_dtype: x's dtype when None; bf16, f16 or f32.
       config: tiling (DEFAULT_GMM_CONFIG when None).
       interpret: True (or InterpretGPUParams) runs in Pallas GPU interpret mode on the CPU.
-      num_sms: persistent CTAs: the SM count the dispatcher passes (None: hopper.persistent_grid's).
+      num_sms: persistent CTAs: the dispatcher's SM count (None: hopper.persistent_kernel's).
     Returns:
       [M, J] in out_dtype.
     """
@@ -235,23 +235,14 @@ def gmm(x: jax.Array, w: jax.Array, starts: jax.Array, *, transpose_rhs: bool = 
     if smem_bytes_gmm(cfg, x.dtype, out_dtype) > SMEM_BYTES:
         raise ValueError(f"{cfg} needs more than {SMEM_BYTES} bytes of shared memory.")
     mp, kp, np_ = round_up(m, cfg.block_m), round_up(k, cfg.block_k), round_up(n, cfg.block_n)
-    x_p = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
-    if transpose_rhs:
-        w_p = jnp.pad(w, ((0, 0), (0, np_ - n), (0, kp - k))) if (np_, kp) != (n, k) else w
-    else:
-        w_p = jnp.pad(w, ((0, 0), (0, kp - k), (0, np_ - n))) if (kp, np_) != (k, n) else w
+    x_p = pad_axis(pad_axis(x, 0, mp), 1, kp)
+    w_p = pad_axis(pad_axis(w, 1, np_ if transpose_rhs else kp), 2, kp if transpose_rhs else np_)
     starts = starts.astype(jnp.int32)
     lo, hi = row_tile_group_ranges(starts, mp, cfg.block_m)
     n_tiles = (mp // cfg.block_m) * (np_ // cfg.block_n)
-    call = plgpu.kernel(
-        functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
-        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=persistent_grid(n_tiles, num_sms, interpret),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params(interpret),
-    )
-    out = call(starts, lo, hi, x_p, w_p)
+    out = persistent_kernel(functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs),
+                            jax.ShapeDtypeStruct((mp, np_), out_dtype), n_tiles, num_sms,
+                            interpret)(starts, lo, hi, x_p, w_p)
     return out[:m, :n] if (mp, np_) != (m, n) else out
 
 
@@ -363,15 +354,9 @@ def tgmm(x: jax.Array, dy: jax.Array, starts: jax.Array, *, out_dtype=jnp.float3
     x_p = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
     dy_p = jnp.pad(dy, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else dy
     n_items = g * (kp // cfg.block_k) * (np_ // cfg.block_n)
-    call = plgpu.kernel(
-        functools.partial(_tgmm_kernel, cfg=cfg),
-        out_type=jax.ShapeDtypeStruct((g, kp, np_), out_dtype),
-        grid=persistent_grid(n_items, num_sms, interpret),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params(interpret),
-    )
-    out = call(starts.astype(jnp.int32), x_p, dy_p)
+    out = persistent_kernel(functools.partial(_tgmm_kernel, cfg=cfg),
+                            jax.ShapeDtypeStruct((g, kp, np_), out_dtype), n_items, num_sms,
+                            interpret)(starts.astype(jnp.int32), x_p, dy_p)
     return out[:, :k, :n] if (kp, np_) != (k, n) else out
 
 

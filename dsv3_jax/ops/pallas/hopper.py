@@ -45,11 +45,15 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
     return plgpu.InterpretGPUParams() if interpret else None
 
 
-def persistent_grid(work: int, num_sms: int | None, interpret) -> tuple[int]:
-    """The grid of a persistent kernel: one CTA per SM (num_sms, from the caller; NUM_SMS, or
-    INTERPRET_NUM_SMS in interpret mode, when None), at most one per work item, at least one."""
+def persistent_kernel(body, out_type, work: int, num_sms: int | None, interpret, **kwargs):
+    """`plgpu.kernel` of a persistent warpgroup-semantics kernel: a grid "sm" of one CTA per SM
+    (num_sms, from the caller; NUM_SMS, or INTERPRET_NUM_SMS in interpret mode, when None), at most
+    one per work item, at least one. kwargs (num_threads, thread_name) go to `plgpu.kernel`."""
     sms = num_sms or (INTERPRET_NUM_SMS if interpret else NUM_SMS)
-    return (max(1, min(sms, work)),)
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(max(1, min(sms, work)),), grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params(interpret), **kwargs)
 
 
 def transforms(minor: int, dtype) -> tuple:

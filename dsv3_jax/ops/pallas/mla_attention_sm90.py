@@ -188,15 +188,20 @@ def supports(q_shape, k_shape, v_shape, dtypes) -> bool:
     return True
 
 
-def _mask(s, row0, col0, shape, rowseg=None, colseg=None, keys_on_rows: bool = False):
-    """s with invisible entries at -inf. row0/col0: global index of the tile's first row/column;
-    rowseg [rows] (WGMMA.reduce(1)) and colseg [cols] (WGMMA.reduce(0)) segment ids, or None.
-    Queries on rows and keys on columns (visible: col <= row), or the transposed tile of the dkv
-    kernel with `keys_on_rows` (visible: row <= col)."""
+def _masked_scores(a, b, shape, s_scale, row0, col0, segs=None, keys_on_rows: bool = False):
+    """wgmma(a, b^T) * s_scale, [rows, cols] fp32 (a [rows, dim], b [cols, dim] in shared memory),
+    with invisible entries at -inf. row0/col0: global index of the tile's first row/column; segs:
+    None or the shared-memory segment ids (rows' [rows], columns' [cols]). Queries on rows and keys
+    on columns (visible: col <= row), or the transposed tile of the dkv kernel with `keys_on_rows`
+    (visible: row <= col)."""
+    s = wgmma_new(shape, a, b.transpose((1, 0))) * s_scale
+    if segs is not None:
+        rowseg = plgpu.load(segs[0], layout=plgpu.Layout.WGMMA.reduce(1))
+        colseg = plgpu.load(segs[1], layout=plgpu.Layout.WGMMA.reduce(0))
     rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row0
     cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col0
     visible = rows <= cols if keys_on_rows else cols <= rows
-    if rowseg is not None:
+    if segs is not None:
         visible = visible & (lax.broadcast_in_dim(rowseg, shape, [0])
                              == lax.broadcast_in_dim(colseg, shape, [1]))
     return jnp.where(visible, s, -jnp.inf)
@@ -228,10 +233,8 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
     # q_gmem, k_gmem: [B, Tp, H, A] bf16     v_gmem: [B, Tp, H, O] bf16
     # qseg_gmem, kseg_gmem (with segments): [B, Tp] int32 (the same array twice)
     # o_gmem: [B, Tp, H, O] bf16             lse_gmem: [B, H, Tp] f32 (base 2)
-    if has_segments:
-        qseg_gmem, kseg_gmem, o_gmem, lse_gmem = rest
-    else:
-        (o_gmem, lse_gmem), qseg_gmem, kseg_gmem = rest, None, None
+    qseg_gmem, kseg_gmem = rest[:2] if has_segments else (None, None)
+    o_gmem, lse_gmem = rest[2:] if has_segments else rest
     dk, dv = q_gmem.shape[-1], v_gmem.shape[-1]
     dtype = q_gmem.dtype
     bq, bkv, wgs = cfg.block_q, cfg.block_kv, 2
@@ -253,17 +256,8 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
             (step,) = idx
             carry = seg_and_carry[-1]
             acc, m_i, l_i = carry
-
-            def qk(acc_ref):  # acc_ref: [bq, bkv] f32
-                plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.transpose((1, 0)))
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32)) * s_scale
-            qseg = kseg = None
-            if has_segments:
-                qseg = plgpu.load(qseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                kseg = plgpu.load(seg_and_carry[0], layout=plgpu.Layout.WGMMA.reduce(0))
-            s = _mask(s, q_base, step * bkv, (bq, bkv), qseg, kseg)
+            s = _masked_scores(q_smem.at[wg], k_smem, (bq, bkv), s_scale, q_base, step * bkv,
+                               (qseg_smem.at[wg], seg_and_carry[0]) if has_segments else None)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -341,10 +335,8 @@ def _dq_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg
     # q_gmem, k_gmem: [B, Tp, H, A]    v_gmem, do_gmem: [B, Tp, H, O]    (bf16)
     # lse_gmem (base 2), delta_gmem: [B, H, Tp] f32    qseg_gmem, kseg_gmem: [B, Tp] i32
     # dq_gmem: [B, Tp, H, A] bf16
-    if has_segments:
-        qseg_gmem, kseg_gmem, dq_gmem = rest
-    else:
-        (dq_gmem,), qseg_gmem, kseg_gmem = rest, None, None
+    qseg_gmem, kseg_gmem = rest[:2] if has_segments else (None, None)
+    (dq_gmem,) = rest[2:] if has_segments else rest
     dk, dv = q_gmem.shape[-1], v_gmem.shape[-1]
     dtype = q_gmem.dtype
     bq, bkv, wgs = cfg.block_q_bwd, cfg.block_kv_bwd, _DQ_WGS
@@ -365,12 +357,8 @@ def _dq_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cfg
             # k_smem: [bkv, A]  v_smem: [bkv, O]  kseg_smem: [bkv] i32 (with segments)
             (step,) = idx
             dq_acc, lse, delta = seg_and_carry[-1]
-            s = wgmma_new((bq, bkv), q_smem.at[wg], k_smem.transpose((1, 0))) * s_scale
-            qseg = kseg = None
-            if has_segments:
-                qseg = plgpu.load(qseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                kseg = plgpu.load(seg_and_carry[0], layout=plgpu.Layout.WGMMA.reduce(0))
-            s = _mask(s, q_base, step * bkv, (bq, bkv), qseg, kseg)
+            s = _masked_scores(q_smem.at[wg], k_smem, (bq, bkv), s_scale, q_base, step * bkv,
+                               (qseg_smem.at[wg], seg_and_carry[0]) if has_segments else None)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))  # masked: exp2(-inf) = 0
             dp = wgmma_new((bq, bkv), do_smem.at[wg], v_smem.transpose((1, 0)))  # dO V^T
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
@@ -419,10 +407,8 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
     # Inputs as _dq_kernel's; dk_gmem: [B, Tp, H, A] bf16, dv_gmem: [B, Tp, H, O] bf16.
     # Tiles are transposed (keys on rows): S^T = K Q^T [bkv, bq], so that P^T and dS^T are the
     # register A operands of dV += P^T dO and dK += dS^T Q.
-    if has_segments:
-        qseg_gmem, kseg_gmem, dk_gmem, dv_gmem = rest
-    else:
-        (dk_gmem, dv_gmem), qseg_gmem, kseg_gmem = rest, None, None
+    qseg_gmem, kseg_gmem = rest[:2] if has_segments else (None, None)
+    dk_gmem, dv_gmem = rest[2:] if has_segments else rest
     dk, dv = q_gmem.shape[-1], v_gmem.shape[-1]
     dtype = q_gmem.dtype
     bq, bkv, wgs = cfg.block_q_bwd, cfg.block_kv_bwd, _DKV_WGS
@@ -442,12 +428,10 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
             # q_smem: [bq, A]  do_smem: [bq, O]  lse/delta_smem: [bq] f32  qseg_smem: [bq] i32
             (step,) = idx
             dk_acc, dv_acc = seg_and_carry[-1]
-            st = wgmma_new((bkv, bq), k_smem.at[wg], q_smem.transpose((1, 0))) * s_scale
-            kseg = qseg = None
-            if has_segments:
-                kseg = plgpu.load(kseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                qseg = plgpu.load(seg_and_carry[0], layout=plgpu.Layout.WGMMA.reduce(0))
-            st = _mask(st, k_base, (q_first + step) * bq, (bkv, bq), kseg, qseg, keys_on_rows=True)
+            st = _masked_scores(k_smem.at[wg], q_smem, (bkv, bq), s_scale, k_base,
+                                (q_first + step) * bq,
+                                (kseg_smem.at[wg], seg_and_carry[0]) if has_segments else None,
+                                keys_on_rows=True)
             lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(0))
             pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
             dv_acc = wgmma_into(dv_acc, pt.astype(dtype), do_smem, interpret,  # += P^T dO

@@ -318,10 +318,7 @@ def mla_decode(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array, q_positio
         interpret=interp,
     )
     o_parts, lse_parts = call(q, cache_p, pos, limit)
-    if splits == 1:
-        out = o_parts[0]
-    else:
-        out = combine(o_parts, lse_parts).astype(q_latent.dtype)
+    out = o_parts[0] if splits == 1 else combine(o_parts, lse_parts).astype(q_latent.dtype)
     return out[:, :rows].reshape(b, t, h, c)
 
 
