@@ -23,13 +23,6 @@ from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE, Routing
 
 
-def valid_tokens(x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """bool [B, T]: True for real tokens. Segment id 0 marks padding; no segment ids: all real."""
-    if segment_ids is None:
-        return jnp.ones(x.shape[:2], dtype=bool)
-    return segment_ids != 0
-
-
 class Block(nn.Module):
     cfg: ModelConfig
     moe: bool
@@ -51,8 +44,10 @@ class Block(nn.Module):
         """Training / prefill. x [B, T, D] -> (x [B, T, D], Routing for MoE blocks else None)."""
         with jax.named_scope("mla"):
             x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        # valid [B, T]: True for real tokens. Segment id 0 marks padding; no segment ids: all real.
+        valid = jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids != 0
         with jax.named_scope("moe" if self.moe else "mlp"):
-            y, routing = self._ffn(self.ffn_norm(x), valid_tokens(x, segment_ids))
+            y, routing = self._ffn(self.ffn_norm(x), valid)
         return constrain_activation(x + y), routing
 
     def decode(self, x: jax.Array, positions: jax.Array,
@@ -62,7 +57,7 @@ class Block(nn.Module):
             a, cache = self.attn.decode(self.attn_norm(x), positions, cache)
             x = x + a
         with jax.named_scope("moe" if self.moe else "mlp"):
-            y, _ = self._ffn(self.ffn_norm(x), valid_tokens(x, None))
+            y, _ = self._ffn(self.ffn_norm(x), jnp.ones(x.shape[:2], bool))
         return constrain_activation(x + y), cache
 
 
@@ -73,21 +68,17 @@ _REMAT_POLICIES = {
 }
 
 
-def block_class(cfg: ModelConfig):
-    """Block, or Block whose training forward is rematerialised per `cfg.remat_policy` (for blocks
-    outside the scanned stacks, e.g. the MTP modules')."""
+def remat(target, cfg: ModelConfig, **kwargs):
+    """`nn.remat(target)` per `cfg.remat_policy` ("none": target itself). The stacks wrap their
+    blocks' training forward; the MTP modules wrap their Block class."""
     if cfg.remat_policy == "none":
-        return Block
-    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy])
+        return target
+    return nn.remat(target, policy=_REMAT_POLICIES[cfg.remat_policy], **kwargs)
 
 
 def _scan(body, length: int, in_axes):
     return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
-
-
-def _stack_trees(trees):
-    return None if trees[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 class Stack(nn.Module):
@@ -103,19 +94,11 @@ class Stack(nn.Module):
         else:
             self.layers = [Block(self.cfg, self.moe) for _ in range(self.n)]
 
-    def _train_body(self):
-        def body(block, x, positions, segment_ids):
-            return block(x, positions, segment_ids)
-
-        policy = self.cfg.remat_policy
-        if policy == "none":
-            return body
-        return nn.remat(body, policy=_REMAT_POLICIES[policy], prevent_cse=not self.cfg.scan_layers)
-
     def __call__(self, x: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, Routing | None]:
         """x [B, T, D] -> (x [B, T, D], Routing with a leading [L] axis, or None for dense)."""
-        body = self._train_body()
+        body = remat(lambda block, x, positions, segment_ids: block(x, positions, segment_ids),
+                     self.cfg, prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
             scanned = _scan(body, self.n, in_axes=(nn.broadcast, nn.broadcast))
             return scanned(self.layers, x, positions, segment_ids)
@@ -123,15 +106,13 @@ class Stack(nn.Module):
         for block in self.layers:
             x, routing = body(block, x, positions, segment_ids)
             routings.append(routing)
-        return x, _stack_trees(routings)
+        return x, jax.tree.map(lambda *xs: jnp.stack(xs), *routings)  # dense: all None, None
 
     def decode(self, x: jax.Array, positions: jax.Array,
                cache: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D], positions [B, T], cache [L, B, S, C + R] -> (x, cache)."""
         if self.cfg.scan_layers:
-            def body(block, x, positions, layer_cache):
-                return block.decode(x, positions, layer_cache)
-
+            body = lambda block, x, positions, layer_cache: block.decode(x, positions, layer_cache)
             return _scan(body, self.n, in_axes=(nn.broadcast, 0))(self.layers, x, positions, cache)
         new_cache = []
         for i, block in enumerate(self.layers):

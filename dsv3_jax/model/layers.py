@@ -18,14 +18,6 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.ops.fp8 import fp8_linear
 
-# Logical axes of the activations between blocks: [B, T, D].
-ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
-
-
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int],
                     axes: Sequence[str | None], dtype) -> jax.Array:
     """`module.param` whose value carries logical axis names (one per dim of `shape`)."""
@@ -36,7 +28,8 @@ def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int],
 
 def constrain_activation(x: jax.Array) -> jax.Array:
     """Pins the sharding of a block-boundary activation [B, T, D] (a no-op without a mesh)."""
-    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length",
+                                          "activation_embed"))
 
 
 class Linear(nn.Module):
@@ -59,11 +52,11 @@ class Linear(nn.Module):
     def setup(self):
         self.kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.cfg.init_std),
                                       (self.in_features, self.features), self.axes,
-                                      dtype_of(self.cfg.param_dtype))
+                                      jnp.dtype(self.cfg.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., features]."""
-        dtype = dtype_of(self.cfg.dtype)
+        dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.fp8 and self.fp8:
             return fp8_linear(x.astype(dtype), self.kernel).astype(self.out_dtype or dtype)
         out = jnp.dot(x.astype(dtype), self.kernel.astype(dtype),
@@ -82,7 +75,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., N] -> [..., N], same dtype."""
         weight = param_with_axes(self, "weight", nn.initializers.ones, (x.shape[-1],),
-                                 (self.axis_name,), dtype_of(self.param_dtype))
+                                 (self.axis_name,), jnp.dtype(self.param_dtype))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return normed.astype(x.dtype) * weight.astype(x.dtype)
@@ -102,11 +95,11 @@ class Embed(nn.Module):
         """tokens int [B, T] -> [B, T, D]."""
         table = param_with_axes(self, "embedding", nn.initializers.normal(self.cfg.init_std),
                                 (self.cfg.vocab_size, self.cfg.dim), ("vocab", "embed"),
-                                dtype_of(self.cfg.param_dtype))
+                                jnp.dtype(self.cfg.param_dtype))
         # Rows are looked up whole: a table whose model dim is split (FSDP) would hand back
         # activations split along D, which the batch-sharded blocks cannot take cheaply.
         table = nn.with_logical_constraint(table, ("vocab", None))
-        return jnp.take(table, tokens, axis=0).astype(dtype_of(self.cfg.dtype))
+        return jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
 
 
 class MLP(nn.Module):

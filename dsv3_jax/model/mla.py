@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import Linear, dtype_of, rms_norm
+from dsv3_jax.model.layers import Linear, rms_norm
 from dsv3_jax.model.rope import apply_rope, rope_frequencies
 from dsv3_jax.ops import attention
 
@@ -102,7 +102,7 @@ class MLA(nn.Module):
         """
         c = self.cfg
         b, t = x.shape[:2]
-        dtype = dtype_of(c.dtype)
+        dtype = jnp.dtype(c.dtype)
         q_nope, q_pe = self._queries(x, positions)
         c_kv, k_pe = self._latent(x, positions)
         rows = jnp.concatenate([c_kv, k_pe], axis=-1).astype(cache.dtype)

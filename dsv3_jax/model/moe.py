@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import MLP, dtype_of, param_with_axes
+from dsv3_jax.model.layers import MLP, param_with_axes
 from dsv3_jax.parallel.expert_parallel import (W_IN_AXES, W_OUT_AXES, grouped_matmul_for,
                                               routed_experts)
 
@@ -41,10 +41,6 @@ class Routing:
     indices: jax.Array  # [B, T, K] int32 chosen experts
     expert_load: jax.Array  # [E] int32 count of valid tokens routed to each expert
     balance_loss: jax.Array  # [] sum_i f_i P_i averaged over sequences (alpha not applied)
-
-
-def _top_k_indices(x: jax.Array, k: int) -> jax.Array:
-    return jax.lax.top_k(x, k)[1]
 
 
 def sequence_balance_loss(scores: jax.Array, indices: jax.Array, valid: jax.Array,
@@ -84,12 +80,9 @@ class Gate(nn.Module):
         c = self.cfg
         e, g = c.n_routed_experts, c.n_expert_groups
         kernel = param_with_axes(self, "kernel", nn.initializers.normal(c.init_std),
-                                 (c.dim, e), ("embed", None), dtype_of(c.param_dtype))
+                                 (c.dim, e), ("embed", None), jnp.dtype(c.param_dtype))
         logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32))
-        if c.score_func == "sigmoid":
-            scores = jax.nn.sigmoid(logits)
-        else:
-            scores = jax.nn.softmax(logits, axis=-1)
+        scores = jax.nn.sigmoid(logits) if c.score_func == "sigmoid" else jax.nn.softmax(logits)
         selection = scores
         if c.has_score_correction_bias:
             bias = param_with_axes(self, "e_score_correction_bias", nn.initializers.zeros, (e,),
@@ -98,14 +91,12 @@ class Gate(nn.Module):
         selection = jax.lax.stop_gradient(selection)
         if g > 1:
             grouped = selection.reshape(selection.shape[:-1] + (g, e // g))
-            if c.has_score_correction_bias:
-                group_scores = jax.lax.top_k(grouped, 2)[0].sum(axis=-1)
-            else:
-                group_scores = grouped.max(axis=-1)
-            kept = jax.nn.one_hot(_top_k_indices(group_scores, c.n_limited_groups), g,
+            group_scores = (jax.lax.top_k(grouped, 2)[0].sum(axis=-1)
+                            if c.has_score_correction_bias else grouped.max(axis=-1))
+            kept = jax.nn.one_hot(jax.lax.top_k(group_scores, c.n_limited_groups)[1], g,
                                   dtype=jnp.bool_).any(axis=-2)  # [B, T, G]
             selection = jnp.where(kept[..., None], grouped, -jnp.inf).reshape(selection.shape)
-        indices = _top_k_indices(selection, c.n_activated_experts)
+        indices = jax.lax.top_k(selection, c.n_activated_experts)[1]
         weights = jnp.take_along_axis(scores, indices, axis=-1)
         if c.score_func == "sigmoid" and c.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -125,7 +116,7 @@ class MoE(nn.Module):
         c = self.cfg
         self.gate = Gate(c)
         init = nn.initializers.normal(c.init_std)
-        pdt = dtype_of(c.param_dtype)
+        pdt = jnp.dtype(c.param_dtype)
         e, d, f = c.n_routed_experts, c.dim, c.moe_inter_dim
         self.w1 = param_with_axes(self, "w1", init, (e, d, f), W_IN_AXES, pdt)
         self.w2 = param_with_axes(self, "w2", init, (e, f, d), W_OUT_AXES, pdt)
@@ -136,7 +127,7 @@ class MoE(nn.Module):
     def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, Routing]:
         """x [B, T, D], valid bool [B, T] -> (y [B, T, D], Routing)."""
         c = self.cfg
-        dtype = dtype_of(c.dtype)
+        dtype = jnp.dtype(c.dtype)
         with jax.named_scope("gate"):
             routing = self.gate(x, valid)
         b, t, d = x.shape

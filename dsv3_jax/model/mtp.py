@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.block import block_class
+from dsv3_jax.model.block import Block, remat
 from dsv3_jax.model.layers import Linear, rms_norm
 from dsv3_jax.model.moe import Routing
 
@@ -32,7 +32,7 @@ class MTPModule(nn.Module):
         self.enorm = rms_norm(c, "embed")
         self.hnorm = rms_norm(c, "embed")
         self.eh_proj = Linear(2 * c.dim, c.dim, ("mtp_concat", "embed"), c)
-        self.block = block_class(c)(c, moe=True)
+        self.block = remat(Block, c)(c, moe=True)
         self.norm = rms_norm(c, "embed")
 
     def __call__(self, h_prev: jax.Array, next_embeddings: jax.Array, positions: jax.Array,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.block import Stack
-from dsv3_jax.model.layers import Embed, Linear, constrain_activation, dtype_of, rms_norm
+from dsv3_jax.model.layers import Embed, Linear, constrain_activation, rms_norm
 from dsv3_jax.model.mtp import MTPModule
 
 
@@ -32,23 +32,23 @@ class ModelOutput:
 
     logits: jax.Array  # [B, T, V] float32, main head
     hidden: jax.Array  # [B, T, D] last hidden state before the final norm
-    mtp_logits: jax.Array | None  # [X, B, T, V] float32, None when not computed
-    expert_load: jax.Array | None  # [n_moe_layers, E] int32 valid tokens per expert
-    balance_loss: jax.Array | None  # [n_moe_layers] sequence-wise balance loss (alpha not applied)
-    mtp_expert_load: jax.Array | None  # [X, E]
-    mtp_balance_loss: jax.Array | None  # [X]
+    mtp_logits: jax.Array | None = None  # [X, B, T, V] float32, None when not computed
+    expert_load: jax.Array | None = None  # [n_moe_layers, E] int32 valid tokens per expert
+    balance_loss: jax.Array | None = None  # [n_moe_layers] sequence-wise balance loss (no alpha)
+    mtp_expert_load: jax.Array | None = None  # [X, E]
+    mtp_balance_loss: jax.Array | None = None  # [X]
 
 
 def init_latent_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> jax.Array:
     """An empty latent cache [n_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim]."""
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    return jnp.zeros((cfg.n_layers, batch, max_len, width), dtype or dtype_of(cfg.dtype))
+    return jnp.zeros((cfg.n_layers, batch, max_len, width), dtype or jnp.dtype(cfg.dtype))
 
 
 def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> jax.Array:
     """An empty latent cache for the first MTP module's block [batch, max_len, C + R]."""
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    return jnp.zeros((batch, max_len, width), dtype or dtype_of(cfg.dtype))
+    return jnp.zeros((batch, max_len, width), dtype or jnp.dtype(cfg.dtype))
 
 
 def _check_tokens(cfg: ModelConfig, tokens: jax.Array) -> None:
@@ -90,16 +90,6 @@ class DeepSeekV3(nn.Module):
                            with_mtp=return_mtp or self.is_initializing())
         return (out.logits, out.mtp_logits) if return_mtp else out.logits
 
-    def _main(self, tokens, positions, segment_ids):
-        h = constrain_activation(self.embed(tokens))
-        loads, losses = [], []
-        if self.cfg.n_dense_layers:
-            h, _ = self.dense_layers(h, positions, segment_ids)
-        if self.cfg.n_moe_layers:
-            h, routing = self.moe_layers(h, positions, segment_ids)
-            loads, losses = routing.expert_load, routing.balance_loss
-        return h, loads, losses
-
     def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
                 segment_ids: jax.Array | None = None, with_mtp: bool = True) -> ModelOutput:
         """The training forward pass.
@@ -116,11 +106,15 @@ class DeepSeekV3(nn.Module):
         _check_tokens(c, tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        h, loads, losses = self._main(tokens, positions, segment_ids)
-        logits = self.head(self.norm(h))
-        out = dict(logits=logits, hidden=h, mtp_logits=None, mtp_expert_load=None,
-                   mtp_balance_loss=None, expert_load=loads if c.n_moe_layers else None,
-                   balance_loss=losses if c.n_moe_layers else None)
+        h = constrain_activation(self.embed(tokens))
+        loads = losses = None
+        if c.n_dense_layers:
+            h, _ = self.dense_layers(h, positions, segment_ids)
+        if c.n_moe_layers:
+            h, routing = self.moe_layers(h, positions, segment_ids)
+            loads, losses = routing.expert_load, routing.balance_loss
+        out = ModelOutput(logits=self.head(self.norm(h)), hidden=h, expert_load=loads,
+                          balance_loss=losses)
         if with_mtp and c.mtp_depth:
             h_prev, mtp_logits, mtp_loads, mtp_losses = h, [], [], []
             for k, module in enumerate(self.mtp, start=1):
@@ -130,9 +124,10 @@ class DeepSeekV3(nn.Module):
                     mtp_logits.append(self.head(normed))
                     mtp_loads.append(routing.expert_load)
                     mtp_losses.append(routing.balance_loss)
-            out.update(mtp_logits=jnp.stack(mtp_logits), mtp_expert_load=jnp.stack(mtp_loads),
-                       mtp_balance_loss=jnp.stack(mtp_losses))
-        return ModelOutput(**out)
+            return out.replace(mtp_logits=jnp.stack(mtp_logits),
+                               mtp_expert_load=jnp.stack(mtp_loads),
+                               mtp_balance_loss=jnp.stack(mtp_losses))
+        return out
 
     def decode(self, tokens: jax.Array, positions: jax.Array,
                cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -94,11 +94,7 @@ def get(tree, path: tuple[str, ...]):
 
 def replace(tree, path: tuple[str, ...], value):
     """A copy of the nested dict `tree` with `path` set to `value` (the rest shared, not copied)."""
-    if not path:
-        return value
-    out = dict(tree)
-    out[path[0]] = replace(tree[path[0]], path[1:], value)
-    return out
+    return {**tree, path[0]: replace(tree[path[0]], path[1:], value)} if path else value
 
 
 def is_routed_expert(path) -> bool:
@@ -117,10 +113,8 @@ def boxed_init(cfg: ModelConfig, seed: int = 0):
     to `jax.eval_shape` for shapes without allocating."""
     from dsv3_jax.model.transformer import DeepSeekV3  # local: the model imports nothing from here
 
-    def init():
-        return DeepSeekV3(cfg).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))["params"]
-
-    return init
+    return lambda: DeepSeekV3(cfg).init(jax.random.key(seed),
+                                        jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def abstract_params(cfg: ModelConfig):

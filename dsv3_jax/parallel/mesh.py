@@ -51,10 +51,7 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     fill = [a for a, v in sizes.items() if v == -1]
     if len(fill) > 1:
         raise ValueError(f"config.mesh: only one axis may be -1, got {fill}; give the others sizes.")
-    known = 1
-    for a, v in sizes.items():
-        if v != -1:
-            known *= v
+    known = int(np.prod([v for v in sizes.values() if v != -1]))
     if fill:
         if n_devices % known:
             raise ValueError(f"config.mesh: the fixed axes use {known} devices, which does not "
