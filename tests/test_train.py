@@ -237,3 +237,33 @@ def test_bad_run_inputs(corpus, tokenizer, tmp_path):
         train_and_evaluate(_config(corpus, tokenizer, data__seq_len=1024), str(tmp_path / "r3"))
     with pytest.raises(ValueError, match="config.mesh"):
         train_and_evaluate(_config(corpus, tokenizer, mesh__data=3), str(tmp_path / "r4"))
+
+
+@pytest.mark.parametrize("start, n, resume_at, traced", [
+    (2, 3, 0, (2, 4)),  # steps 2..4
+    (-1, 5, 0, None),  # -1: no trace, whatever profile_steps says
+    (2, 3, 3, None),  # resumed inside the window: nothing to stop
+    (5, 10, 0, (5, 8)),  # the run ends (step 8) inside the window: the trace is still stopped
+])
+def test_profiler_window_starts_and_stops_its_own_trace(monkeypatch, tmp_path, start, n, resume_at,
+                                                        traced):
+    from dsv3_jax.train import loop
+    from dsv3_jax.train.run_config import base_config
+
+    events = []
+    monkeypatch.setattr(loop.jax.profiler, "start_trace", lambda d: events.append("start"))
+    monkeypatch.setattr(loop.jax.profiler, "stop_trace", lambda: events.append("stop"))
+    tc = base_config().train
+    tc.profile_start_step, tc.profile_steps = start, n
+    profiler, marks = loop._Profiler(tc, str(tmp_path)), []
+    for step in range(resume_at + 1, 9):
+        profiler.before(step)
+        marks.append((step, list(events)))
+        profiler.after(step, None)
+    profiler.close()
+    if traced is None:
+        assert events == []
+    else:
+        first, last = traced
+        assert events == ["start", "stop"]
+        assert [s for s, e in marks if e == ["start"]] == list(range(first, min(last, 8) + 1))

@@ -152,6 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if run.start_step == 0 and run.eval_set:
             last_eval = run.evaluate(0)
         profiler, throughput = _Profiler(tc, run.workdir), _Throughput(run.tokens_per_step)
+        resources.callback(profiler.close)
         nonfinite, step = 0, run.start_step
         with (_stop_signal() as stop, jax.set_mesh(run.mesh),
               nn.logical_axis_rules(LOGICAL_AXIS_RULES)):
@@ -368,18 +369,27 @@ class _Throughput:
 
 class _Profiler:
     """A jax.profiler trace of steps [profile_start_step, profile_start_step + profile_steps)
-    into <workdir>/profile; none with profile_steps 0."""
+    into <workdir>/profile; none with profile_steps 0 or profile_start_step -1. A run resumed
+    inside the window traces nothing (the trace starts only at its first step)."""
 
     def __init__(self, train_cfg, workdir: str):
         first = train_cfg.profile_start_step
-        self.steps = range(first, first + train_cfg.profile_steps)
+        self.steps = range(first, first + train_cfg.profile_steps) if first >= 0 else range(0)
         self.directory = os.path.join(workdir, "profile")
+        self.tracing = False
 
     def before(self, step: int) -> None:
         if self.steps and step == self.steps[0]:
             jax.profiler.start_trace(self.directory)
+            self.tracing = True
 
     def after(self, step: int, state) -> None:
-        if self.steps and step == self.steps[-1]:
+        if self.tracing and step == self.steps[-1]:
             jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        """Stops a trace still running (the run ended or failed inside the window)."""
+        if self.tracing:
             jax.profiler.stop_trace()
+            self.tracing = False
