@@ -65,20 +65,16 @@ class Checkpointer:
         empty step folder) is moved aside and the one before it tried. Raises
         CheckpointMismatchError when the newest readable checkpoint belongs to another config.
         """
-        for step in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                saved = _meta_of(self._manager.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-                _check_meta(saved, meta, self.directory)
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
-                self._set_aside(step, e)
-                continue
-            return step, restored["state"], restored["data"]
-        return None
+        def read(step):
+            saved = _meta_of(self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            _check_meta(saved, meta, self.directory)
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            return restored["state"], restored["data"]
+
+        found = _newest_readable(self._manager.all_steps(), read, self._set_aside)
+        return None if found is None else (found[0], *found[1])
 
     def _set_aside(self, step: int, error: BaseException) -> None:
         """Moves a damaged `<step>/` to `<step>.unreadable-<time>` (never deletes it)."""
@@ -97,6 +93,19 @@ class Checkpointer:
 
 def _brief(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def _newest_readable(steps, read, skip):
+    """(step, read(step)) for the newest of `steps` that reads back, or None; `skip(step, error)`
+    is told of each newer one that does not. A CheckpointMismatchError is raised, not skipped."""
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, read(step)
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+            skip(step, e)
+    return None
 
 
 def _meta_of(saved) -> dict:
@@ -145,34 +154,38 @@ def _read_workdir_params(checkpoints: str) -> tuple[ModelConfig, dict, dict]:
         names = os.listdir(checkpoints)
     except OSError as e:
         raise CheckpointNotFoundError(f"{checkpoints} cannot be read ({e.strerror or e}).") from e
-    skipped = []
-    for step in sorted((int(n) for n in names if n.isdigit()
-                        and os.path.isdir(os.path.join(checkpoints, n))), reverse=True):
+    def read(step):
         step_dir = os.path.join(checkpoints, str(step))
-        try:
-            with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
-                meta = _meta_of(json.load(f))
-            cfg = ModelConfig(**meta["model"])
-            target = _params_target(cfg)
-            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-            restored = ocp.PyTreeCheckpointer().restore(
-                os.path.join(step_dir, "state"),
-                args=ocp.args.PyTreeRestore(item={"params": target},
-                                            restore_args={"params": restore_args},
-                                            partial_restore=True))
-            params = jax.block_until_ready(restored["params"])
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the one before it
-            logging.warning("skipping the checkpoint at step %d of %s: it does not read back (%s)",
-                            step, checkpoints, _brief(e))
-            skipped.append(step)
-            continue
-        if skipped:
-            logging.warning("using the checkpoint at step %d (newer ones do not read back: %s)",
-                            step, skipped)
-        logging.info("restored the parameters of %s", step_dir)
-        return cfg, params, dict(meta, step=step)
-    what = f"none of its checkpoints (steps {skipped}) reads back" if skipped else "it holds no checkpoint"
-    raise CheckpointNotFoundError(f"{checkpoints}: {what}; train first or point at another run.")
+        with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
+            meta = _meta_of(json.load(f))
+        cfg = ModelConfig(**meta["model"])
+        target = _params_target(cfg)
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(step_dir, "state"),
+            args=ocp.args.PyTreeRestore(item={"params": target},
+                                        restore_args={"params": restore_args},
+                                        partial_restore=True))
+        return cfg, jax.block_until_ready(restored["params"]), meta
+
+    def skip(step, error):
+        logging.warning("skipping the checkpoint at step %d of %s: it does not read back (%s)",
+                        step, checkpoints, _brief(error))
+        skipped.append(step)
+
+    skipped = []
+    steps = [int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n))]
+    found = _newest_readable(steps, read, skip)
+    if found is None:
+        what = (f"none of its checkpoints (steps {skipped}) reads back" if skipped
+                else "it holds no checkpoint")
+        raise CheckpointNotFoundError(f"{checkpoints}: {what}; train first or point at another run.")
+    step, (cfg, params, meta) = found
+    if skipped:
+        logging.warning("using the checkpoint at step %d (newer ones do not read back: %s)",
+                        step, skipped)
+    logging.info("restored the parameters of %s", os.path.join(checkpoints, str(step)))
+    return cfg, params, dict(meta, step=step)
 
 
 def read_params(path: str) -> tuple[ModelConfig, dict, dict]:
