@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.train.checkpoint import TOKENIZER_FILE, CheckpointNotFoundError, read_params
+from dsv3_jax.train.checkpoint import (MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE,
+                                       CheckpointNotFoundError, read_params)
 
 __all__ = ["CheckpointNotFoundError", "load_for_inference"]
 
@@ -29,10 +30,14 @@ def load_for_inference(path: str) -> tuple[ModelConfig, dict, str | None]:
     try:
         cfg, params, meta = read_params(path)
     except CheckpointNotFoundError as e:
+        converted = (os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
+                     and os.path.isdir(os.path.join(path, PARAMS_DIR)))
+        if converted or os.path.isdir(os.path.join(path, "checkpoints")):
+            raise  # one of the layouts, damaged: read_params says what is wrong with it
         raise CheckpointNotFoundError(
             f"{path} is not a checkpoint: expected a training workdir (checkpoints/), a converted "
-            "Orbax folder (params/ + model_config.json) or a Hugging Face folder (config.json + "
-            f"*.safetensors). ({e})") from e
+            f"Orbax folder ({PARAMS_DIR}/ + {MODEL_CONFIG_FILE}) or a Hugging Face folder "
+            "(config.json + *.safetensors).") from e
     return cfg, params, _existing(meta.get("tokenizer_path")) or _existing(local_tokenizer)
 
 
