@@ -16,6 +16,8 @@ import os
 import numpy as np
 import tqdm
 
+from dsv3_jax.files import atomic_file
+
 # bf16 dense peak FLOP/s per device, for MFU.
 _PEAK_BF16_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("B200", 2250e12),
@@ -45,6 +47,15 @@ def expert_load_stats(load: np.ndarray, bias_norms: np.ndarray | None) -> dict:
     return stats
 
 
+def _step_of(line: str) -> float:
+    """A metrics.jsonl row's step; inf for a blank line or one cut short (a killed run's last),
+    so that it is dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
+
+
 class MetricsWriter:
     """metrics.jsonl + TensorBoard + a progress bar; only process 0 writes."""
 
@@ -59,9 +70,8 @@ class MetricsWriter:
         # those of an earlier, checkpoint-less attempt.
         if os.path.exists(path):
             with open(path) as f:
-                rows = [line for line in f if start_step and line.strip()
-                        and json.loads(line).get("step", 0) <= start_step]
-            with open(path, "w") as f:
+                rows = [line for line in f if _step_of(line) <= start_step] if start_step else []
+            with atomic_file(path, "w") as f:  # a crash here keeps the old file whole
                 f.writelines(rows)
         self._jsonl = open(path, "a")
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
