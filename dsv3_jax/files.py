@@ -64,16 +64,16 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def writable_workdir(path: str, *, error: type[Exception] = OSError) -> str:
+def writable_workdir(path: str, *, error: type[Exception] = OSError, what: str = "workdir") -> str:
     """`path` made absolute, once it is a folder (created if missing) that a file can be created
-    in; else raises `error` with a message naming the path and the cause."""
+    in; else raises `error` with a message naming `what`, the path and the cause."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise error(f"workdir {path} is not writable ({e.strerror or e}): it is not a writable "
-                    "directory and cannot be made one; pass a workdir you can create and write "
-                    "to.") from e
+        raise error(f"{what} {path} is not writable ({e.strerror or e}): it is not a writable "
+                    "directory and cannot be made one; choose a path that can be created and "
+                    "written to.") from e
     return path

@@ -27,7 +27,7 @@ from absl import flags
 
 from dsv3_jax import cli
 from dsv3_jax.convert.layout import PARAM_DTYPES
-from dsv3_jax.files import atomic_dir
+from dsv3_jax.files import atomic_dir, writable_workdir
 from dsv3_jax.train.checkpoint import MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE
 
 _COMMANDS = ("hf-to-orbax", "orbax-to-hf")
@@ -42,6 +42,8 @@ def _check_out(out: str) -> str:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConversionError(f"--out={out} already exists and is not an empty folder; choose a new "
                               "path (nothing is overwritten).")
+    # Before the slow read: a parent that cannot be written would fail only at the end.
+    writable_workdir(os.path.dirname(out), error=ConversionError, what="--out's parent folder")
     return out
 
 

@@ -237,20 +237,29 @@ def _check_copy(ckpt: _Checkpoint, copy: str, shared: str, rows_per_chunk: int =
                 "'Multi-token prediction'), so this checkpoint cannot be represented.")
 
 
+_BAND_VALUES = 1 << 24  # values one dequantization call may hold (64 MB of float32)
+
+
 def _dequantize_into(dst: np.ndarray, q_rows: np.ndarray, scale_inv: np.ndarray, row0: int,
                      cols: slice, block: tuple[int, int], transpose: bool) -> None:
     """dst (dst.T when `transpose`) = fp8.weight_dequant of q_rows[:, cols], where q_rows holds rows
-    [row0, row0 + len(q_rows)) of the weight, in bands of rows. A band lies in one row of bm x bn
-    blocks and has at most bn rows, so it is dequantized with square bn blocks and one row of
-    scales; its columns start at a block edge. Temporaries hold at most bn x (columns + bn) values."""
+    [row0, row0 + len(q_rows)) of the weight, in bands of rows; its columns start at a block edge.
+    With square blocks a band starting on a block edge takes whole block rows, up to
+    _BAND_VALUES values (one call for most regions); otherwise it lies in one row of bm x bn
+    blocks with at most bn rows, dequantized with square bn blocks and one row of scales."""
     bm, bn = block
     lo = cols.start // bn * bn
     view = dst.T if transpose else dst
+    whole_rows = max(_BAND_VALUES // max(cols.stop - lo, 1) // bm, 1) * bm
     r = 0
     while r < len(q_rows):
         i = row0 + r
-        end = r + min(bn, bm - i % bm, len(q_rows) - r)
-        s = scale_inv[i // bm, lo // bn:-(-cols.stop // bn)][None]
+        if bm == bn and i % bm == 0:
+            end = r + min(whole_rows, len(q_rows) - r)
+        else:
+            end = r + min(bn, bm - i % bm, len(q_rows) - r)
+        s = scale_inv[i // bm:-(-(row0 + end) // bm) if bm == bn else i // bm + 1,
+                      lo // bn:-(-cols.stop // bn)]
         band = layout.on_host(fp8.weight_dequant, q_rows[r:end, lo:cols.stop], s, block=bn)
         view[r:end] = band[:, cols.start - lo:]
         r = end

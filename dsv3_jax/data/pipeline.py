@@ -185,7 +185,7 @@ def _get_tokenizer(data_cfg, workdir: str, corpus: Corpus, model_vocab_size: int
         tokenizer = load_tokenizer(os.path.expanduser(data_cfg.tokenizer))
         logging.info("data: tokenizer %s (%d pieces)", tokenizer.path, tokenizer.vocab_size)
     elif os.path.exists(path := os.path.join(workdir, TOKENIZER_FILE)):
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, setting="the workdir's tokenizer")
         logging.info("data: reusing tokenizer %s (%d pieces)", path, tokenizer.vocab_size)
     else:
         start = time.perf_counter()
