@@ -45,8 +45,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops.platform import (forced_impl, gpu_interpret, num_sms, on_hopper, on_tpu,
-                                   tpu_interpret)
+from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms, on_hopper, on_tpu
 
 IMPLS = ("auto", "ragged_dot", "sm90", "megablox")
 _TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
@@ -146,9 +145,9 @@ def _sm90_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
         return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
     starts = local_starts(group_sizes, group_offset, num_local)
     # The kernel writes w's dtype straight from its fp32 sums (no [E, I, J] fp32 round trip).
-    kernel_out = out_dtype if jnp.dtype(out_dtype) in grouped_matmul_sm90.OUT_DTYPES else None
-    return grouped_matmul_sm90.tgmm(x, dy.astype(x.dtype), starts,
-                                    out_dtype=kernel_out or jnp.float32, interpret=gpu_interpret(),
+    kernel_out = out_dtype if jnp.dtype(out_dtype) in grouped_matmul_sm90.OUT_DTYPES else jnp.float32
+    return grouped_matmul_sm90.tgmm(x, dy.astype(x.dtype), starts, out_dtype=kernel_out,
+                                    interpret=gpu_interpret(),
                                     num_sms=num_sms())
 
 
@@ -175,7 +174,7 @@ def _megablox_forward(x, w, group_sizes, group_offset, transpose_rhs):
     out = _megablox().gmm(_pad_rows(x, tiling[0]), w.astype(x.dtype),
                           group_sizes.astype(jnp.int32), preferred_element_type=x.dtype,
                           tiling=tiling, group_offset=group_offset, transpose_rhs=transpose_rhs,
-                          interpret=tpu_interpret())[:m]
+                          interpret=not on_tpu())[:m]
     # megablox leaves rows past the last held group unwritten (garbage) when it holds every group.
     starts = local_starts(group_sizes, group_offset, w.shape[0])
     rows = jnp.arange(m, dtype=jnp.int32)[:, None]
@@ -187,7 +186,7 @@ def _megablox_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
     return _megablox().tgmm(_pad_rows(x, tiling[0]).T, _pad_rows(dy.astype(x.dtype), tiling[0]),
                             group_sizes.astype(jnp.int32), preferred_element_type=out_dtype,
                             tiling=tiling, group_offset=group_offset, num_actual_groups=num_local,
-                            interpret=tpu_interpret())
+                            interpret=not on_tpu())
 
 
 _FORWARD = {"ragged_dot": _ragged_forward, "sm90": _sm90_forward, "megablox": _megablox_forward}

@@ -351,8 +351,7 @@ def tgmm(x: jax.Array, dy: jax.Array, starts: jax.Array, *, out_dtype=jnp.float3
     n = dy.shape[1]
     g = starts.shape[0] - 1
     mp, kp, np_ = round_up(m, cfg.block_m), round_up(k, cfg.block_k), round_up(n, cfg.block_n)
-    x_p = jnp.pad(x, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x
-    dy_p = jnp.pad(dy, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else dy
+    x_p, dy_p = pad_axis(pad_axis(x, 0, mp), 1, kp), pad_axis(pad_axis(dy, 0, mp), 1, np_)
     n_items = g * (kp // cfg.block_k) * (np_ // cfg.block_n)
     out = persistent_kernel(functools.partial(_tgmm_kernel, cfg=cfg),
                             jax.ShapeDtypeStruct((g, kp, np_), out_dtype), n_items, num_sms,

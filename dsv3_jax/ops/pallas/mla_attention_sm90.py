@@ -93,7 +93,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, SMEM_BYTES, TRANSFORMS_16BIT,
-                                        interpret_params, pad_axis, refuse, wgmma_into, wgmma_new)
+                                        interpret_params, pad_axis, refuse, round_up, wgmma_into,
+                                        wgmma_new)
 
 _DIM_MULTIPLE = 64  # 128-byte swizzle of bf16 rows: head dims in whole 64-element tiles
 _MAX_DIM = 256  # a wgmma's width and the fp32 register accumulators
@@ -557,7 +558,7 @@ def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"mla_attention_sm90: segment_ids has shape {segment_ids.shape}; expected "
                          f"{(b, t)} (one id per token).")
-    tp = -(-t // cfg.t_multiple) * cfg.t_multiple
+    tp = round_up(t, cfg.t_multiple)
     seg = None if segment_ids is None else pad_axis(segment_ids.astype(jnp.int32), 1, tp, -1)
     o = _flash(pad_axis(q, 1, tp), pad_axis(k, 1, tp), pad_axis(v, 1, tp), seg,
                (cfg, float(scale), interpret))

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, NUM_SMS, SMEM_BYTES,
                                         TRANSFORMS_16BIT, interpret_params, pad_axis, refuse,
-                                        wgmma_into)
+                                        round_up, wgmma_into)
 
 ROWS = 64  # query rows per CTA (wgmma M)
 
@@ -290,7 +290,7 @@ def mla_decode(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array, q_positio
     b, t, h, c = q_latent.shape
     r = q_pe.shape[-1]
     rows = t * h
-    rp = -(-rows // ROWS) * ROWS
+    rp = round_up(rows, ROWS)
     row_tiles = rp // ROWS
     splits = choose_splits(b, row_tiles, cache.shape[1], cfg)
     blocks = -(-cache.shape[1] // cfg.block_s)
