@@ -2,7 +2,8 @@
 
 Read with `ast`, without importing anything: every import of a dsv3_jax.ops module by a file under
 dsv3_jax/ops, at module level or inside a function, in any form (`import dsv3_jax.ops.fp8`,
-`from dsv3_jax.ops import fp8`, `from dsv3_jax.ops.fp8 import act_quant`, relative imports).
+`from dsv3_jax.ops import fp8`, `from dsv3_jax.ops.fp8 import act_quant`, relative imports,
+`importlib.import_module("dsv3_jax.ops.fp8")`).
   (a) the graph has no cycle;
   (b) a module under ops/pallas/ imports nothing of dsv3_jax outside ops/pallas/;
   (c) a kernel under ops/pallas/ imports no other kernel, only the shared module (hopper.py).
@@ -30,6 +31,11 @@ def _imported(node: ast.AST, module: str, is_package: bool, known: set[str]) -> 
     a module, else m)."""
     if isinstance(node, ast.Import):
         return {alias.name for alias in node.names if alias.name.startswith("dsv3_jax")}
+    if (isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module",
+                                                                 "__import__")
+            and node.args and isinstance(node.args[0], ast.Constant)
+            and str(node.args[0].value).startswith("dsv3_jax")):
+        return {node.args[0].value}
     if not isinstance(node, ast.ImportFrom):
         return set()
     base = node.module or ""
@@ -87,6 +93,20 @@ def _ops_only(graph):
     return {m: {d for d in deps if d in graph} for m, deps in graph.items()}
 
 
+def outside_pallas(graph) -> dict[str, list[str]]:
+    """Rule (b): each ops/pallas module's imports of dsv3_jax outside ops/pallas."""
+    bad = {m: sorted(d for d in deps if not (d == PALLAS or d.startswith(PALLAS + ".")))
+           for m, deps in graph.items() if m.startswith(PALLAS)}
+    return {m: d for m, d in bad.items() if d}
+
+
+def kernel_to_kernel(graph) -> dict[str, list[str]]:
+    """Rule (c): each kernel's imports of other kernels (or of the pallas package)."""
+    kernels = {m for m in graph if m.startswith(PALLAS + ".") and m not in SHARED}
+    bad = {m: sorted(graph[m] & (kernels | {PALLAS})) for m in kernels}
+    return {m: d for m, d in bad.items() if d}
+
+
 def test_find_cycle_reports_a_cycle_and_accepts_a_dag():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"a"}}) == ["a", "a"]
@@ -101,11 +121,18 @@ def test_import_graph_reads_every_form_of_import(tmp_path):
     (pkg / "fp8.py").write_text("def f():\n    from dsv3_jax.ops.pallas import kernel_a\n")
     (pkg / "pallas" / "kernel_a.py").write_text("from . import hopper\nimport dsv3_jax.ops.fp8\n")
     (pkg / "pallas" / "kernel_b.py").write_text("from .kernel_a import x\nfrom ..fp8 import y\n")
+    (pkg / "pallas" / "kernel_c.py").write_text(
+        "import importlib\nattention = importlib.import_module('dsv3_jax.ops.attention')\n")
     graph = _ops_only(import_graph(pkg))
     assert graph["dsv3_jax.ops.fp8"] == {f"{PALLAS}.kernel_a"}
     assert graph[f"{PALLAS}.kernel_a"] == {f"{PALLAS}.hopper", "dsv3_jax.ops.fp8"}
     assert graph[f"{PALLAS}.kernel_b"] == {f"{PALLAS}.kernel_a", "dsv3_jax.ops.fp8"}
     assert find_cycle(graph) == ["dsv3_jax.ops.fp8", f"{PALLAS}.kernel_a", "dsv3_jax.ops.fp8"]
+    full = import_graph(pkg)  # the rules see imports of modules outside the scanned files too
+    assert outside_pallas(full) == {f"{PALLAS}.kernel_a": ["dsv3_jax.ops.fp8"],
+                                    f"{PALLAS}.kernel_b": ["dsv3_jax.ops.fp8"],
+                                    f"{PALLAS}.kernel_c": ["dsv3_jax.ops.attention"]}
+    assert kernel_to_kernel(full) == {f"{PALLAS}.kernel_b": [f"{PALLAS}.kernel_a"]}
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +148,11 @@ def test_ops_import_graph_has_no_cycle(graph):
 
 
 def test_kernels_import_nothing_outside_ops_pallas(graph):
-    bad = {m: sorted(d for d in deps if not (d == PALLAS or d.startswith(PALLAS + ".")))
-           for m, deps in graph.items() if m.startswith(PALLAS)}
-    assert not {m: d for m, d in bad.items() if d}, f"ops/pallas imports outside it: {bad}"
+    bad = outside_pallas(graph)
+    assert not bad, f"ops/pallas imports outside it: {bad}"
 
 
 def test_kernels_import_only_the_shared_module(graph):
-    kernels = {m for m in graph if m.startswith(PALLAS + ".") and m not in SHARED}
-    bad = {m: sorted(graph[m] & (kernels | {PALLAS})) for m in kernels}
-    assert not {m: d for m, d in bad.items() if d}, f"kernels importing kernels: {bad}"
+    bad = kernel_to_kernel(graph)
+    assert not bad, f"kernels importing kernels: {bad}"
     assert all(not graph[m] for m in SHARED), "the shared module imports dsv3_jax"
