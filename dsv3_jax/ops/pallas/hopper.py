@@ -18,6 +18,18 @@ DTYPES_16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # operands of 
 OUT_DTYPES = (*DTYPES_16BIT, jnp.dtype(jnp.float32))  # what the matmul epilogues write
 LOG2E = math.log2(math.e)  # softmax in base 2: exp(x) = exp2(x log2 e), log2 e folded into scale
 M_INIT = -1e30  # running-max start: finite, so fully masked blocks give exp2(-inf) = 0, not NaN
+MAX_REGISTERS = 255  # 32-bit registers a thread may hold (setmaxnreg's ceiling is 240 of them)
+
+
+def check_registers(config, kernel: str, need: int, budget: int, where: str) -> None:
+    """Refuses a tile config before lowering when its estimate of live 32-bit registers per thread
+    (`need`, the kernel's own count: accumulators, register operands, fixed overhead) exceeds
+    `budget`, the most that kernel's warpgroup `where` holds without ptxas spilling (each kernel
+    states how its budget was measured)."""
+    if need > budget:
+        raise ValueError(f"{kernel}: {config} needs about {need} registers per thread in its "
+                         f"{where}, over the {budget} it holds without spilling; use smaller "
+                         "tiles (or fewer accumulators per warpgroup).")
 
 
 def refuse(config, field: str, why: str):
