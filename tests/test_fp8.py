@@ -270,7 +270,7 @@ def test_kernel_lowers_for_h100(out_dtype, per_row_b):
     assert "mosaic_gpu" in text
 
 
-def test_kernel_tile_config_checks():
+def test_kernel_tile_config_checks(monkeypatch):
     from dsv3_jax.ops.pallas import fp8_gemm_sm90
 
     with pytest.raises(ValueError, match="tile_m"):
@@ -281,8 +281,22 @@ def test_kernel_tile_config_checks():
     fitted = fp8_gemm_sm90.fit_to_smem(big, jnp.float32)  # fp32 epilogue: fewer stages
     assert 2 <= fitted.max_concurrent_steps < 6
     assert fp8_gemm_sm90.smem_bytes(fitted, jnp.float32) <= fp8_gemm_sm90.SMEM_BYTES
-    with pytest.raises(ValueError, match="shared memory"):
-        fp8_gemm_sm90.fit_to_smem(fp8_gemm_sm90.TileConfig(tile_n=256), jnp.float32)
+    with pytest.raises(ValueError, match="shared memory"):  # no stage count fits 16 KiB
+        monkeypatch.setattr(fp8_gemm_sm90, "SMEM_BYTES", 16 * 1024)
+        fp8_gemm_sm90.fit_to_smem(fp8_gemm_sm90.TileConfig(), jnp.float32)
+
+
+@pytest.mark.parametrize("tiles", [dict(tile_n=256), dict(tile_m=128),
+                                   dict(tile_n=256, num_compute_wgs=1)])
+def test_kernel_refuses_a_spilling_tile_config(tiles):
+    """Tiles whose two fp32 accumulators need more registers than a compute warpgroup holds are
+    refused at construction, before any lowering: ptxas spills 356 B at 64x256 and 436 B at
+    128x128 (the budget's measurements, `fp8_gemm_sm90.registers_needed`); 64x192 fits."""
+    from dsv3_jax.ops.pallas import fp8_gemm_sm90
+
+    with pytest.raises(ValueError, match="registers per thread"):
+        fp8_gemm_sm90.TileConfig(**tiles)
+    assert fp8_gemm_sm90.registers_needed(fp8_gemm_sm90.TileConfig(tile_n=192)) <= 232
 
 
 # ------------------------------------------------------------------------------------------------

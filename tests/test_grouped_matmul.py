@@ -182,6 +182,28 @@ def test_pallas_backend_vjp_with_offset_vs_float64(impl, small_sm90_tiles):
             assert np.all(_f64(got[2][j]) == 0), f"empty group {offset + j}"
 
 
+@pytest.mark.parametrize("kernel, tiles", [("gmm", dict(block_m=128, block_n=192)),
+                                           ("tgmm", dict(block_m=64, block_k=128, block_n=192)),
+                                           ("tgmm", dict(block_m=64, block_k=192, block_n=128))])
+def test_sm90_refuses_a_spilling_tile_config(kernel, tiles):
+    """Tiles ptxas spills at (gmm 128x192: 512 B; tgmm 128x192 / 192x128: 188 / 184 B) are
+    refused before lowering, naming the register count; the defaults and the widest tiles that
+    compiled clean (gmm 192x128, tgmm 64x256) pass the same check."""
+    from dsv3_jax.ops.pallas import grouped_matmul_sm90 as k
+
+    x, w, dy, _ = _case(6, 64, 64, jnp.bfloat16, m=64, sizes=np.array([64], np.int32))
+    starts = jnp.asarray([0, 64], jnp.int32)
+    cfg = k.TileConfig(max_concurrent_steps=2, **tiles)
+    call = (lambda: k.gmm(x, w[:1], starts, config=cfg, interpret=True)) if kernel == "gmm" else (
+        lambda: k.tgmm(x, dy, starts, config=cfg, interpret=True))
+    with pytest.raises(ValueError, match="registers per thread"):
+        jax.eval_shape(call)
+    assert k.registers_needed_gmm(k.DEFAULT_GMM_CONFIG) <= 255
+    assert k.registers_needed_gmm(k.TileConfig(block_m=192, block_n=128)) <= 255
+    assert k.registers_needed_tgmm(k.DEFAULT_TGMM_CONFIG) <= 255
+    assert k.registers_needed_tgmm(k.TileConfig(block_k=64, block_n=256)) <= 255
+
+
 def test_sm90_kernels_fp32_output_and_race_free():
     """gmm with an fp32 output and tgmm with a bf16 one, one CTA (every shared buffer reused
     across tiles and groups), under the interpreter's race detector."""

@@ -39,9 +39,14 @@ for an H100 (`lowering_platforms=("cuda",)`) to check the Mosaic GPU lowering. T
 check on a real H100 are done by `experiments/bench_fp8_gemm.py`.
 
 Status: NOT YET RUN ON A GPU. It matches the reference in interpret mode (bit for bit) with no race
-reported, and passes the sm_90a Mosaic GPU lowering (wgmma operand layouts, TMA, shared memory);
-ptxas, register pressure (spills), the run on an H100 and its speed remain to be confirmed by
-`python experiments/bench_fp8_gemm.py --sweep` there.
+reported, passes the sm_90a Mosaic GPU lowering (wgmma operand layouts, TMA, shared memory), and
+compiles through ptxas for sm_90a without spills at DeepSeek-V3 and small-config shapes (168
+registers at launch, 232 per compute thread after setmaxnreg; numbers in experiments/RESULTS.md):
+    python mosaic_ptxas_check.py --fail-on-spill --fn experiments.kernel_targets:make
+(the tool that takes Mosaic GPU kernels through ptxas on a machine without a GPU; its built-in
+`fp8_gemm` and `fp8_gemm_f32` targets are the same kernel at one V3 shape). A tile config that
+would spill is refused before lowering (`registers_needed`). The run on an H100 and its speed remain
+to be measured by `python experiments/bench_fp8_gemm.py --sweep` there.
 """
 
 from __future__ import annotations
@@ -55,18 +60,21 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (OUT_DTYPES, SMEM_BYTES, persistent_kernel, refuse,
-                                        round_up, transforms, wgmma_new)
+from dsv3_jax.ops.pallas.hopper import (OUT_DTYPES, SMEM_BYTES, check_registers,
+                                        persistent_kernel, refuse, round_up, transforms,
+                                        warp_specialized_registers, wgmma_new)
 
 BLOCK_K = 128  # the quantization block along I (the contracted dim): one wgmma accumulator each
+MEMORY_REGISTERS = 40  # registers per thread of the warpgroup that only issues TMA copies
 
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """How the output is tiled. The defaults suit DeepSeek-V3 shapes on an H100 (to be tuned there).
 
-    Register budget of a compute warpgroup: the fresh wgmma accumulator and the promoted fp32
-    accumulator each take tile_m * tile_n / 128 registers per thread, so tile_m * tile_n <= 64 * 192.
+    Register budget of a compute warpgroup (`registers_needed`, checked here before any lowering):
+    the fresh wgmma accumulator and the promoted fp32 accumulator each take tile_m * tile_n / 128
+    registers per thread, so tile_m * tile_n <= 64 * 192.
     """
 
     tile_m: int = 64  # rows per compute warpgroup (a multiple of 64: wgmma's M)
@@ -93,6 +101,9 @@ class TileConfig:
             refuse(self, "grid_minor_dim", 'must be "m" or "n"')
         if self.grid_tile_width < 1:
             refuse(self, "grid_tile_width", "must be >= 1")
+        check_registers(self, "fp8_gemm_sm90", registers_needed(self),
+                        warp_specialized_registers(self.num_compute_wgs, MEMORY_REGISTERS),
+                        "compute warpgroups")
 
     @property
     def cta_m(self) -> int:
@@ -101,6 +112,16 @@ class TileConfig:
     @property
     def cta_n(self) -> int:
         return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
+
+
+def registers_needed(cfg: TileConfig) -> int:
+    """Live 32-bit registers per compute-warpgroup thread: two fp32 accumulators of
+    tile_m x tile_n (the fresh wgmma one and the promoted one, tile_m * tile_n / 128 each) and 32 for
+    addresses, scales and loop state. Measured with `python mosaic_ptxas_check.py --fn
+    experiments.kernel_targets:make` (ptxas 13.2, sm_90a, 2026-12-01) at I 2048, J 7168 and 2
+    compute warpgroups (232 registers each after setmaxnreg): tiles 64x128 (needs 160) and 64x192
+    (224) compile without spills; 64x256 (288) spills 356 B and 128x128 (288) spills 436 B."""
+    return 2 * cfg.tile_m * cfg.tile_n // 128 + 32
 
 
 DEFAULT_CONFIG = TileConfig()
@@ -147,7 +168,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: TileConfig):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
-            memory_registers=40,
+            memory_registers=MEMORY_REGISTERS,
             in_specs=[
                 plgpu.BlockSpec((cta_m, BLOCK_K), lambda k: (0, k), transforms=in_transforms),
                 plgpu.BlockSpec((cta_n, BLOCK_K), lambda k: (0, k), transforms=in_transforms),
@@ -260,4 +281,4 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
 
 
 __all__ = ["BLOCK_K", "DEFAULT_CONFIG", "SMEM_BYTES", "TileConfig", "fit_to_smem", "fp8_gemm",
-           "smem_bytes"]
+           "registers_needed", "smem_bytes"]

@@ -45,10 +45,17 @@ block_m, the contraction and output dims to their tiles. Operands are bf16 or fp
 dtype); the caller routes fp32 elsewhere (16-bit wgmma is what a Hopper tensor core runs at speed,
 and an fp32 = tf32 wgmma would not give fp32 results anyway). Accumulation is fp32.
 
-Status: NOT YET RUN ON A GPU. Both kernels match the references in GPU interpret mode on the CPU
-and pass the sm_90a Mosaic GPU lowering at DeepSeek-V3 expert shapes (wgmma operand layouts,
-transposes, TMA, shared memory); ptxas, register pressure, the run on an H100 and the speed are to
-be confirmed with `python experiments/bench_grouped_matmul.py` there. Not tuned: one compute
+Status: NOT YET RUN ON A GPU. Both kernels match the references in GPU interpret mode on the CPU,
+pass the sm_90a Mosaic GPU lowering and compile through ptxas for sm_90a without spills at
+DeepSeek-V3 and small-config expert shapes (gmm 168 registers, tgmm 209; experiments/RESULTS.md):
+    python mosaic_ptxas_check.py --fail-on-spill --fn experiments.kernel_targets:make
+(the tool that takes Mosaic GPU kernels through ptxas on a machine without a GPU; its built-in
+`gmm_w1`, `gmm_w1_dx`, `tgmm_w1`, `gmm_w2`... targets are the same kernels at V3 shapes). A tile
+config that would spill is refused before lowering (`registers_needed_gmm` / `_tgmm`). ptxas notes
+"warpgroup.arrive is injected ... to allow use of registers in GMMA" for both: the accumulator is
+carried through the pipeline loop in registers, so ptxas places a wgmma fence in each iteration,
+which is what a hand-written Hopper GEMM (CUTLASS's warpgroup_arrive per k block) does anyway. The
+run on an H100 and the speed are to be measured with `python experiments/bench_grouped_matmul.py`. Not tuned: one compute
 warpgroup per CTA (no warp specialisation, no 2-CTA tiles); SwiGLU's w1 and w3 are two calls.
 """
 
@@ -63,8 +70,9 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, OUT_DTYPES, SMEM_BYTES, pad_axis,
-                                        persistent_kernel, refuse, round_up, transforms)
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, MAX_REGISTERS, OUT_DTYPES, SMEM_BYTES,
+                                        check_registers, pad_axis, persistent_kernel, refuse,
+                                        round_up, transforms)
 
 IN_DTYPES = DTYPES_16BIT  # operands; the dispatcher routes others (fp32) to lax.ragged_dot
 _SMEM_SLACK = 4 * 1024  # barriers and alignment
@@ -99,6 +107,25 @@ class TileConfig:
 
 DEFAULT_GMM_CONFIG = TileConfig()
 DEFAULT_TGMM_CONFIG = TileConfig(block_m=64, block_k=128)
+
+
+# Register budgets: one warpgroup per CTA and no setmaxnreg, so a thread may hold MAX_REGISTERS.
+# The estimates are fitted to ptxas (13.2, sm_90a, 2026-12-01, `python mosaic_ptxas_check.py --fn
+# experiments.kernel_targets:make` and tile sweeps at K 7168 N 2048, 8 groups, bf16):
+#   gmm  block_m x block_n: 128x128 168 regs, 64x256 166, 192x128 235, 64x192 172, no spills;
+#        128x192 spills 512 B (the row select of the epilogue holds a tile row per column too).
+#   tgmm block_k x block_n: 128x128 209 regs, 64x256 243, 64x192 245, no spills; 128x192 and
+#        192x128 spill 188 / 184 B (the boundary-block masking keeps tiles in registers).
+def registers_needed_gmm(cfg: TileConfig) -> int:
+    """Live registers per thread of gmm: the [block_m, block_n] fp32 accumulator (block_m *
+    block_n / 128), the epilogue's row select (block_n / 4) and 24 for addresses and loop state."""
+    return cfg.block_m * cfg.block_n // 128 + cfg.block_n // 4 + 24
+
+
+def registers_needed_tgmm(cfg: TileConfig) -> int:
+    """Live registers per thread of tgmm: the [block_k, block_n] fp32 accumulator (block_k *
+    block_n / 128) and 96 for the masking of a group's first and last row block and the loop."""
+    return cfg.block_k * cfg.block_n // 128 + 96
 
 
 def _check_dtypes(name, *arrays):
@@ -234,6 +261,8 @@ def gmm(x: jax.Array, w: jax.Array, starts: jax.Array, *, transpose_rhs: bool = 
                          f"{transpose_rhs}) and starts {starts.shape} do not match.")
     if smem_bytes_gmm(cfg, x.dtype, out_dtype) > SMEM_BYTES:
         raise ValueError(f"{cfg} needs more than {SMEM_BYTES} bytes of shared memory.")
+    check_registers(cfg, "grouped_matmul_sm90.gmm", registers_needed_gmm(cfg), MAX_REGISTERS,
+                    "warpgroup")
     mp, kp, np_ = round_up(m, cfg.block_m), round_up(k, cfg.block_k), round_up(n, cfg.block_n)
     x_p = pad_axis(pad_axis(x, 0, mp), 1, kp)
     w_p = pad_axis(pad_axis(w, 1, np_ if transpose_rhs else kp), 2, kp if transpose_rhs else np_)
@@ -347,6 +376,8 @@ def tgmm(x: jax.Array, dy: jax.Array, starts: jax.Array, *, out_dtype=jnp.float3
         raise ValueError(f"grouped_matmul_sm90.tgmm: out_dtype={out_dtype} is not supported.")
     if smem_bytes_tgmm(cfg, x.dtype, out_dtype) > SMEM_BYTES:
         raise ValueError(f"{cfg} needs more than {SMEM_BYTES} bytes of shared memory.")
+    check_registers(cfg, "grouped_matmul_sm90.tgmm", registers_needed_tgmm(cfg), MAX_REGISTERS,
+                    "warpgroup")
     m, k = x.shape
     n = dy.shape[1]
     g = starts.shape[0] - 1
@@ -360,4 +391,5 @@ def tgmm(x: jax.Array, dy: jax.Array, starts: jax.Array, *, out_dtype=jnp.float3
 
 
 __all__ = ["DEFAULT_GMM_CONFIG", "DEFAULT_TGMM_CONFIG", "IN_DTYPES", "SMEM_BYTES", "TileConfig",
-           "gmm", "row_tile_group_ranges", "smem_bytes_gmm", "smem_bytes_tgmm", "tgmm"]
+           "gmm", "registers_needed_gmm", "registers_needed_tgmm", "row_tile_group_ranges",
+           "smem_bytes_gmm", "smem_bytes_tgmm", "tgmm"]

@@ -19,6 +19,15 @@ OUT_DTYPES = (*DTYPES_16BIT, jnp.dtype(jnp.float32))  # what the matmul epilogue
 LOG2E = math.log2(math.e)  # softmax in base 2: exp(x) = exp2(x log2 e), log2 e folded into scale
 M_INIT = -1e30  # running-max start: finite, so fully masked blocks give exp2(-inf) = 0, not NaN
 MAX_REGISTERS = 255  # 32-bit registers a thread may hold (setmaxnreg's ceiling is 240 of them)
+REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, shared by the CTA's threads
+
+
+def warp_specialized_registers(num_compute_wgs: int, memory_registers: int) -> int:
+    """Registers per thread a compute warpgroup gets from `emit_pipeline_warp_specialized`
+    (setmaxnreg): the register file less the memory warpgroup's share, split over the compute
+    warpgroups, in steps of 8, at most 240 (e.g. 232 for 2 compute warpgroups and 40)."""
+    per_wg = REGISTER_FILE // 128 - memory_registers
+    return min(240, per_wg // num_compute_wgs // 8 * 8)
 
 
 def check_registers(config, kernel: str, need: int, budget: int, where: str) -> None:
