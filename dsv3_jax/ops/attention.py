@@ -11,27 +11,56 @@ Two cores, each with its plain-jnp reference below:
   token at that absolute position, so a query at position p sees slots 0..p.
 
 Both compute scores and softmax in float32 and return the query dtype. Model code calls these
-functions and never asks which platform it runs on. Which implementation runs is decided here, in
-`attention_impl` (read at trace time: ops/platform.py):
-- Hopper GPU (compute capability 9.x): the Pallas Mosaic GPU kernels
-  `ops/pallas/mla_attention_sm90.py` (causal flash attention, forward and backward kernels) and
-  `ops/pallas/mla_decode_sm90.py` (flash-decoding over the latent cache), when the dims and dtypes
-  meet the kernels' requirements (bf16/f16; head dims multiples of 64; latent rank a multiple of
-  128 up to 512); anything else falls back to the reference.
-- TPU: the reference (XLA). Splash attention (Pallas Mosaic TPU) is the candidate there; not done.
-- CPU and other GPUs: the reference.
-DSV3_ATTENTION=reference|sm90 in the environment overrides the choice; "sm90" on a machine without
-a GPU runs the kernels in GPU interpret mode (slow; tests and benchmark smoke runs).
+functions and never asks which platform it runs on. Which implementation runs is decided here, at
+trace time (ops/platform.py reads the machine), fastest proven first:
+
+  mla_attention (training / prefill), forward and backward:
+    1. Hopper GPU (compute capability 9.x): the Pallas Mosaic GPU kernels
+       `ops/pallas/mla_attention_sm90.py` (causal flash attention, forward and dq / dkv backward
+       kernels), where they take the call (bf16/f16; head dims multiples of 64 up to 256);
+    2. any NVIDIA GPU, without segment ids: cuDNN flash attention,
+       `jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)` with V padded
+       with zeros to the qk dim A and the output sliced back to O (cuDNN wants one head dim; the
+       zero columns add nothing to P V, and their cotangent is dropped by the slice);
+    3. the jnp reference (`mla_attention_reference`; XLA), everywhere else (CPU, TPU) and when
+       nothing above takes the call. On a TPU, splash attention (Pallas Mosaic TPU) is the
+       candidate; not done.
+  mla_decode (latent cache):
+    1. Hopper GPU: `ops/pallas/mla_decode_sm90.py` (flash-decoding; latent rank a multiple of 128
+       up to 512, rope dim a multiple of 64);
+    2. the jnp reference (`mla_decode_reference`).
+
+The safety net (ops/safety_net.py): the first time "auto" dispatch is about to use a GPU path (1
+or 2 above) for a class of calls (attention: dtype, A, O, segments or not; decode: dtype, C, R;
+cuDNN: dtype, A, O), it runs it once at a small shape of the class (B 1, T one kernel tile) on
+fresh random inputs against the reference, forward and gradients, at the kernels' stated
+tolerance (2^-6 of the largest reference value, tests/test_mla_kernels.py); a path that raises,
+hangs or disagrees is skipped with one warning and the next one runs. Verdicts are cached in the
+process and on disk. Known-bad toolchains are refused before any probe: CUDA 12.8.0 to 12.9.0,
+whose ptxas miscompiles causal masking (jax's own attention_mgpu refuses it too), for both causal
+kernels (platform.causal_ptxas_bug).
+
+DSV3_ATTENTION=sm90|cudnn|reference in the environment forces a path and skips the net ("sm90" on
+a machine without a GPU runs the kernels in GPU interpret mode: slow, for tests and benchmark
+smoke runs; "cudnn" still takes the reference for calls with segment ids, which cuDNN's causal
+mask cannot express). DSV3_KERNEL_CHECK=off keeps "auto" but turns the net off.
 """
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops.platform import forced_impl, gpu_interpret, on_hopper
+from dsv3_jax.ops import platform, safety_net
+from dsv3_jax.ops.platform import forced_impl, gpu_interpret
 
-_IMPLS = ("auto", "sm90", "reference")
+_IMPLS = ("auto", "sm90", "cudnn", "reference")
+_PALLAS = pathlib.Path(__file__).resolve().parent / "pallas"
+_FLASH_SOURCES = (str(_PALLAS / "mla_attention_sm90.py"), str(_PALLAS / "hopper.py"))
+_DECODE_SOURCES = (str(_PALLAS / "mla_decode_sm90.py"), str(_PALLAS / "hopper.py"))
+KERNEL_RTOL = 2.0 ** -6  # kernels vs reference, of the largest reference value (tests/test_mla_kernels.py)
 
 
 def _einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:
@@ -91,18 +120,124 @@ def mla_decode_reference(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
 
 
 def attention_impl() -> str:
-    """"sm90" (the Pallas Mosaic GPU kernels) or "reference" here (module docstring)."""
-    return forced_impl("DSV3_ATTENTION", _IMPLS) or ("sm90" if on_hopper() else "reference")
+    """"sm90" (the Pallas Mosaic GPU kernels), "cudnn" or "reference": what "auto" tries first
+    here, or what DSV3_ATTENTION forces (module docstring)."""
+    return forced_impl("DSV3_ATTENTION", _IMPLS) or (
+        "sm90" if platform.on_hopper() else "cudnn" if platform.on_gpu() else "reference")
+
+
+# ------------------------------------------------------------------------------------------------
+# The safety net's checks: one class of calls each, probed at a small shape (module docstring)
+# ------------------------------------------------------------------------------------------------
+def _normal(key, shape, dtype):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def _probe_attention(core, dtype, a, o, segments: bool, t: int) -> None:
+    """`core(q, k, v, scale, seg)` vs the reference at B 1, T t, H 2: output, dq, dk, dv."""
+    keys = jax.random.split(safety_net.fresh_key(), 4)
+    q, k = _normal(keys[0], (1, t, 2, a), dtype), _normal(keys[1], (1, t, 2, a), dtype)
+    v, do = _normal(keys[2], (1, t, 2, o), dtype), _normal(keys[3], (1, t, 2, o), dtype)
+    seg = jnp.where(jnp.arange(t) < t // 2 + 3, 1, 2)[None].astype(jnp.int32) if segments else None
+    scale = a ** -0.5
+
+    def out_and_grads(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, scale, seg), q, k, v)
+        return out, *vjp(do)
+
+    got = jax.jit(lambda: out_and_grads(core))()
+    want = jax.jit(lambda: out_and_grads(
+        lambda q, k, v, scale, seg: mla_attention_reference(q, k, v, scale=scale, segment_ids=seg)))()
+    for name, g, w in zip(("output", "dq", "dk", "dv"), got, want):
+        safety_net.compare(name, g, w, KERNEL_RTOL)
+
+
+def _flash_check(dtype, a: int, o: int, segments: bool) -> safety_net.Check:
+    def probe():
+        from dsv3_jax.ops.pallas import mla_attention_sm90
+
+        _probe_attention(lambda q, k, v, scale, seg: mla_attention_sm90.mla_attention(
+            q, k, v, scale=scale, segment_ids=seg, interpret=gpu_interpret()),
+            dtype, a, o, segments, mla_attention_sm90.DEFAULT_CONFIG.t_multiple)
+
+    return safety_net.Check(
+        "mla_attention_sm90", f"{jnp.dtype(dtype).name} A={a} O={o}"
+        + (" segments" if segments else ""), probe, _FLASH_SOURCES, "DSV3_ATTENTION", "sm90",
+        "cudnn" if platform.on_gpu() and not segments else "reference")
+
+
+def _cudnn_check(dtype, a: int, o: int) -> safety_net.Check:
+    return safety_net.Check(
+        "cudnn_attention", f"{jnp.dtype(dtype).name} A={a} O={o}",
+        lambda: _probe_attention(_cudnn_attention, dtype, a, o, False, 128), (),
+        "DSV3_ATTENTION", "cudnn", "reference")
+
+
+def _decode_check(dtype, c: int, r: int) -> safety_net.Check:
+    def probe():
+        from dsv3_jax.ops.pallas import mla_decode_sm90
+
+        keys = jax.random.split(safety_net.fresh_key(), 3)
+        b, t, h, s = 1, 2, 2, 128  # two cache blocks of 64
+        q_lat, q_pe = _normal(keys[0], (b, t, h, c), dtype), _normal(keys[1], (b, t, h, r), dtype)
+        cache = _normal(keys[2], (b, s, c + r), dtype)
+        pos = jnp.asarray([[90, 91]], jnp.int32)
+        scale = (c + r) ** -0.5
+        got = jax.jit(lambda: mla_decode_sm90.mla_decode(q_lat, q_pe, cache, pos, scale=scale,
+                                                         interpret=gpu_interpret()))()
+        want = jax.jit(lambda: mla_decode_reference(q_lat, q_pe, cache, pos, scale=scale))()
+        safety_net.compare("decode output", got, want, KERNEL_RTOL)
+
+    return safety_net.Check("mla_decode_sm90", f"{jnp.dtype(dtype).name} C={c} R={r}", probe,
+                            _DECODE_SOURCES, "DSV3_ATTENTION", "sm90", "reference")
+
+
+def _kernel_allowed(check: safety_net.Check, forced: str | None) -> bool:
+    """Whether dispatch may use the causal kernel of `check`: always when forced; under "auto"
+    unless the toolchain is known bad, then when the net passes it."""
+    if forced is not None:
+        return True
+    if (why := platform.causal_ptxas_bug()) is not None:
+        return safety_net.refuse(check, why)
+    return safety_net.passes(check)
+
+
+# ------------------------------------------------------------------------------------------------
+# The cores
+# ------------------------------------------------------------------------------------------------
+def _cudnn_attention(q, k, v, scale, segment_ids=None):
+    """cuDNN causal flash attention for O <= A: V padded with zeros to A, the output sliced back."""
+    assert segment_ids is None, "cuDNN's path takes no segment ids"
+    a, o = q.shape[-1], v.shape[-1]
+    v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, a - o))) if o < a else v
+    out = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True,
+                                       implementation="cudnn")
+    return out[..., :o].astype(q.dtype)
+
+
+def _cudnn_covers(q, v, segment_ids) -> bool:
+    return (segment_ids is None and q.dtype == v.dtype
+            and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and v.shape[-1] <= q.shape[-1])
 
 
 def mla_attention(q, k, v, *, scale, segment_ids=None):
     """Training / prefill attention core; see `mla_attention_reference` for the contract."""
-    if attention_impl() == "sm90":
+    impl, forced = attention_impl(), forced_impl("DSV3_ATTENTION", _IMPLS)
+    if impl == "sm90":
         from dsv3_jax.ops.pallas import mla_attention_sm90  # Mosaic GPU only when used
 
         if mla_attention_sm90.supports(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype)):
-            return mla_attention_sm90.mla_attention(q, k, v, scale=scale, segment_ids=segment_ids,
-                                                    interpret=gpu_interpret())
+            check = _flash_check(q.dtype, q.shape[-1], v.shape[-1], segment_ids is not None)
+            if _kernel_allowed(check, forced):
+                return mla_attention_sm90.mla_attention(q, k, v, scale=scale,
+                                                        segment_ids=segment_ids,
+                                                        interpret=gpu_interpret())
+    if ((forced == "cudnn" or (forced is None and platform.on_gpu()))
+            and _cudnn_covers(q, v, segment_ids)
+            and (forced == "cudnn" or safety_net.passes(_cudnn_check(q.dtype, q.shape[-1],
+                                                                     v.shape[-1])))):
+        return _cudnn_attention(q, k, v, scale)
     return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
 
 
@@ -113,9 +248,33 @@ def mla_decode(q_latent, q_pe, cache, q_positions, *, scale):
 
         if mla_decode_sm90.supports(q_latent.shape, q_pe.shape, cache.shape, q_positions.shape,
                                     (q_latent.dtype, q_pe.dtype, cache.dtype)):
-            return mla_decode_sm90.mla_decode(q_latent, q_pe, cache, q_positions, scale=scale,
-                                              interpret=gpu_interpret())
+            check = _decode_check(q_latent.dtype, q_latent.shape[-1], q_pe.shape[-1])
+            if _kernel_allowed(check, forced_impl("DSV3_ATTENTION", _IMPLS)):
+                return mla_decode_sm90.mla_decode(q_latent, q_pe, cache, q_positions, scale=scale,
+                                                  interpret=gpu_interpret())
     return mla_decode_reference(q_latent, q_pe, cache, q_positions, scale=scale)
+
+
+def model_checks(cfg) -> list[safety_net.Check]:
+    """The attention classes a ModelConfig uses that a GPU path takes (safety_net.check_model_kernels):
+    the flash kernels at (dtype, A, O) with and without segments, cuDNN's on a GPU, decode at
+    (dtype, C, R)."""
+    from dsv3_jax.ops.pallas import mla_attention_sm90, mla_decode_sm90
+
+    dtype, a, o = jnp.dtype(cfg.dtype), cfg.qk_head_dim, cfg.v_head_dim
+    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    t = mla_attention_sm90.DEFAULT_CONFIG.t_multiple
+    checks = []
+    if mla_attention_sm90.supports((1, t, 1, a), (1, t, 1, a), (1, t, 1, o), (dtype,) * 3):
+        checks += [_flash_check(dtype, a, o, False), _flash_check(dtype, a, o, True)]
+    if platform.on_gpu() and o <= a and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        checks.append(_cudnn_check(dtype, a, o))
+    if mla_decode_sm90.supports((1, 1, 1, c), (1, 1, 1, r), (1, 64, c + r), (1, 1), (dtype,) * 3):
+        checks.append(_decode_check(dtype, c, r))
+    return checks
+
+
+safety_net.register_model_checks("attention", model_checks)
 
 
 def mla_attention_kernel(q, k, v, *, scale, segment_ids=None, backward: str = "kernel",

@@ -29,7 +29,12 @@ Which GEMM runs (decided here, once, in `gemm_impl`; model code never asks): on 
 (compute capability 9.x) the Pallas Mosaic GPU kernel `ops/pallas/fp8_gemm_sm90.py`; everywhere else
 (CPU, TPU, other GPUs) `fp8_gemm_reference`, plain jnp whose per-block dots XLA runs in bf16 with
 fp32 results (e4m3 values and their products are exact there). No other platform has a kernel yet.
-DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice (read at trace time).
+DSV3_FP8_GEMM=reference|sm90 in the environment overrides the choice (read at trace time), and a
+forced choice runs as it is. Where "auto" chose the kernel, the safety net (ops/safety_net.py)
+stands behind it: the first time a class of GEMMs comes (I, J, out dtype, b's scale layout), the
+kernel runs once at 128 rows on fresh random operands against `fp8_gemm_reference`, within one
+ulp of the output (|kernel - reference| <= 2^-8 |reference|, tests/test_fp8.py); a kernel that
+raises, hangs or disagrees is skipped with one warning and the reference runs.
 The grouped product has only a plain-jnp path for now (`fp8_grouped_gemm_reference`: the tiles
 dequantized to fp32 and one fp32 ragged_dot, the same sums up to fp32 rounding); a grouped FP8
 kernel for Hopper is still to be written, so on a GPU FP8 routed experts cost more than bf16 ones
@@ -54,8 +59,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pathlib
+
+from dsv3_jax.ops import platform, safety_net
 from dsv3_jax.ops.grouped_matmul import same_varying_axes, transposed_grouped_matmul_reference
-from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms, on_hopper
+from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -222,7 +230,8 @@ def fp8_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.
 def gemm_impl() -> str:
     """The implementation `fp8_gemm(impl="auto")` uses here: "sm90" or "reference" (module
     docstring), e.g. DSV3_FP8_GEMM=reference to compare a training run with one on the kernel."""
-    return forced_impl("DSV3_FP8_GEMM", _GEMM_IMPLS) or ("sm90" if on_hopper() else "reference")
+    return forced_impl("DSV3_FP8_GEMM", _GEMM_IMPLS) or (
+        "sm90" if platform.on_hopper() else "reference")
 
 
 def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
@@ -240,14 +249,82 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *,
     """
     if impl not in _GEMM_IMPLS:
         raise ValueError(f"fp8_gemm: impl={impl!r}; use one of {_GEMM_IMPLS}.")
+    # The net stands behind the kernel where "auto" chose it for the machine (not when forced).
+    checked = (impl == "auto" and forced_impl("DSV3_FP8_GEMM", _GEMM_IMPLS) is None
+               and platform.on_hopper())
     impl = gemm_impl() if impl == "auto" else impl
-    if impl == "reference":
-        return fp8_gemm_reference(a_q, a_s, b_q, b_s, out_dtype=out_dtype)
-    check_gemm_args(a_q, a_s, b_q, b_s)
+    if impl == "sm90":
+        check_gemm_args(a_q, a_s, b_q, b_s)
+        n, k = b_q.shape
+        per_row = b_s.shape[0] == n and n > 1
+        if not checked or safety_net.passes(_gemm_check(k, n, out_dtype, per_row)):
+            return _sm90_gemm(a_q, a_s, b_q, b_s, out_dtype)
+    return fp8_gemm_reference(a_q, a_s, b_q, b_s, out_dtype=out_dtype)
+
+
+def _sm90_gemm(a_q, a_s, b_q, b_s, out_dtype):
     from dsv3_jax.ops.pallas import fp8_gemm_sm90  # Mosaic GPU is imported only when used
 
     return fp8_gemm_sm90.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=out_dtype,
                                   interpret=gpu_interpret(), num_sms=num_sms())
+
+
+# The safety net's check (ops/safety_net.py) of one class (I, J, out dtype, b-scale layout): one
+# GEMM of PROBE_ROWS rows against the reference. Kernel and reference sum each 128-wide block in
+# fp32 with the same scales, so they differ at most by the summation order, one ulp of out_dtype
+# per element: |kernel - reference| <= 2^-8 |reference| (tests/test_fp8.py, KERNEL_ULP).
+_SOURCES = tuple(str(pathlib.Path(__file__).resolve().parent / "pallas" / name)
+                 for name in ("fp8_gemm_sm90.py", "hopper.py"))
+PROBE_ROWS = 128
+KERNEL_ULP = 2.0 ** -8
+
+
+def _gemm_check(k: int, n: int, out_dtype, per_row: bool) -> safety_net.Check:
+    def probe():
+        keys = jax.random.split(safety_net.fresh_key(), 2)
+        a = jax.random.normal(keys[0], (PROBE_ROWS, k), jnp.float32)
+        b = jax.random.normal(keys[1], (n, k), jnp.float32)
+        a_q, a_s = act_quant(a)
+        b_q, b_s = act_quant(b) if per_row else weight_quant(b)
+        got = jax.jit(lambda: _sm90_gemm(a_q, a_s, b_q, b_s, out_dtype))()
+        want = fp8_gemm_reference(a_q, a_s, b_q, b_s, out_dtype=out_dtype)
+        safety_net.compare("fp8_gemm", got, want, KERNEL_ULP, elementwise=True)
+
+    dims = f"K={k} N={n} out={jnp.dtype(out_dtype).name} b_s={'rows' if per_row else 'blocks'}"
+    return safety_net.Check("fp8_gemm_sm90", dims, probe, _SOURCES, "DSV3_FP8_GEMM", "sm90",
+                            "reference")
+
+
+def _projections(cfg) -> list[tuple[int, int]]:
+    """(I, J) of every Linear layer that runs in FP8 with cfg.fp8 (model/: the attention
+    projections, the dense and shared-expert MLPs, the MTP projection; not the output head)."""
+    heads = cfg.n_heads
+    qk_out = heads * cfg.qk_head_dim
+    dims = ([(cfg.dim, cfg.q_lora_rank), (cfg.q_lora_rank, qk_out)] if cfg.q_lora_rank
+            else [(cfg.dim, qk_out)])
+    dims += [(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+             (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+             (heads * cfg.v_head_dim, cfg.dim)]
+    for hidden in ((cfg.inter_dim,) if cfg.n_dense_layers else ()) + (
+            (cfg.n_shared_experts * cfg.moe_inter_dim,) if cfg.n_shared_experts
+            and cfg.n_layers > cfg.n_dense_layers else ()):
+        dims += [(cfg.dim, hidden), (hidden, cfg.dim)]
+    if cfg.mtp_depth:
+        dims.append((2 * cfg.dim, cfg.dim))
+    return list(dict.fromkeys(dims))
+
+
+def model_checks(cfg) -> list[safety_net.Check]:
+    """With cfg.fp8, the FP8 GEMM classes of the projections (safety_net.check_model_kernels):
+    Fprop (K = I, N = J) and Dgrad (K = J, N = I), 128x128 weight blocks, out cfg.dtype. Wgrad's
+    K is the number of tokens of a step, not a model dim: its classes are checked on first use."""
+    if not cfg.fp8:
+        return []
+    pairs = dict.fromkeys(p for i, j in _projections(cfg) for p in ((i, j), (j, i)))
+    return [_gemm_check(k, n, jnp.dtype(cfg.dtype), False) for k, n in pairs]
+
+
+safety_net.register_model_checks("fp8", model_checks)
 
 
 def calc_diff(x, y) -> float:

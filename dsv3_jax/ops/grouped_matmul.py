@@ -22,7 +22,7 @@ Gradients (a custom_vjp, the same structure on every backend):
   dw[e] = x[rows of e]^T dy[rows of e]  the transposed grouped matmul ("tgmm"), fp32 sums,
                                         returned in w's dtype; zeros for an empty group.
 
-Backends (chosen once here; model code never asks):
+Backends (chosen once here, at trace time; model code never asks):
   sm90        a Hopper GPU (compute capability 9.x): our Pallas Mosaic GPU kernels
               `ops/pallas/grouped_matmul_sm90.py` (gmm and tgmm) for bf16/fp16 operands; other
               dtypes (fp32) go to ragged_dot. Off a GPU it runs in GPU interpret mode (tests).
@@ -31,7 +31,23 @@ Backends (chosen once here; model code never asks):
   ragged_dot  the CPU and any other GPU: XLA's `jax.lax.ragged_dot` / `ragged_dot_general`; also
               the reference, `grouped_matmul_reference` / `transposed_grouped_matmul_reference`.
 DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox in the environment forces a backend (read at trace
-time), e.g. for benchmarks and for tests of every backend on the CPU.
+time), e.g. for benchmarks and for tests of every backend on the CPU; a forced backend runs as it
+is, with nothing in between.
+
+The safety net (ops/safety_net.py) stands behind sm90 where "auto" chose it. The first time a
+class of calls comes (gmm: dtype, K, N, transpose_rhs, out dtype; tgmm: dtype, K, N, out dtype),
+the kernel runs once at 128 rows in three groups (one empty, 38 padding rows) on fresh random
+inputs against ragged_dot in fp32, within 2^-7 of the largest value (tests/test_grouped_matmul.py)
+and with exact zeros where the contract says so. A kernel that raises, hangs or disagrees is
+skipped with one warning; then, fastest proven first:
+  gmm   1. our gmm kernel; 2. on a Hopper GPU, jax's own Mosaic GPU kernel
+        `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` (K and N multiples of 64, no group
+        offset; rows past the groups, which it leaves unwritten, masked to zero), itself checked
+        by the net; 3. lax.ragged_dot.
+  tgmm  1. our tgmm kernel; 2. on a Hopper GPU, `transposed_ragged_dot_mgpu` (I and J multiples
+        of 64, output in the operands' dtype, so only where w's dtype is x's; no group offset),
+        checked by the net; 3. lax.ragged_dot_general.
+(jax's kernels have no interpret mode: off a GPU the chain is our kernel, then ragged_dot.)
 
 Not done: SwiGLU's w1 and w3 are two calls (a fused call would read x once and write one [M, 2F]
 result; a later step).
@@ -41,11 +57,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pathlib
 
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms, on_hopper, on_tpu
+from dsv3_jax.ops import platform, safety_net
+from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms, on_tpu
 
 IMPLS = ("auto", "ragged_dot", "sm90", "megablox")
 _TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
@@ -128,27 +146,206 @@ def transposed_grouped_matmul_reference(x: jax.Array, dy: jax.Array, group_sizes
 # ------------------------------------------------------------------------------------------------
 # Pallas backends
 # ------------------------------------------------------------------------------------------------
-def _sm90_forward(x, w, group_sizes, group_offset, transpose_rhs):
+def _sm90_gmm(x, w, group_sizes, group_offset, transpose_rhs):
     from dsv3_jax.ops.pallas import grouped_matmul_sm90  # Mosaic GPU is imported only when used
 
-    if jnp.dtype(x.dtype) not in grouped_matmul_sm90.IN_DTYPES:
-        return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
     starts = local_starts(group_sizes, group_offset, w.shape[0])
     return grouped_matmul_sm90.gmm(x, w.astype(x.dtype), starts, transpose_rhs=transpose_rhs,
                                    out_dtype=x.dtype, interpret=gpu_interpret(), num_sms=num_sms())
 
 
-def _sm90_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
+def _tgmm_kernel_out(out_dtype):
+    from dsv3_jax.ops.pallas import grouped_matmul_sm90
+
+    # The kernel writes w's dtype straight from its fp32 sums (no [E, I, J] fp32 round trip).
+    return out_dtype if jnp.dtype(out_dtype) in grouped_matmul_sm90.OUT_DTYPES else jnp.float32
+
+
+def _sm90_tgmm(x, dy, group_sizes, group_offset, num_local, out_dtype):
+    from dsv3_jax.ops.pallas import grouped_matmul_sm90
+
+    starts = local_starts(group_sizes, group_offset, num_local)
+    return grouped_matmul_sm90.tgmm(x, dy.astype(x.dtype), starts,
+                                    out_dtype=_tgmm_kernel_out(out_dtype),
+                                    interpret=gpu_interpret(), num_sms=num_sms())
+
+
+def _sm90_forward(x, w, group_sizes, group_offset, transpose_rhs, checked=False):
+    """Our gmm kernel; with `checked` ("auto" on a Hopper GPU) through the safety net, then jax's
+    Mosaic GPU ragged_dot where it takes the call, then lax.ragged_dot (module docstring)."""
+    from dsv3_jax.ops.pallas import grouped_matmul_sm90
+
+    if jnp.dtype(x.dtype) not in grouped_matmul_sm90.IN_DTYPES:
+        return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
+    k, n = x.shape[1], (w.shape[1] if transpose_rhs else w.shape[2])
+    if not checked or safety_net.passes(_gmm_check(x.dtype, k, n, transpose_rhs)):
+        return _sm90_gmm(x, w, group_sizes, group_offset, transpose_rhs)
+    if (group_offset is None and _mgpu_gmm_covers(x.dtype, k, n)
+            and safety_net.passes(_mgpu_gmm_check(x.dtype, k, n, transpose_rhs))):
+        return _mgpu_gmm(x, w, group_sizes, transpose_rhs)
+    return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
+
+
+def _sm90_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype, checked=False):
+    """Our tgmm kernel; with `checked` through the safety net, then jax's Mosaic GPU transposed
+    ragged_dot where it takes the call, then lax.ragged_dot_general."""
     from dsv3_jax.ops.pallas import grouped_matmul_sm90
 
     if jnp.dtype(x.dtype) not in grouped_matmul_sm90.IN_DTYPES:
         return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
-    starts = local_starts(group_sizes, group_offset, num_local)
-    # The kernel writes w's dtype straight from its fp32 sums (no [E, I, J] fp32 round trip).
-    kernel_out = out_dtype if jnp.dtype(out_dtype) in grouped_matmul_sm90.OUT_DTYPES else jnp.float32
-    return grouped_matmul_sm90.tgmm(x, dy.astype(x.dtype), starts, out_dtype=kernel_out,
-                                    interpret=gpu_interpret(),
-                                    num_sms=num_sms())
+    k, n = x.shape[1], dy.shape[1]
+    if not checked or safety_net.passes(_tgmm_check(x.dtype, k, n, out_dtype)):
+        return _sm90_tgmm(x, dy, group_sizes, group_offset, num_local, out_dtype)
+    if (group_offset is None and _mgpu_tgmm_covers(x.dtype, k, n, out_dtype)
+            and safety_net.passes(_mgpu_tgmm_check(x.dtype, k, n))):
+        return _mgpu_tgmm(x, dy, group_sizes)
+    return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# jax's own Mosaic GPU ragged dots (the first fallback on a Hopper GPU; no interpret mode)
+# ------------------------------------------------------------------------------------------------
+_MGPU = "jax.experimental.pallas.ops.gpu"
+
+
+def _on_real_hopper() -> bool:
+    """A Hopper GPU itself: jax's kernels have no interpret mode."""
+    return platform.on_hopper() and not gpu_interpret()
+
+
+def _mgpu_block_n(n: int) -> int:
+    return 128 if n % 128 == 0 else 64
+
+
+def _mgpu_gmm_covers(dtype, k: int, n: int) -> bool:
+    """jax's ragged_dot_mgpu: Hopper only, 16-bit operands, K a multiple of its block_k (64), N of
+    64 (its output tiles); no group offset."""
+    return _on_real_hopper() and k % 64 == 0 and n % 64 == 0
+
+
+def _mask_rows(out, group_sizes):
+    """Rows past sum(group_sizes), which the jax kernels leave unwritten, set to zero."""
+    rows = jnp.arange(out.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.where(rows < jnp.sum(group_sizes.astype(jnp.int32)), out, jnp.zeros((), out.dtype))
+
+
+def _mgpu_gmm(x, w, group_sizes, transpose_rhs):
+    mod = importlib.import_module(f"{_MGPU}.ragged_dot_mgpu")
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    out = mod.ragged_dot(x, w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32),
+                         block_m=128, block_n=_mgpu_block_n(n), block_k=64, max_concurrent_steps=4,
+                         grid_block_n=1, transpose_rhs=transpose_rhs)
+    return _mask_rows(out, group_sizes)
+
+
+def _mgpu_tgmm_covers(dtype, k: int, n: int, out_dtype) -> bool:
+    """jax's transposed_ragged_dot_mgpu: Hopper only, output in the operands' dtype (so only when
+    w's dtype is x's), I and J multiples of its blocks (64); no group offset."""
+    return (_on_real_hopper() and jnp.dtype(out_dtype) == jnp.dtype(dtype)
+            and k % 64 == 0 and n % 64 == 0)
+
+
+def _mgpu_tgmm(x, dy, group_sizes):
+    mod = importlib.import_module(f"{_MGPU}.transposed_ragged_dot_mgpu")
+    return mod.transposed_ragged_dot(x, dy.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32),
+                                     block_m=64, block_n=_mgpu_block_n(dy.shape[1]), block_k=64,
+                                     max_concurrent_steps=2, grid_block_n=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The safety net's checks (ops/safety_net.py): one class of calls each, probed at a small shape
+# ------------------------------------------------------------------------------------------------
+_PALLAS = pathlib.Path(__file__).resolve().parent / "pallas"
+_SOURCES = (str(_PALLAS / "grouped_matmul_sm90.py"), str(_PALLAS / "hopper.py"))
+PROBE_SIZES = (40, 0, 50)  # three groups, one empty, 128 rows: 38 padding rows
+PROBE_ROWS = 128
+KERNEL_RTOL = 2.0 ** -7  # kernel vs ragged_dot in fp32, of the largest value (tests/test_grouped_matmul.py)
+
+
+def _probe_operands(dtype, k, n, w_shape):
+    keys = jax.random.split(safety_net.fresh_key(), 2)
+    x = jax.random.normal(keys[0], (PROBE_ROWS, k), jnp.float32).astype(dtype)
+    other = jax.random.normal(keys[1], w_shape, jnp.float32) / jnp.sqrt(k)
+    return x, other.astype(dtype), jnp.asarray(PROBE_SIZES, jnp.int32)
+
+
+def _probe_gmm(kernel, dtype, k, n, transpose_rhs):
+    """kernel(x, w, sizes) -> [M, N] vs lax.ragged_dot (fp32): KERNEL_RTOL, padding rows zero."""
+    g = len(PROBE_SIZES)
+    x, w, sizes = _probe_operands(dtype, k, n, (g, n, k) if transpose_rhs else (g, k, n))
+    got = jax.jit(kernel)(x, w, sizes)
+    want = jax.jit(lambda: _ragged_forward(x, w, sizes, None, transpose_rhs))()
+    safety_net.compare("gmm", got, want, KERNEL_RTOL)
+    if jnp.any(got[sum(PROBE_SIZES):] != 0):
+        raise safety_net.Mismatch("gmm: rows past the last group are not zero")
+
+
+def _probe_tgmm(kernel, dtype, k, n):
+    """kernel(x, dy, sizes) -> [E, K, N] vs ragged_dot_general (fp32): KERNEL_RTOL, empty group 0."""
+    x, dy, sizes = _probe_operands(dtype, k, n, (PROBE_ROWS, n))
+    got = jax.jit(kernel)(x, dy, sizes)
+    want = jax.jit(lambda: _ragged_wgrad(x, dy, sizes, None, len(PROBE_SIZES)))()
+    safety_net.compare("tgmm", got, want, KERNEL_RTOL)
+    if jnp.any(got[PROBE_SIZES.index(0)] != 0):
+        raise safety_net.Mismatch("tgmm: the empty group's product is not zero")
+
+
+def _gmm_dims(dtype, k, n, transpose_rhs):
+    name = jnp.dtype(dtype).name
+    return f"{name} K={k} N={n}{' transpose_rhs' if transpose_rhs else ''} out={name}"
+
+
+def _gmm_check(dtype, k: int, n: int, transpose_rhs: bool) -> safety_net.Check:
+    probe = lambda: _probe_gmm(lambda x, w, s: _sm90_gmm(x, w, s, None, transpose_rhs),
+                               dtype, k, n, transpose_rhs)
+    fallback = "ragged_dot_mgpu" if _mgpu_gmm_covers(dtype, k, n) else "ragged_dot"
+    return safety_net.Check("gmm_sm90", _gmm_dims(dtype, k, n, transpose_rhs), probe, _SOURCES,
+                            "DSV3_GROUPED_MATMUL", "sm90", fallback)
+
+
+def _tgmm_check(dtype, k: int, n: int, out_dtype) -> safety_net.Check:
+    out = jnp.dtype(_tgmm_kernel_out(out_dtype))
+    probe = lambda: _probe_tgmm(
+        lambda x, dy, s: _sm90_tgmm(x, dy, s, None, len(PROBE_SIZES), out), dtype, k, n)
+    fallback = "transposed_ragged_dot_mgpu" if _mgpu_tgmm_covers(dtype, k, n, out_dtype) else "ragged_dot"
+    return safety_net.Check("tgmm_sm90", f"{jnp.dtype(dtype).name} K={k} N={n} out={out.name}",
+                            probe, _SOURCES, "DSV3_GROUPED_MATMUL", "sm90", fallback)
+
+
+def _mgpu_gmm_check(dtype, k: int, n: int, transpose_rhs: bool) -> safety_net.Check:
+    probe = lambda: _probe_gmm(lambda x, w, s: _mgpu_gmm(x, w, s, transpose_rhs), dtype, k, n,
+                               transpose_rhs)
+    return safety_net.Check("ragged_dot_mgpu", _gmm_dims(dtype, k, n, transpose_rhs), probe, (),
+                            "DSV3_GROUPED_MATMUL", "sm90", "ragged_dot")
+
+
+def _mgpu_tgmm_check(dtype, k: int, n: int) -> safety_net.Check:
+    name = jnp.dtype(dtype).name
+    return safety_net.Check("transposed_ragged_dot_mgpu", f"{name} K={k} N={n} out={name}",
+                            lambda: _probe_tgmm(_mgpu_tgmm, dtype, k, n), (),
+                            "DSV3_GROUPED_MATMUL", "sm90", "ragged_dot")
+
+
+def model_checks(cfg) -> list[safety_net.Check]:
+    """The routed experts' classes (safety_net.check_model_kernels), when they run in cfg.dtype
+    (with cfg.fp8 they take ops.fp8's grouped path instead): gmm at K, N = (D, F) and (F, D), plain
+    (Fprop of w1 / w3, w2) and transposed (their Dgrad), tgmm at both (Wgrad, in cfg.dtype: the
+    layer casts its weights), and on a Hopper GPU the jax fallbacks for the same classes."""
+    from dsv3_jax.ops.pallas import grouped_matmul_sm90
+
+    dtype, d, f = jnp.dtype(cfg.dtype), cfg.dim, cfg.moe_inter_dim
+    if cfg.fp8 or cfg.n_routed_experts == 0 or dtype not in grouped_matmul_sm90.IN_DTYPES:
+        return []
+    checks = [_gmm_check(dtype, k, n, t) for k, n in ((d, f), (f, d)) for t in (False, True)]
+    checks += [_tgmm_check(dtype, k, n, dtype) for k, n in ((d, f), (f, d))]
+    checks += [_mgpu_gmm_check(dtype, k, n, t) for k, n in ((d, f), (f, d)) for t in (False, True)
+               if _mgpu_gmm_covers(dtype, k, n)]
+    checks += [_mgpu_tgmm_check(dtype, k, n) for k, n in ((d, f), (f, d))
+               if _mgpu_tgmm_covers(dtype, k, n, dtype)]
+    return checks
+
+
+safety_net.register_model_checks("grouped_matmul", model_checks)
 
 
 def _megablox():
@@ -189,8 +386,11 @@ def _megablox_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
                             interpret=not on_tpu())
 
 
-_FORWARD = {"ragged_dot": _ragged_forward, "sm90": _sm90_forward, "megablox": _megablox_forward}
-_WGRAD = {"ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad, "megablox": _megablox_wgrad}
+# "sm90_checked": what "auto" picks on a Hopper GPU, the kernels behind the safety net.
+_FORWARD = {"ragged_dot": _ragged_forward, "sm90": _sm90_forward, "megablox": _megablox_forward,
+            "sm90_checked": functools.partial(_sm90_forward, checked=True)}
+_WGRAD = {"ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad, "megablox": _megablox_wgrad,
+          "sm90_checked": functools.partial(_sm90_wgrad, checked=True)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +400,7 @@ def grouped_matmul_impl() -> str:
     """The backend `grouped_matmul(impl="auto")` uses here: "sm90" on a Hopper GPU, "megablox" on
     a TPU, "ragged_dot" elsewhere; DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox overrides it."""
     return forced_impl("DSV3_GROUPED_MATMUL", IMPLS) or (
-        "sm90" if on_hopper() else "megablox" if on_tpu() else "ragged_dot")
+        "sm90" if platform.on_hopper() else "megablox" if on_tpu() else "ragged_dot")
 
 
 def _varying_axes(a) -> frozenset:
@@ -243,7 +443,10 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, group_off
     if group_sizes.shape[0] < w.shape[0]:
         raise ValueError(f"grouped_matmul: w holds {w.shape[0]} groups, more than group_sizes "
                          f"describes ({group_sizes.shape[0]}).")
-    impl = grouped_matmul_impl() if impl == "auto" else impl
+    if impl == "auto":
+        impl = grouped_matmul_impl()
+        if impl == "sm90" and forced_impl("DSV3_GROUPED_MATMUL", IMPLS) is None:
+            impl = "sm90_checked"  # chosen, not forced: the safety net stands behind it
     x, w = same_varying_axes(x, w)
     has_offset = group_offset is not None
     offset = jnp.asarray(group_offset if has_offset else 0, jnp.int32)
