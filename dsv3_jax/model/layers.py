@@ -3,8 +3,11 @@
 Letters (`dsv3_jax/NOTATION.md`): B, T, D, F, V.
 
 Every parameter is created through `param_with_axes`, so it carries logical axis names that
-`dsv3_jax/parallel/mesh.py` maps to mesh axes; nothing here knows about devices. Weights are kept in
-`param_dtype` (fp32 master weights) and cast to the compute `dtype` at use.
+`dsv3_jax/parallel/mesh.py` maps to mesh axes; nothing here knows about devices or the platform.
+XLA partitions the plain matmul; the FP8 one is a kernel call that XLA cannot partition, so it goes
+through `parallel/kernel_shards.py`, which runs it once per shard of the mesh in context (if any),
+given the kernel's logical axes. Weights are kept in `param_dtype` (fp32 master weights) and cast to
+the compute `dtype` at use.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.ops.fp8 import fp8_linear
+from dsv3_jax.parallel.kernel_shards import fp8_linear
 
 def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int],
                     axes: Sequence[str | None], dtype) -> jax.Array:
@@ -38,8 +41,10 @@ class Linear(nn.Module):
     The product is taken in the compute dtype with float32 accumulation and returned in the compute
     dtype, or in `out_dtype` when given (the output head returns float32 logits). With `cfg.fp8` a
     projection with `fp8=True` (the default) goes through `ops.fp8.fp8_linear` instead (FP8 Fprop,
-    Dgrad and Wgrad GEMMs, fp32 master weight and gradient); the output head sets `fp8=False`, as
-    the recipe keeps it in the compute dtype (SPEC.md section 3).
+    Dgrad and Wgrad GEMMs, fp32 master weight and gradient), called per shard on a mesh
+    (`parallel.kernel_shards.fp8_linear`: rows over the batch axes, `axes` giving the kernel's
+    split); the output head sets `fp8=False`, as the recipe keeps it in the compute dtype
+    (SPEC.md section 3).
     """
 
     in_features: int
@@ -58,7 +63,8 @@ class Linear(nn.Module):
         """x [..., in] -> [..., features]."""
         dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.fp8 and self.fp8:
-            return fp8_linear(x.astype(dtype), self.kernel).astype(self.out_dtype or dtype)
+            out = fp8_linear(x.astype(dtype), self.kernel, self.axes)
+            return out.astype(self.out_dtype or dtype)
         out = jnp.dot(x.astype(dtype), self.kernel.astype(dtype),
                       preferred_element_type=jnp.float32)
         return out.astype(self.out_dtype or dtype)

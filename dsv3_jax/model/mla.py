@@ -13,6 +13,8 @@ Two paths over the same parameters:
 - `decode` (absorbed) caches only `[kv_norm(c_kv) | k_pe]` (C + R values per token) and folds wkv_b
   into the query and output: q_nope' = q_nope W_k [C], o = (P c) W_v^T. The two are equal in exact
   arithmetic; tests check it.
+Both attention cores (`ops.attention`, a kernel where the platform has one) are called through
+`parallel/kernel_shards.py`, which on a mesh runs them once per shard of (batch, heads).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import Linear, rms_norm
 from dsv3_jax.model.rope import apply_rope, rope_frequencies
-from dsv3_jax.ops import attention
+from dsv3_jax.parallel import kernel_shards
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +85,7 @@ class MLA(nn.Module):
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
         k = jnp.concatenate([k_nope, k_pe], axis=-1)
         with jax.named_scope("attention_core"):
-            o = attention.mla_attention(q, k, v, scale=c.softmax_scale, segment_ids=segment_ids)
+            o = kernel_shards.mla_attention(q, k, v, scale=c.softmax_scale, segment_ids=segment_ids)
         return self.wo(o.reshape(b, t, c.n_heads * c.v_head_dim))
 
     def decode(self, x: jax.Array, positions: jax.Array,
@@ -112,8 +114,8 @@ class MLA(nn.Module):
         w_k, w_v = w[..., :c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]  # [C, H, N], [C, H, O]
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_k,
                               preferred_element_type=jnp.float32).astype(dtype)
-        o_latent = attention.mla_decode(q_latent, q_pe.astype(dtype), cache, positions,
-                                        scale=c.softmax_scale)
+        o_latent = kernel_shards.mla_decode(q_latent, q_pe.astype(dtype), cache, positions,
+                                            scale=c.softmax_scale)
         o = jnp.einsum("bthc,cho->btho", o_latent, w_v,
                        preferred_element_type=jnp.float32).astype(dtype)
         return self.wo(o.reshape(b, t, c.n_heads * c.v_head_dim)), cache
