@@ -310,7 +310,8 @@ def test_check_model_kernels_lists_the_classes_of_a_config(monkeypatch):
     safety_net.clear()
     assert {v["source"] for v in safety_net.check_model_kernels(tiny)} == {"disk"}
     # With cfg.fp8 the routed experts leave gmm for ops.fp8's grouped path, and the projections'
-    # FP8 GEMM classes come in (listed here without running their probes: 15 classes, 84 s in interpret mode).
+    # FP8 GEMM classes come in (listed here without running their probes: 15 classes, 84 s in
+    # interpret mode).
     # wq_a 128->96, wq_b 96->192, wkv_a 128->80, wkv_b 64->256, wo 128->128, the dense MLP
     # 128->384->128, the shared expert 128->64->128, eh_proj 256->128; Fprop and Dgrad each.
     fp8_tiny = tiny.replace(fp8=True)

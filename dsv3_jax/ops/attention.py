@@ -60,7 +60,8 @@ _IMPLS = ("auto", "sm90", "cudnn", "reference")
 _PALLAS = pathlib.Path(__file__).resolve().parent / "pallas"
 _FLASH_SOURCES = (str(_PALLAS / "mla_attention_sm90.py"), str(_PALLAS / "hopper.py"))
 _DECODE_SOURCES = (str(_PALLAS / "mla_decode_sm90.py"), str(_PALLAS / "hopper.py"))
-KERNEL_RTOL = 2.0 ** -6  # kernels vs reference, of the largest reference value (tests/test_mla_kernels.py)
+# Kernels vs reference: within 2^-6 of the largest reference value (tests/test_mla_kernels.py).
+KERNEL_RTOL = 2.0 ** -6
 
 
 def _einsum_f32(spec: str, *operands: jax.Array) -> jax.Array:
@@ -146,8 +147,9 @@ def _probe_attention(core, dtype, a, o, segments: bool, t: int) -> None:
         return out, *vjp(do)
 
     got = jax.jit(lambda: out_and_grads(core))()
-    want = jax.jit(lambda: out_and_grads(
-        lambda q, k, v, scale, seg: mla_attention_reference(q, k, v, scale=scale, segment_ids=seg)))()
+    reference = lambda q, k, v, scale, seg: mla_attention_reference(q, k, v, scale=scale,
+                                                                    segment_ids=seg)
+    want = jax.jit(lambda: out_and_grads(reference))()
     for name, g, w in zip(("output", "dq", "dk", "dv"), got, want):
         safety_net.compare(name, g, w, KERNEL_RTOL)
 
@@ -256,9 +258,9 @@ def mla_decode(q_latent, q_pe, cache, q_positions, *, scale):
 
 
 def model_checks(cfg) -> list[safety_net.Check]:
-    """The attention classes a ModelConfig uses that a GPU path takes (safety_net.check_model_kernels):
-    the flash kernels at (dtype, A, O) with and without segments, cuDNN's on a GPU, decode at
-    (dtype, C, R)."""
+    """The attention classes a ModelConfig uses that a GPU path takes
+    (safety_net.check_model_kernels): the flash kernels at (dtype, A, O) with and without
+    segments, cuDNN's on a GPU, decode at (dtype, C, R)."""
     from dsv3_jax.ops.pallas import mla_attention_sm90, mla_decode_sm90
 
     dtype, a, o = jnp.dtype(cfg.dtype), cfg.qk_head_dim, cfg.v_head_dim

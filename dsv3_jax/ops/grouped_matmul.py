@@ -247,8 +247,9 @@ def _mgpu_tgmm_covers(dtype, k: int, n: int, out_dtype) -> bool:
 
 def _mgpu_tgmm(x, dy, group_sizes):
     mod = importlib.import_module(f"{_MGPU}.transposed_ragged_dot_mgpu")
-    return mod.transposed_ragged_dot(x, dy.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32),
-                                     block_m=64, block_n=_mgpu_block_n(dy.shape[1]), block_k=64,
+    return mod.transposed_ragged_dot(x, dy.astype(x.dtype),
+                                     group_sizes=group_sizes.astype(jnp.int32), block_m=64,
+                                     block_n=_mgpu_block_n(dy.shape[1]), block_k=64,
                                      max_concurrent_steps=2, grid_block_n=1)
 
 
@@ -259,7 +260,8 @@ _PALLAS = pathlib.Path(__file__).resolve().parent / "pallas"
 _SOURCES = (str(_PALLAS / "grouped_matmul_sm90.py"), str(_PALLAS / "hopper.py"))
 PROBE_SIZES = (40, 0, 50)  # three groups, one empty, 128 rows: 38 padding rows
 PROBE_ROWS = 128
-KERNEL_RTOL = 2.0 ** -7  # kernel vs ragged_dot in fp32, of the largest value (tests/test_grouped_matmul.py)
+# Kernel vs ragged_dot in fp32: within 2^-7 of the largest value (tests/test_grouped_matmul.py).
+KERNEL_RTOL = 2.0 ** -7
 
 
 def _probe_operands(dtype, k, n, w_shape):
@@ -281,7 +283,8 @@ def _probe_gmm(kernel, dtype, k, n, transpose_rhs):
 
 
 def _probe_tgmm(kernel, dtype, k, n):
-    """kernel(x, dy, sizes) -> [E, K, N] vs ragged_dot_general (fp32): KERNEL_RTOL, empty group 0."""
+    """kernel(x, dy, sizes) -> [E, K, N] vs ragged_dot_general (fp32): KERNEL_RTOL; the empty
+    group's product exactly zero."""
     x, dy, sizes = _probe_operands(dtype, k, n, (PROBE_ROWS, n))
     got = jax.jit(kernel)(x, dy, sizes)
     want = jax.jit(lambda: _ragged_wgrad(x, dy, sizes, None, len(PROBE_SIZES)))()
@@ -307,7 +310,8 @@ def _tgmm_check(dtype, k: int, n: int, out_dtype) -> safety_net.Check:
     out = jnp.dtype(_tgmm_kernel_out(out_dtype))
     probe = lambda: _probe_tgmm(
         lambda x, dy, s: _sm90_tgmm(x, dy, s, None, len(PROBE_SIZES), out), dtype, k, n)
-    fallback = "transposed_ragged_dot_mgpu" if _mgpu_tgmm_covers(dtype, k, n, out_dtype) else "ragged_dot"
+    fallback = ("transposed_ragged_dot_mgpu" if _mgpu_tgmm_covers(dtype, k, n, out_dtype)
+                else "ragged_dot")
     return safety_net.Check("tgmm_sm90", f"{jnp.dtype(dtype).name} K={k} N={n} out={out.name}",
                             probe, _SOURCES, "DSV3_GROUPED_MATMUL", "sm90", fallback)
 

@@ -90,7 +90,8 @@ _MODEL_CHECKS: dict[str, Callable] = {}
 # The verdict of one check
 # ------------------------------------------------------------------------------------------------
 def cache_dir() -> pathlib.Path:
-    """The folder of the on-disk verdicts (DSV3_KERNEL_CACHE, else ~/.cache/dsv3_jax/kernel_verdicts)."""
+    """The folder of the on-disk verdicts: DSV3_KERNEL_CACHE, else
+    ~/.cache/dsv3_jax/kernel_verdicts."""
     return pathlib.Path(platform.kernel_cache_dir())
 
 
