@@ -50,8 +50,19 @@ The plain-jnp reference it is tested against is `dsv3_jax.ops.attention.mla_deco
 and blocks, and the model's prefill + decode against its forward; the sm_90a lowering at V3 shapes).
 `experiments/bench_mla_decode.py` measures GB/s of cache read on an H100.
 
-Status: NOT YET RUN ON A GPU. Interpret mode matches the reference and the sm_90a lowering passes;
-ptxas, registers, the H100 run and its speed remain to be confirmed. Paged caches: not done.
+Registers (measured 2026-12-01, jax 0.11.2, ptxas 13.0, through Mosaic GPU's own pipeline):
+`python mosaic_ptxas_check.py --fail-on-spill --fn experiments.kernel_targets:make mla_decode_v3`
+(the built-in target: `python mosaic_ptxas_check.py mla_decode --fail-on-spill`) gives, at V3
+dims (B 64, H 128, C 512 + R 64, 4096 slots) and at the small config's (B 8, H 16, 32K slots),
+168 registers per thread at launch, setmaxnreg 40 (TMA) / 232 (compute), no spill, 225360 B of
+dynamic shared memory. LLVM hoisted the 36 loop-invariant wgmma descriptors of q's 16-deep slices
+out of the cache loop (72 registers) and ptxas spilled 88 B of them (12 reloads in the loop): q's
+views are indexed by a zero LLVM cannot see through (`_kernel`). The register budget
+(`registers_needed`, checked in `check_dims`) holds that table.
+
+Status: NOT YET RUN ON A GPU. Interpret mode matches the reference, the sm_90a lowering passes and
+ptxas compiles it spill-free; the H100 run and its speed remain to be confirmed. Paged caches: not
+done.
 """
 
 from __future__ import annotations
@@ -65,11 +76,16 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, NUM_SMS, SMEM_BYTES,
-                                        TRANSFORMS_16BIT, interpret_params, pad_axis, refuse,
-                                        round_up, wgmma_into)
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, MAX_REGISTERS, NUM_SMS,
+                                        SMEM_BYTES, TRANSFORMS_16BIT, check_registers,
+                                        interpret_params, pad_axis, refuse, round_up, wgmma_into)
 
 ROWS = 64  # query rows per CTA (wgmma M)
+MEMORY_REGISTERS = 40  # setmaxnreg of the TMA warpgroup
+# setmaxnreg of each of the two compute warpgroups: the rest of the 512 registers per thread of
+# three warpgroups, rounded down to a multiple of 8, as emit_pipeline_warp_specialized gives them
+# (232: the tool's "setmaxnreg -40,+232").
+COMPUTE_REGISTERS = min(MAX_REGISTERS, (512 - MEMORY_REGISTERS) // 2 // 8 * 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +99,9 @@ class DecodeConfig:
     target_ctas: int = 2 * NUM_SMS  # about two per SM of an H100
 
     def __post_init__(self):
-        if self.block_s < 64 or self.block_s % 64:
-            refuse(self, "block_s", "must be a multiple of 64")
+        if self.block_s < 64 or self.block_s % 64 or self.block_s > 256:
+            refuse(self, "block_s", "must be a multiple of 64 and at most 256 (the score wgmma's "
+                   "N)")
         if self.stages < 2:
             refuse(self, "stages", "must be >= 2")
         if self.splits is not None and self.splits < 1:
@@ -97,6 +114,29 @@ DEFAULT_CONFIG = DecodeConfig()
 def smem_bytes(cfg: DecodeConfig, c: int, r: int, itemsize: int = 2) -> int:
     return (ROWS * (c + r) * itemsize + cfg.stages * cfg.block_s * (c + r) * itemsize
             + ROWS * 4 + 2 * 1024)
+
+
+def registers_needed(cfg: DecodeConfig, c: int, r: int) -> int:
+    """Estimated live 32-bit registers per thread of a compute warpgroup (both hold the same): its
+    half of the output accumulator [64, C/2] fp32 (C/4), the scores [64, block_s] fp32 (block_s/2),
+    their bf16 copy P for the value wgmma (block_s/4), the column index of each score element for
+    the mask (block_s/4: LLVM hoists them out of the loop), and 16 for the rest (row max, sum and
+    position of the thread's two rows, the rescale factor, loop indices, addresses). The rope width
+    adds nothing: q's descriptors are recomputed in the loop (`_kernel`). The stages add nothing.
+
+    Calibrated with `python mosaic_ptxas_check.py` (2026-12-01, jax 0.11.2, ptxas 13.0, compute
+    warpgroups at setmaxnreg 232; shared-memory bound lifted to measure the bigger blocks), C x R x
+    block_s, spill bytes stored (0: none), estimate in brackets:
+      C 512, R 64:  64: 0 [208]  128: 0 [264]  192: 856 [336]  256: 1548 [400]
+      C 512, R 128: 64: 0 [208]  128: 0 [264]
+      C 384, R 64:  64: 0 [176]  128: 0 [240]  192: 464 [304]  256: 1156 [368]
+      C 256, R 64:  64: 0 [144]  128: 0 [208]  192: 180 [272]  256: 24 [336]
+      C 128, R 64:  64: 0 [112]  128: 0 [176]  192: 56 [240]   256: 12 [304]
+    (stages 2; stages 4 at C 128, block_s 128 and C 256, block_s 64: 0). Every config that fits in
+    shared memory is classified right; the estimate is pessimistic for block_s 128 at C >= 384
+    (ptxas overlaps S with P there), which shared memory refuses at any stages anyway.
+    """
+    return c // 4 + cfg.block_s // 2 + cfg.block_s // 4 + cfg.block_s // 4 + 16
 
 
 def check_dims(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes,
@@ -117,6 +157,10 @@ def check_dims(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes,
     if c % 128 or c > 512 or r % 64 or r > 256:
         raise ValueError(f"mla_decode_sm90: latent rank {c} must be a multiple of 128 and at most "
                          f"512, rope dim {r} a multiple of 64; use the reference for other dims.")
+    if c % r:
+        raise ValueError(f"mla_decode_sm90: rope dim {r} must divide latent rank {c} (the k_pe box "
+                         f"of a cache row is block {c} // {r} of width {r}, columns from "
+                         f"{c // r * r}, not {c}); use a rope dim dividing {c}, or the reference.")
     dts = {jnp.dtype(d) for d in dtypes}
     if len(dts) != 1 or next(iter(dts)) not in DTYPES_16BIT:
         raise ValueError(f"mla_decode_sm90: q_latent, q_pe and cache must all be bfloat16 (or "
@@ -124,6 +168,8 @@ def check_dims(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes,
     if smem_bytes(cfg, c, r) > SMEM_BYTES:
         raise ValueError(f"mla_decode_sm90: {cfg} needs {smem_bytes(cfg, c, r)} bytes of shared "
                          f"memory, more than {SMEM_BYTES}; use a smaller block_s or fewer stages.")
+    check_registers(cfg, "mla_decode_sm90", registers_needed(cfg, c, r), COMPUTE_REGISTERS,
+                    "compute warpgroups")
 
 
 def supports(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes) -> bool:
@@ -162,7 +208,7 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
 
     def scoped(qlat_smem, qpe_smem, pos_smem, lse_smem, q_bar, done_bar, p_smem=None):
         # qlat_smem: [2, 64, C/2] the halves of q_latent; after the walk, the output halves
-        # qpe_smem: [64, R]   pos_smem: [64] int32   lse_smem: [64] f32
+        # qpe_smem: [1, 64, R]   pos_smem: [64] int32   lse_smem: [64] f32
         # p_smem: [2, 64, bs] (interpret mode only: P staged for the wgmma; see hopper.wgmma_into)
         wg = lax.axis_index("wg")
         p_scratch = None if p_smem is None else p_smem.at[wg]
@@ -172,10 +218,16 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
             (step,) = idx
             acc, m_i, l_i = carry
 
+            # q's shared-memory views indexed by `zero`, 0 but not known to LLVM: otherwise it
+            # hoists the 36 loop-invariant 64-bit wgmma descriptors of q's 16-deep slices out of
+            # the loop and ptxas spills them (88 B at V3 dims; module docstring).
+            zero = lax.shift_right_logical(step, 31)  # step >= 0
+            qlat, qpe = (qlat_smem.at[zero], qlat_smem.at[zero + 1]), qpe_smem.at[zero]
+
             def scores(acc_ref):  # acc_ref: [64, bs] f32
-                plgpu.wgmma(acc_ref, qlat_smem.at[0], clo_smem.transpose((1, 0)))
-                plgpu.wgmma(acc_ref, qlat_smem.at[1], chi_smem.transpose((1, 0)))
-                plgpu.wgmma(acc_ref, qpe_smem, kpe_smem.transpose((1, 0)))
+                plgpu.wgmma(acc_ref, qlat[0], clo_smem.transpose((1, 0)))
+                plgpu.wgmma(acc_ref, qlat[1], chi_smem.transpose((1, 0)))
+                plgpu.wgmma(acc_ref, qpe, kpe_smem.transpose((1, 0)))
                 return acc_ref[...]
 
             s = pl.run_scoped(scores, plgpu.ACC((ROWS, bs), jnp.float32)) * s_scale
@@ -202,7 +254,8 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
 
             @pl.when(wg == 0)
             def _():
-                plgpu.copy_gmem_to_smem(q_gmem.at[b, rows, pl.ds(c, r)], qpe_smem, q_bar.at[2])
+                plgpu.copy_gmem_to_smem(q_gmem.at[b, rows, pl.ds(c, r)], qpe_smem.at[0],
+                                        q_bar.at[2])
                 plgpu.copy_gmem_to_smem(pos_gmem.at[b, rows], pos_smem, q_bar.at[3])
                 plgpu.barrier_wait(q_bar.at[2])
                 plgpu.barrier_wait(q_bar.at[3])
@@ -239,7 +292,8 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
 
         block = lambda col: (lambda i: (first_block + i, col))
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            body, grid=(steps,), memory_registers=MEMORY_REGISTERS, wg_axis="wg",
+            num_compute_wgs=2,
             max_concurrent_steps=cfg.stages, compute_context=compute_context,
             in_specs=[plgpu.BlockSpec((bs, half), block(0), transforms=TRANSFORMS_16BIT),
                       plgpu.BlockSpec((bs, half), block(1), transforms=TRANSFORMS_16BIT),
@@ -250,7 +304,7 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
     pl.run_scoped(
         scoped,
         plgpu.SMEM((2, ROWS, half), dtype, transforms=TRANSFORMS_16BIT),
-        plgpu.SMEM((ROWS, r), dtype, transforms=TRANSFORMS_16BIT),
+        plgpu.SMEM((1, ROWS, r), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.SMEM((ROWS,), jnp.int32),
         plgpu.SMEM((ROWS,), jnp.float32),
         plgpu.Barrier(num_barriers=4),
@@ -322,5 +376,5 @@ def mla_decode(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array, q_positio
     return out[:, :rows].reshape(b, t, h, c)
 
 
-__all__ = ["DEFAULT_CONFIG", "DecodeConfig", "ROWS", "check_dims", "choose_splits", "combine",
-           "mla_decode", "smem_bytes", "supports"]
+__all__ = ["COMPUTE_REGISTERS", "DEFAULT_CONFIG", "DecodeConfig", "ROWS", "check_dims",
+           "choose_splits", "combine", "mla_decode", "registers_needed", "smem_bytes", "supports"]
