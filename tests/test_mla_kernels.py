@@ -43,6 +43,7 @@ from dsv3_jax.model.transformer import DeepSeekV3, init_latent_cache
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.attention import mla_attention_reference, mla_decode_reference
 from dsv3_jax.ops.pallas import mla_attention_sm90, mla_decode_sm90
+from dsv3_jax.ops.pallas.hopper import SMEM_BYTES
 
 from conftest import assert_close, init_params, random_tokens
 
@@ -140,11 +141,70 @@ def test_flash_refuses_unsupported_inputs():
                                          scale=0.1, segment_ids=jnp.zeros((1, 63), jnp.int32))
     with pytest.raises(ValueError, match="block_q"):
         mla_attention_sm90.TileConfig(block_q=96)
+    with pytest.raises(ValueError, match="block_q_dkv"):
+        mla_attention_sm90.TileConfig(block_q_dkv=40)
     with pytest.raises(ValueError, match="backward"):
         attention.mla_attention_kernel(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), v,
                                        scale=0.1, backward="xla")
     assert not mla_attention_sm90.supports((1, 8, 4, 48), (1, 8, 4, 48), (1, 8, 4, 32),
                                            (jnp.bfloat16,) * 3)
+
+
+@pytest.mark.parametrize("rows", [16, 64])
+def test_flash_dkv_query_steps(rows):
+    """The dkv kernel's other query-step widths (block_q_dkv 16: 32-byte swizzled tiles, K = 16
+    wgmmas; 64: 128-byte swizzle, the widest) with segment boundaries inside steps and a ragged T
+    (100, padded to 128): dq, dk, dv against the reference's vjp."""
+    rng = np.random.default_rng(9 + rows)
+    b, t, h = 1, 100, 1
+    q, k = _bf16(rng, (b, t, h, 128)), _bf16(rng, (b, t, h, 128))
+    v, do = _bf16(rng, (b, t, h, 64)), _bf16(rng, (b, t, h, 64))
+    seg = jnp.asarray(np.repeat([1, 2, 4], [23, 40, 37])[None], jnp.int32)
+    kw = dict(scale=0.09, segment_ids=seg)
+    _, ref_grads = _flash_and_grads(mla_attention_reference, q, k, v, do, **kw)
+    cfg = mla_attention_sm90.TileConfig(block_q_dkv=rows)
+    _, grads = _flash_and_grads(mla_attention_sm90.mla_attention, q, k, v, do, config=cfg,
+                                interpret=True, **kw)
+    _assert_grads_close(grads, ref_grads, f"kernel backward, block_q_dkv={rows}")
+
+
+# Tile configs that mosaic_ptxas_check.py found spilling (the fit in mla_attention_sm90), at head
+# dims A / O: (kernel, dims, config fields).
+SPILLING_CONFIGS = (
+    ("forward", (128, 128), dict(block_q=128, stages=2)),  # 292 B spilled
+    ("dq", (128, 128), dict(block_kv_bwd=128)),  # dq 60 B, dkv 944 B spilled
+    ("dkv", (192, 128), dict(block_q_dkv=64)),  # the former dkv tile: 80 B spilled
+    ("dkv", (192, 128), dict(block_q_dkv=48)),  # 40 B spilled
+)
+
+
+@pytest.mark.parametrize("kernel, dims, fields", SPILLING_CONFIGS)
+def test_flash_refuses_tile_configs_that_spill(monkeypatch, kernel, dims, fields):
+    """A config whose register estimate exceeds its compute warpgroup's setmaxnreg is refused by
+    check_dims, naming the kernel, before anything is traced into a kernel (`_flash`, the
+    custom_vjp the kernels lower through, must not be reached); the default config passes at V3
+    dims."""
+    cfg = mla_attention_sm90.TileConfig(**fields)
+    a, o = dims
+    shapes = ((1, 256, 2, a), (1, 256, 2, a), (1, 256, 2, o))
+    # Within shared memory: the refusal is the register one.
+    assert (max(mla_attention_sm90.smem_bytes_fwd(cfg, a, o),
+                mla_attention_sm90.smem_bytes_bwd(cfg, a, o)) <= SMEM_BYTES)
+
+    def lowered(*args):
+        raise AssertionError("mla_attention reached the kernels")
+
+    monkeypatch.setattr(mla_attention_sm90, "_flash", lowered)
+    q, k, v = (jnp.zeros(s, jnp.bfloat16) for s in shapes)
+    with pytest.raises(ValueError, match=rf"{kernel} kernel: TileConfig\(.*registers per thread"):
+        mla_attention_sm90.mla_attention(q, k, v, scale=0.1, config=cfg)
+    with pytest.raises(ValueError, match=f"{kernel} kernel"):
+        mla_attention_sm90.check_dims(*shapes, (jnp.bfloat16,) * 3, cfg)
+    v3 = ((1, 4096, 128, 192), (1, 4096, 128, 192), (1, 4096, 128, 128))
+    mla_attention_sm90.check_dims(*v3, (jnp.bfloat16,) * 3)  # the default config: no error
+    assert mla_attention_sm90.supports(*v3, (jnp.bfloat16,) * 3)
+    need = mla_attention_sm90.registers_per_thread(mla_attention_sm90.DEFAULT_CONFIG, 192, 128)
+    assert all(n <= budget for n, budget in need.values()), need
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,8 +348,9 @@ def _mosaic_kernels(text):
 def test_flash_attention_lowers_for_h100(segments):
     """sm_90a lowering at V3 training shapes (T = 4096, H = 128, qk 192 / v 128, with and without
     segments) of the forward alone and of forward + backward (the dq and dkv kernels): wgmma
-    operand layouts, TMA boxes on the [B, T, H, dim] layout, shared memory. Not checked: ptxas,
-    register spills, the run."""
+    operand layouts, TMA boxes on the [B, T, H, dim] layout, shared memory. Not checked here: ptxas
+    and its register spills (mosaic_ptxas_check.py; check_dims holds the register estimate fitted
+    to it), the run."""
     s = jax.ShapeDtypeStruct
     args = (s((1, 4096, 128, 192), jnp.bfloat16), s((1, 4096, 128, 192), jnp.bfloat16),
             s((1, 4096, 128, 128), jnp.bfloat16), s((1, 4096), jnp.int32))

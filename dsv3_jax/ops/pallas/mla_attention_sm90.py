@@ -41,11 +41,17 @@ the saved base-2 lse, P is recomputed block by block instead of stored:
     dQ += wgmma(dS.astype(bf16) [registers], K_blk) into fp32 registers [block_q_bwd, A].
   * dkv kernel: a CTA owns `block_kv_bwd` key rows (one compute warpgroup: dK [block_kv_bwd, A] and
     dV [block_kv_bwd, O] take 96 + 64 fp32 registers per thread at V3 dims); the query-side blocks
-    (Q, dO, lse, delta, query segments) stream in from the first query block that can see its keys
-    (a dynamic start, `q_first`) to the end. The tiles are transposed, keys on rows: S^T =
-    wgmma(K, Q_blk^T), P^T, dV += wgmma(P^T.astype(bf16), dO_blk), dP^T = wgmma(V, dO_blk^T),
-    dS^T, dK += wgmma(dS^T.astype(bf16), Q_blk), so that the register operand is always the A
-    operand. Key tiles with the most work (the first keys) are launched first.
+    (Q, dO, lse, delta, query segments) of `block_q_dkv` rows stream in from the first query block
+    that can see its keys (a dynamic start, `q_first`) to the end. The tiles are transposed, keys
+    on rows: S^T = wgmma(K, Q_blk^T), P^T, dV += wgmma(P^T.astype(bf16), dO_blk), dP^T =
+    wgmma(V, dO_blk^T), dS^T, dK += wgmma(dS^T.astype(bf16), Q_blk), so that the register operand
+    is always the A operand. The query step is narrow (block_q_dkv = 32: S^T and dP^T [64, 32],
+    16 fp32 registers each) so that they fit beside dK and dV: at 64 query rows the kernel spilled
+    (ptxas, below). The step is the contraction K of the dV and dK wgmmas, and a wgmma's operands
+    share one swizzle whose width K must fill, so this kernel's K, V, Q and dO tiles take the
+    widest swizzle block_q_dkv bf16 elements fill (`hopper.transforms`: 64 bytes at 32 rows, not
+    the 128 of the other kernels). Key tiles with the
+    most work (the first keys) are launched first.
 
   Both write their bf16 results through the shared-memory tile of the input they no longer need
   (Q's, K's and V's) and TMA. Segments are masked, never skipped (as in the forward). Padded rows
@@ -63,7 +69,8 @@ multiples of 64, at most 256; segment_ids int [B, T].
 
 The plain-jnp reference it is tested against is `dsv3_jax.ops.attention.mla_attention_reference`
 (tests/test_mla_kernels.py: interpret mode on CPU against it, outputs and the backward kernels'
-dq, dk, dv, segments, ragged T; and the sm_90a lowering of the forward and both backward kernels
+dq, dk, dv, segments, ragged T, dkv query steps of 16, 32 and 64 rows; the refusal of tile
+configs that spill; and the sm_90a lowering of the forward and both backward kernels
 at DeepSeek-V3 shapes).
 `experiments/bench_mla_attention.py` times it on an H100 against cuDNN, tokamax and XLA.
 
@@ -71,13 +78,28 @@ Status: NOT YET RUN ON A GPU (forward and backward). In interpret mode the forwa
 kernels match the reference (outputs; dq, dk, dv within the same 2^-6 bound, observed ~2^-8), and
 the Mosaic GPU lowering for sm_90a of all three kernels passes. The interpret-mode differences are
 those of `hopper.wgmma_into` (register operands P, P^T, dS, dS^T staged through shared memory there;
-on the GPU they feed the wgmma from registers). ptxas, register pressure (the dkv kernel holds dK,
-dV, S^T and dP^T: ~224 fp32 registers per thread before temporaries at V3 dims, spills likely; a
-32-row dkv tile is not possible with 64-row wgmma, splitting dK's columns is the usual fix), the run
-on an H100 and its speed remain to be confirmed there. Tuning ideas, not done: the causal mask only
+on the GPU they feed the wgmma from registers).
+
+Registers (ptxas 13.0.88 for sm_90a through mosaic_ptxas_check.py, shipped outside the repository,
+2026-12-01): at V3 dims (A 192, O 128, T 4096, H 128; the "small" preset's H = 16 gives the same)
+none of the three kernels spills, with or without segment ids: forward and dq 168 registers per
+thread at launch (setmaxnreg 232 for their two compute warpgroups, 40 for the TMA one), dkv 255
+(setmaxnreg 256 for its one compute warpgroup), 0 B spill stores and loads, no STL/LDL in the
+SASS; dynamic shared memory 210000 / 208976 B (forward, with / without segments), 168048 / 167024
+(dq), 86072 / 85048 (dkv). The dkv kernel's former 64-row query step spilled there (80 B of spill
+stores, 14 spill reloads in the key loop). `check_dims` holds each kernel's register estimate
+(`registers_per_thread`, fitted to ptxas: the table above `_SCORE_TILES`) against its budget and
+refuses tile configs that would spill, before any lowering. To measure again:
+    KERNEL_TARGETS='mla_fwd*,mla_bwd*' python mosaic_ptxas_check.py --fail-on-spill \
+        --fn experiments.kernel_targets:make    # mla_fwd_v3, mla_bwd_v3, ..., mla_bwd_noseg_small
+    python mosaic_ptxas_check.py --fail-on-spill mla_fwd mla_fwd_noseg mla_bwd mla_bwd_noseg
+(the tool's built-in targets; mla_bwd's kernel #0 is the forward, #1 dq, #2 dkv). The run on an
+H100 and its speed remain to be confirmed there, the narrower dkv step (twice the pipeline steps
+of the 64-row one) and 64-byte swizzle included. Tuning ideas, not done: the causal mask only
 on diagonal blocks, overlap of softmax and wgmma across the two warpgroups (FA3's ping-pong schedule
 barrier), skipping key blocks of other documents, issuing dV and dP^T as one wgmma group (one wait
-instead of two), manual consumed barriers so the next blocks load earlier.
+instead of two), manual consumed barriers so the next blocks load earlier, a dkv CTA of two compute
+warpgroups (dK's columns split between them) for 64-row query steps.
 """
 
 from __future__ import annotations
@@ -92,20 +114,25 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, SMEM_BYTES, TRANSFORMS_16BIT,
-                                        interpret_params, pad_axis, refuse, round_up, wgmma_into,
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, MAX_REGISTERS, SMEM_BYTES,
+                                        TRANSFORMS_16BIT, check_registers, interpret_params,
+                                        pad_axis, refuse, round_up, transforms, wgmma_into,
                                         wgmma_new)
 
 _DIM_MULTIPLE = 64  # 128-byte swizzle of bf16 rows: head dims in whole 64-element tiles
 _MAX_DIM = 256  # a wgmma's width and the fp32 register accumulators
 _SMEM_SLACK = 2 * 1024
+_FWD_WGS = 2  # compute warpgroups of the forward kernel (block_q rows each)
 _DQ_WGS = 2  # compute warpgroups of the dq kernel (block_q_bwd rows each)
 _DKV_WGS = 1  # compute warpgroups of the dkv kernel: dK + dV take 160 fp32 registers per thread
+_MEMORY_REGISTERS = 40  # setmaxnreg of each kernel's TMA warpgroup; the compute ones share the rest
 
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Block sizes (to be tuned on an H100). All block sizes are multiples of 64 (a wgmma's M)."""
+    """Block sizes (to be tuned on an H100). The block sizes are multiples of 64 (a wgmma's M),
+    block_q_dkv of 16 (a 16-bit wgmma's K). `check_dims` refuses those whose kernels would spill
+    registers (`registers_per_thread`) or overflow shared memory."""
 
     block_q: int = 64  # query rows per compute warpgroup (forward: 2 warpgroups per CTA)
     block_kv: int = 64  # key rows per pipeline step
@@ -113,11 +140,15 @@ class TileConfig:
     block_q_bwd: int = 64  # backward: query rows per dq warpgroup (2 per CTA) and per dkv step
     block_kv_bwd: int = 64  # backward: key rows per dkv CTA (1 compute warpgroup) and per dq step
     stages_bwd: int = 2  # blocks in flight (both backward kernels)
+    block_q_dkv: int = 32  # backward: query rows per dkv step (the N of its S^T, dP^T tiles)
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
             if getattr(self, name) < 64 or getattr(self, name) % 64:
                 refuse(self, name, "must be a positive multiple of 64 (the wgmma M)")
+        if self.block_q_dkv < 16 or self.block_q_dkv % 16:
+            refuse(self, "block_q_dkv", "must be a positive multiple of 16 (the K of a 16-bit "
+                   "wgmma, whose A operand P^T / dS^T it is)")
         for name in ("stages", "stages_bwd"):
             if getattr(self, name) < 2:
                 refuse(self, name, "must be >= 2")
@@ -132,7 +163,8 @@ class TileConfig:
 
     @property
     def t_multiple(self) -> int:
-        return math.lcm(self.q_tile, self.block_kv, self.dq_tile, self.block_kv_bwd)
+        return math.lcm(self.q_tile, self.block_kv, self.dq_tile, self.block_kv_bwd,
+                        self.block_q_dkv)
 
 
 DEFAULT_CONFIG = TileConfig()
@@ -148,12 +180,72 @@ def smem_bytes_fwd(cfg: TileConfig, dk: int, dv: int, itemsize: int = 2) -> int:
 def smem_bytes_bwd(cfg: TileConfig, dk: int, dv: int, itemsize: int = 2) -> int:
     """Shared memory of the larger backward kernel. dq: Q and dO tiles, lse / delta / segment rows,
     the K/V stages. dkv: K and V tiles, segment rows, the Q/dO/lse/delta/segment stages."""
-    bq, bkv = cfg.block_q_bwd, cfg.block_kv_bwd
+    bq, bkv, bq_dkv = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.block_q_dkv
     dq = (_DQ_WGS * bq * ((dk + dv) * itemsize + 12)
           + cfg.stages_bwd * (bkv * (dk + dv) * itemsize + 4 * bkv))
     dkv = (_DKV_WGS * bkv * ((dk + dv) * itemsize + 4)
-           + cfg.stages_bwd * (bq * (dk + dv) * itemsize + 12 * bq))
+           + cfg.stages_bwd * (bq_dkv * (dk + dv) * itemsize + 12 * bq_dkv))
     return max(dq, dkv) + _SMEM_SLACK
+
+
+# The register estimate (`registers_per_thread`), fitted to ptxas through mosaic_ptxas_check.py
+# (`python mosaic_ptxas_check.py --fail-on-spill --fn <module>:make` on the kernels under custom
+# configs; ptxas 13.0.88, sm_90a, jax 0.11.2, 2026-12-01): the three kernels at T = 4096, H = 16,
+# 22 tile configs over head dims A / O of 192/128, 256/128, 192/192, 256/64, 128/128, 128/64,
+# 64/128 and 64/64 (those that fit in shared memory), each classified as ptxas does but the two
+# noted below. Per thread of a compute warpgroup it counts the fp32 accumulators, `_SCORE_TILES`
+# score-block-sized fp32 tiles (the fitted number of S, P, dP, their transposes and the bf16
+# operands made of them live at once), the softmax vectors and a fixed overhead (`_OVERHEAD`),
+# held against the warpgroup's setmaxnreg (`register_budget`). Estimate / budget -> ptxas:
+#   forward  192/128 default                        150 / 232 -> no spill
+#            64/64 block_q=128 (two m-groups)       220 / 232 -> no spill
+#            64/64 block_kv=192                     246 / 232 -> 72 B spilled
+#            128/128 block_q=128                    284 / 232 -> 292 B spilled
+#   dq       192/128 default                        192 / 232 -> no spill
+#            256/128 default                        224 / 232 -> no spill
+#            128/128 block_kv_bwd=128               240 / 232 -> 60 B spilled
+#   dkv      192/128 default (block_q_dkv=32)       228 / 255 -> no spill
+#            128/128 block_q_dkv=64                 252 / 255 -> no spill
+#            192/128 block_q_dkv=48                 256 / 255 -> 40 B spilled
+#            192/128 block_q_dkv=64 (the old step)  284 / 255 -> 80 B spilled (14 reloads in loop)
+#            128/128 block_kv_bwd=128               356 / 255 -> 944 B spilled
+# No linear count separates every dkv point: 256/128 and 192/192 at block_q_dkv=32 get through
+# ptxas unspilled but are estimated at 260 and refused (block_q_dkv=16 takes them, 232).
+_SCORE_TILES = {"forward": 2.0, "dq": 2.5, "dkv": 2.0}
+_OVERHEAD = {"forward": 16, "dq": 10, "dkv": 12}
+
+
+def _tile_registers(rows: int, cols: int) -> int:
+    """32-bit registers per thread of an fp32 [rows, cols] tile held by one warpgroup (WGMMA
+    layout: 128 threads)."""
+    return rows * cols // 128
+
+
+def register_budget(wgs: int) -> int:
+    """setmaxnreg of each of `wgs` compute warpgroups beside the TMA warpgroup (Pallas's rule:
+    (512 - _MEMORY_REGISTERS) / wgs rounded down to 8, at most 256), capped at the 255 a thread can
+    address: 232 for two compute warpgroups, 255 for one."""
+    return min(MAX_REGISTERS, min(256, (512 - _MEMORY_REGISTERS) // wgs) // 8 * 8)
+
+
+def registers_per_thread(cfg: TileConfig, dk: int, dv: int) -> dict[str, tuple[int, int]]:
+    """{kernel: (estimated live 32-bit registers per thread, budget)} of the compute warpgroups of
+    the forward, dq and dkv kernels at head dims A = dk, O = dv (the fit above). A [rows] softmax
+    vector takes rows / 32 registers per thread (two rows per thread per 64), a [cols] column
+    vector of the transposed dkv tile cols / 4 (two columns of every eight); three each (m, l or
+    lse, delta; and the segment ids)."""
+    bq, bkv = cfg.block_q, cfg.block_kv
+    fwd = (_tile_registers(bq, dv) + _SCORE_TILES["forward"] * _tile_registers(bq, bkv)
+           + 3 * bq // 32 + _OVERHEAD["forward"])
+    bq, bkv = cfg.block_q_bwd, cfg.block_kv_bwd
+    dq = (_tile_registers(bq, dk) + _SCORE_TILES["dq"] * _tile_registers(bq, bkv)
+          + 3 * bq // 32 + _OVERHEAD["dq"])
+    bq = cfg.block_q_dkv
+    dkv = (_tile_registers(bkv, dk + dv) + _SCORE_TILES["dkv"] * _tile_registers(bkv, bq)
+           + 3 * bq // 4 + _OVERHEAD["dkv"])
+    return {"forward": (math.ceil(fwd), register_budget(_FWD_WGS)),
+            "dq": (math.ceil(dq), register_budget(_DQ_WGS)),
+            "dkv": (math.ceil(dkv), register_budget(_DKV_WGS))}
 
 
 def check_dims(q_shape, k_shape, v_shape, dtypes, config: TileConfig | None = None) -> None:
@@ -178,6 +270,9 @@ def check_dims(q_shape, k_shape, v_shape, dtypes, config: TileConfig | None = No
     if need > SMEM_BYTES:
         raise ValueError(f"mla_attention_sm90: {cfg} needs {need} bytes of shared memory at dims "
                          f"{dk}/{dv}, more than {SMEM_BYTES}; use smaller blocks or fewer stages.")
+    for kernel, (need, budget) in registers_per_thread(cfg, dk, dv).items():
+        check_registers(cfg, f"mla_attention_sm90 {kernel} kernel", need, budget,
+                        f"compute warpgroup at head dims {dk}/{dv}")
 
 
 def supports(q_shape, k_shape, v_shape, dtypes) -> bool:
@@ -224,7 +319,7 @@ def _stream_kv_blocks(body, compute_context, k_rows, v_rows, kseg_row, bkv: int,
         specs.append(plgpu.BlockSpec((bkv,), lambda i: (i,)))
         refs.append(kseg_row)
     pipeline = plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
+        body, grid=(steps,), memory_registers=_MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
         num_compute_wgs=wgs, max_concurrent_steps=stages, compute_context=compute_context)
     pipeline(*refs)
 
@@ -238,7 +333,7 @@ def _fwd_kernel(q_gmem, k_gmem, v_gmem, *rest, cfg: TileConfig, scale: float, ha
     o_gmem, lse_gmem = rest[2:] if has_segments else rest
     dk, dv = q_gmem.shape[-1], v_gmem.shape[-1]
     dtype = q_gmem.dtype
-    bq, bkv, wgs = cfg.block_q, cfg.block_kv, 2
+    bq, bkv, wgs = cfg.block_q, cfg.block_kv, _FWD_WGS
     n_q_tiles = q_gmem.shape[1] // (wgs * bq)
     qi = n_q_tiles - 1 - lax.axis_index("q_seq")  # the longest rows first
     h, b = lax.axis_index("heads"), lax.axis_index("batch")
@@ -412,12 +507,15 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
     dk_gmem, dv_gmem = rest[2:] if has_segments else rest
     dk, dv = q_gmem.shape[-1], v_gmem.shape[-1]
     dtype = q_gmem.dtype
-    bq, bkv, wgs = cfg.block_q_bwd, cfg.block_kv_bwd, _DKV_WGS
+    bq, bkv, wgs = cfg.block_q_dkv, cfg.block_kv_bwd, _DKV_WGS
     kj = lax.axis_index("kv_seq")  # the first keys are seen by the most queries: launched first
     h, b = lax.axis_index("heads"), lax.axis_index("batch")
     q_first = lax.div(kj * (wgs * bkv), jnp.int32(bq))  # causal: the first block that sees a key
     q_steps = q_gmem.shape[1] // bq - q_first
     s_scale = scale * LOG2E
+    # One swizzle for every wgmma operand (a wgmma's operands share it): the widest a K of bq
+    # (the contraction of dV += P^T dO and dK += dS^T Q) allows, 64 bytes at bq = 32.
+    tr = transforms(bq, dtype)
 
     def scoped(k_smem, v_smem, kseg_smem, bars, pt_smem=None, dst_smem=None):
         # k_smem: [1, bkv, A]  v_smem: [1, bkv, O]  kseg_smem: [1, bkv] i32; bars: k, v, segments
@@ -462,8 +560,8 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
             plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_gmem.at[b, rows, h])
             plgpu.wait_smem_to_gmem(0)
 
-        specs = [plgpu.BlockSpec((bq, dk), lambda i: (q_first + i, 0), transforms=TRANSFORMS_16BIT),
-                 plgpu.BlockSpec((bq, dv), lambda i: (q_first + i, 0), transforms=TRANSFORMS_16BIT),
+        specs = [plgpu.BlockSpec((bq, dk), lambda i: (q_first + i, 0), transforms=tr),
+                 plgpu.BlockSpec((bq, dv), lambda i: (q_first + i, 0), transforms=tr),
                  plgpu.BlockSpec((bq,), lambda i: (q_first + i,)),
                  plgpu.BlockSpec((bq,), lambda i: (q_first + i,))]
         refs = [q_gmem.at[b, :, h, :], do_gmem.at[b, :, h, :], lse_gmem.at[b, h],
@@ -472,18 +570,18 @@ def _dkv_kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, *rest, cf
             specs.append(plgpu.BlockSpec((bq,), lambda i: (q_first + i,)))
             refs.append(qseg_gmem.at[b])
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            body, grid=(q_steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
+            body, grid=(q_steps,), memory_registers=_MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
             num_compute_wgs=wgs, max_concurrent_steps=cfg.stages_bwd,
             compute_context=compute_context)
         pipeline(*refs)
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((wgs, bkv, dk), dtype, transforms=TRANSFORMS_16BIT),
-        plgpu.SMEM((wgs, bkv, dv), dtype, transforms=TRANSFORMS_16BIT),
+        plgpu.SMEM((wgs, bkv, dk), dtype, transforms=tr),
+        plgpu.SMEM((wgs, bkv, dv), dtype, transforms=tr),
         plgpu.SMEM((wgs, bkv), jnp.int32),
         tuple(plgpu.Barrier(num_barriers=wgs) for _ in range(3)),
-        *([plgpu.SMEM((wgs, bkv, bq), dtype, transforms=TRANSFORMS_16BIT)] * 2
+        *([plgpu.SMEM((wgs, bkv, bq), dtype, transforms=tr)] * 2
           if interpret else []),
         collective_axes="wg",
     )
