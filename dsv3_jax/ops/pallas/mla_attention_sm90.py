@@ -89,7 +89,7 @@ SASS; dynamic shared memory 210000 / 208976 B (forward, with / without segments)
 (dq), 86072 / 85048 (dkv). The dkv kernel's former 64-row query step spilled there (80 B of spill
 stores, 14 spill reloads in the key loop). `check_dims` holds each kernel's register estimate
 (`registers_per_thread`, fitted to ptxas: the table above `_SCORE_TILES`) against its budget and
-refuses tile configs that would spill, before any lowering. To measure again:
+refuses the tile configs it estimates to spill, before any lowering. To measure again:
     KERNEL_TARGETS='mla_fwd*,mla_bwd*' python mosaic_ptxas_check.py --fail-on-spill \
         --fn experiments.kernel_targets:make    # mla_fwd_v3, mla_bwd_v3, ..., mla_bwd_noseg_small
     python mosaic_ptxas_check.py --fail-on-spill mla_fwd mla_fwd_noseg mla_bwd mla_bwd_noseg
