@@ -20,17 +20,20 @@ shard; the body is whatever the ops function picks (kernel or reference), the ma
   its logical axes `w_axes` say. A weight dim's batch axes (FSDP: fsdp, expert) are gathered for
   the call, as XLA does for a plain matmul; its other axes (tensor) stay split:
     column-parallel (J over tensor):  y [..., J / tensor] comes out split; dx = sum over the tensor
-                                      shards of dy_j w_j^T (a psum, the transpose of x's cast to
-                                      varying over tensor);
+                                      shards of dy_j w_j^T, a psum in x's dtype (each shard's
+                                      Dgrad GEMM rounds to it first, as a tensor-parallel all-reduce
+                                      of bf16 activation gradients does);
     row-parallel (I over tensor):     x enters split along I too, and the partial products
-                                      x_i w_i [..., J] are psum'ed over tensor.
-  Both psums run in float32: a tensor-split call takes x in float32 (quantizing it gives the same
-  e4m3 tiles as its bf16 value, and the GEMM's fp32 accumulator is rounded to x's dtype once, after
-  the sum), at the cost of keeping the layer's input for the backward pass in float32.
-  dw: autodiff sums the per-shard x^T dy over the batch axes: over those w is replicated on by the
-  shard_map transpose (it psums an input's cotangent over the mesh axes its spec leaves out), over
-  the gathered ones by the gather's transpose (a psum_scatter), which hands dw back with w's own
-  sharding. Likewise dx of a column-parallel call is summed over tensor.
+                                      x_i w_i [..., J] are psum'ed over tensor in float32: the call
+                                      takes x in float32 (quantizing it gives the same e4m3 tiles
+                                      as its bf16 value; the fp32 sum is rounded to x's dtype once),
+                                      at the cost of keeping the layer's input for the backward
+                                      pass in float32 (`ops.fp8.fp8_linear` has no output dtype).
+  dw: autodiff sums the per-shard x^T dy over the batch axes; over the axes w is replicated on, the
+  shard_map transpose does it (it psums an input's cotangent over the mesh axes its spec leaves
+  out), over the gathered ones the gather's transpose (a psum_scatter), which hands dw back with
+  w's own sharding. dx of a column-parallel call is summed over tensor the first way (x is
+  replicated there).
 
 The shard_maps run with check_vma=False: the bodies are opaque kernels or references that do not
 type their values by the mesh axes they vary over (`ops.fp8.fp8_gemm_reference` starts its
@@ -42,7 +45,8 @@ nothing; 128x128 weight blocks and the 1x128 tiles of a tensor-split dim (J for 
 in Dgrad; I for row-parallel: x in Fprop) land on one device's boundaries when that dim's shard is
 a multiple of 128; the Wgrad 128x1 tiles along the rows restart at each device's first row, and
 coincide with one device's when each device holds a multiple of 128 rows. With those sizes the
-wrapped call equals one device's up to fp32 summation order; otherwise it runs valid tiles of the
+wrapped call equals one device's up to fp32 summation order (and a column-parallel dx in bf16, up
+to the rounding of each shard's part); otherwise it runs valid tiles of the
 recipe, a different quantization of the same product (as the expert-parallel experts do).
 
 When nothing is split, the ops function is called directly: no mesh, a 1-device mesh, inside
@@ -196,7 +200,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_axes: Sequence[str | None]) -> jax.
     x_spec = P(_spec_entry(batch), *middle, _spec_entry(kept_in))
     y_spec = P(_spec_entry(batch), *middle, _spec_entry(kept_out))
     body = functools.partial(_fp8_linear_body, gather_in=gather_in, gather_out=gather_out,
-                             psum_axes=kept_in, upcast=bool(kept_in or kept_out))
+                             psum_axes=kept_in, upcast=bool(kept_in))
     w_spec = P(_spec_entry(w_in), _spec_entry(w_out))
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, w_spec), out_specs=y_spec,
                             check_vma=False)
