@@ -17,16 +17,24 @@ loads its 64 query rows ([64, 512] latent in two 256-column halves, [64, 64] rop
 memory and walks its split of the cache in blocks of `block_s` rows, streamed by a TMA warpgroup
 (`plgpu.emit_pipeline_warp_specialized`); a block is three boxes of the same rows: c[:, :256],
 c[:, 256:] and k_pe. Two compute warpgroups each own one 256-column half of the output (a
-[64, 512] fp32 accumulator would need 256 registers per thread; a half needs 128):
+[64, 512] fp32 accumulator would need 256 registers per thread; a half needs 128). Warpgroup 0
+computes the scores, once per block, and the online softmax (base 2, as in mla_attention_sm90):
 
     S   = wgmma(Qlat_lo, C_lo^T) + wgmma(Qlat_hi, C_hi^T) + wgmma(Qpe, Kpe^T)   [64, block_s] fp32
-    masked to slot <= pos[t]; online softmax (base 2, as in mla_attention_sm90)
-    O_w = O_w * 2^(m_old - m_new) + wgmma(P.astype(bf16), C_w)                   [64, 256] fp32
+    masked to slot <= pos[t];  m_new = max(m_old, rowmax S);  alpha = 2^(m_old - m_new)
+    P = 2^(S - m_new) -> shared memory (bf16 [64, block_s]), alpha -> shared memory ([64] fp32)
+    O_w = O_w * alpha + wgmma(P, C_w)      (both warpgroups, P from shared memory) [64, 256] fp32
 
-Both warpgroups compute S and the softmax (the same numbers): the score wgmma is repeated rather than
-handing P over through shared memory with an extra barrier per block (FlashMLA's scheme, the next
-step when tuning; at H = 128 decoding is close to compute-bound, see BASELINES.md). A CTA stops at
-the last block any of its rows can see (a dynamic pipeline length read from a per-tile scalar), so
+and hands P over (FlashMLA's scheme): it writes P and alpha, arrives on "P ready", and runs its
+value wgmma; warpgroup 1 waits on "P ready", rescales its half and runs its value wgmma, then
+arrives on "P free", which warpgroup 0 waits on before writing the next block's P. So warpgroup 1's
+value wgmma of block k overlaps warpgroup 0's scores of block k + 1, and the tensor cores do
+576 + 2 x 256 deep products per block row instead of 2 x (576 + 256) with both warpgroups scoring
+(at H = 128 decoding is close to compute-bound, see BASELINES.md). Warpgroup 0 keeps the row
+statistics m and l and gives l to warpgroup 1 after the walk. P's 8 KB (block_s 64) fit because the
+kernel asks for no cross-warp reduction scratch (its row reductions stay within a warp; Mosaic's
+default reserves 2 KB): 231520 of the 232448 bytes at V3 dims (`smem_bytes`). A CTA stops at the
+last block any of its rows can see (a dynamic pipeline length read from a per-tile scalar), so
 short sequences in a long cache cost only what they read. Each split writes its normalised partial
 output (bf16, staged through the query's shared memory once both warpgroups are done with it) and
 its log-sum-exp (fp32, -inf when the split holds no visible slot); the combine step is jnp:
@@ -43,26 +51,31 @@ positions [B, THp] and per-tile visible limits [B, THp/64], pads the cache slots
 `block_s * splits` when needed (a copy: allocate caches in multiples of 64 slots to avoid it), and
 combines the splits. The number of splits is chosen so that batch x row tiles x splits fills the GPU
 (about two CTAs per SM) without splits shorter than two blocks. Requirements (checked): C a multiple
-of 128 and at most 512 (two 64-multiple halves), R a multiple of 64, bf16/f16 inputs of one dtype.
+of 128 and at most 512 (two 64-multiple halves), R a multiple of 64 dividing C (k_pe is the cache
+row's block C / R of width R), bf16/f16 inputs of one dtype; the config within shared memory and
+the register budget.
 
 The plain-jnp reference it is tested against is `dsv3_jax.ops.attention.mla_decode_reference`
 (tests/test_mla_kernels.py: interpret mode against it with per-sequence positions, several splits
-and blocks, and the model's prefill + decode against its forward; the sm_90a lowering at V3 shapes).
+and blocks, and the model's prefill + decode against its forward; the sm_90a lowering at V3 shapes;
+tests/test_mla_decode_sm90.py: the dims and register refusals, interpret mode on fresh inputs with
+positions in the first block, several splits of several blocks, two row tiles, R 128).
 `experiments/bench_mla_decode.py` measures GB/s of cache read on an H100.
 
-Registers (measured 2026-12-01, jax 0.11.2, ptxas 13.0, through Mosaic GPU's own pipeline):
-`python mosaic_ptxas_check.py --fail-on-spill --fn experiments.kernel_targets:make mla_decode_v3`
-(the built-in target: `python mosaic_ptxas_check.py mla_decode --fail-on-spill`) gives, at V3
-dims (B 64, H 128, C 512 + R 64, 4096 slots) and at the small config's (B 8, H 16, 32K slots),
-168 registers per thread at launch, setmaxnreg 40 (TMA) / 232 (compute), no spill, 225360 B of
-dynamic shared memory. LLVM hoisted the 36 loop-invariant wgmma descriptors of q's 16-deep slices
-out of the cache loop (72 registers) and ptxas spilled 88 B of them (12 reloads in the loop): q's
-views are indexed by a zero LLVM cannot see through (`_kernel`). The register budget
-(`registers_needed`, checked in `check_dims`) holds that table.
+Registers and spills (measured 2026-12-01: jax 0.11.2, ptxas 13.0, through Mosaic GPU's own
+pipeline): `python mosaic_ptxas_check.py --fail-on-spill --fn experiments.kernel_targets:make
+mla_decode_v3` (the built-in target: `python mosaic_ptxas_check.py mla_decode --fail-on-spill`)
+gives, at V3 dims (B 64, H 128, C 512 + R 64, 4096 slots) and at the small config's (B 8, H 16,
+32K slots), 168 registers per thread at launch, setmaxnreg 40 (TMA) / 232 (compute warpgroups),
+0 bytes spilled, 231520 B of dynamic shared memory. Before, it spilled 88/92 B in the compute
+warpgroups (12 reloads in the loop): LLVM hoists the 36 loop-invariant 64-bit wgmma descriptors of
+q's 16-deep slices out of the cache loop (72 registers); q's views are now indexed by a zero LLVM
+cannot see through (`_kernel`). The register budget of the config (`registers_needed`, checked in
+`check_dims`) is calibrated with the same tool.
 
 Status: NOT YET RUN ON A GPU. Interpret mode matches the reference, the sm_90a lowering passes and
-ptxas compiles it spill-free; the H100 run and its speed remain to be confirmed. Paged caches: not
-done.
+ptxas compiles it without spilling; the H100 run and its speed remain to be confirmed. Paged
+caches: not done.
 """
 
 from __future__ import annotations
@@ -112,29 +125,41 @@ DEFAULT_CONFIG = DecodeConfig()
 
 
 def smem_bytes(cfg: DecodeConfig, c: int, r: int, itemsize: int = 2) -> int:
-    return (ROWS * (c + r) * itemsize + cfg.stages * cfg.block_s * (c + r) * itemsize
-            + ROWS * 4 + 2 * 1024)
+    """Dynamic shared memory of a CTA as Mosaic GPU lays it out (each buffer rounded up to 1 KiB,
+    8 B per barrier): q [64, C + R], positions, row statistics [2, 64], P [64, block_s], `stages`
+    cache blocks [block_s, C + R]; 12 barriers at 2 stages. Equals the tool's dynamic shared
+    memory (231520 at V3 dims; 198752 at C 128, block_s 192; 239744 at C 128, block_s 128, 4
+    stages)."""
+    kib = lambda n: round_up(n, 1024)
+    bs, st = cfg.block_s, cfg.stages
+    buffers = (kib(ROWS * c * itemsize) + kib(ROWS * r * itemsize) + kib(ROWS * 4)
+               + kib(2 * ROWS * 4) + kib(ROWS * bs * itemsize)
+               + 2 * kib(st * bs * (c // 2) * itemsize) + kib(st * bs * r * itemsize))
+    barriers = 4 + 2 + 2 + 2 * st  # q loads, warpgroup syncs, P ready / free, the pipeline's
+    return buffers + 8 * barriers
 
 
 def registers_needed(cfg: DecodeConfig, c: int, r: int) -> int:
-    """Estimated live 32-bit registers per thread of a compute warpgroup (both hold the same): its
-    half of the output accumulator [64, C/2] fp32 (C/4), the scores [64, block_s] fp32 (block_s/2),
-    their bf16 copy P for the value wgmma (block_s/4), the column index of each score element for
-    the mask (block_s/4: LLVM hoists them out of the loop), and 16 for the rest (row max, sum and
-    position of the thread's two rows, the rescale factor, loop indices, addresses). The rope width
-    adds nothing: q's descriptors are recomputed in the loop (`_kernel`). The stages add nothing.
+    """Estimated live 32-bit registers per thread of the busiest warpgroup, warpgroup 0 (scores,
+    softmax and half the values): its half of the output accumulator [64, C/2] fp32 (C/4), the
+    scores [64, block_s] fp32 (block_s/2), their bf16 P (block_s/4), the column index of each
+    score element for the mask (block_s/4: LLVM hoists them out of the loop), and 16 for the rest
+    (row max, sum and position of the thread's two rows, the rescale factor, loop indices,
+    addresses). R and the stages add nothing: q's descriptors are recomputed in the loop.
+    Warpgroup 1 holds its accumulator and little else.
 
-    Calibrated with `python mosaic_ptxas_check.py` (2026-12-01, jax 0.11.2, ptxas 13.0, compute
-    warpgroups at setmaxnreg 232; shared-memory bound lifted to measure the bigger blocks), C x R x
-    block_s, spill bytes stored (0: none), estimate in brackets:
-      C 512, R 64:  64: 0 [208]  128: 0 [264]  192: 856 [336]  256: 1548 [400]
-      C 512, R 128: 64: 0 [208]  128: 0 [264]
-      C 384, R 64:  64: 0 [176]  128: 0 [240]  192: 464 [304]  256: 1156 [368]
-      C 256, R 64:  64: 0 [144]  128: 0 [208]  192: 180 [272]  256: 24 [336]
-      C 128, R 64:  64: 0 [112]  128: 0 [176]  192: 56 [240]   256: 12 [304]
-    (stages 2; stages 4 at C 128, block_s 128 and C 256, block_s 64: 0). Every config that fits in
-    shared memory is classified right; the estimate is pessimistic for block_s 128 at C >= 384
-    (ptxas overlaps S with P there), which shared memory refuses at any stages anyway.
+    Budget: COMPUTE_REGISTERS (232). Calibrated with `python mosaic_ptxas_check.py` on this kernel
+    (2026-12-01, jax 0.11.2, ptxas 13.0; its shared-memory bound lifted to compile the blocks
+    that do not fit), B 8, H 128: spill bytes stored (0: none) [estimate] for C x block_s, R 64,
+    2 stages:
+      C 512:  64: 0 [208]   128: 48 [264]   192: 980 [336]   256: 5124 [400]
+      C 384:  64: 0 [176]   128: 0 [240]    192: 548 [304]   256: 2004 [368]
+      C 256:  64: 0 [144]   128: 0 [208]    192: 136 [272]   256: 332 [336]
+      C 128:  64: 0 [112]   128: 0 [176]    192: 8 [240]     256: 60 [304]
+    R 128 the same (C 512: 64: 0, 128: 48; C 128, 192: 8); 4 stages the same (C 128, block_s
+    128: 0; C 256, 64: 0). Every config is classified right but C 384, block_s 128 (refused
+    though it compiles clean; it needs 305 KB of shared memory anyway). Only block_s 64 fits in
+    shared memory at C 512.
     """
     return c // 4 + cfg.block_s // 2 + cfg.block_s // 4 + cfg.block_s // 4 + 16
 
@@ -144,8 +169,8 @@ def check_dims(q_latent_shape, q_pe_shape, cache_shape, positions_shape, dtypes,
     """Refuses inputs the kernel cannot take (ValueError naming the field and the fix)."""
     cfg = config or DEFAULT_CONFIG
     if len(q_latent_shape) != 4 or len(q_pe_shape) != 4 or len(cache_shape) != 3:
-        raise ValueError(f"mla_decode_sm90: q_latent {q_latent_shape} and q_pe {q_pe_shape} must be "
-                         f"[B, T, H, *], cache {cache_shape} [B, S, C + R].")
+        raise ValueError(f"mla_decode_sm90: q_latent {q_latent_shape} and q_pe {q_pe_shape} must "
+                         f"be [B, T, H, *], cache {cache_shape} [B, S, C + R].")
     b, t, h, c = q_latent_shape
     r = q_pe_shape[-1]
     if tuple(q_pe_shape[:3]) != (b, t, h) or cache_shape[0] != b or cache_shape[2] != c + r:
@@ -206,18 +231,19 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
     steps = jnp.clip(visible_blocks, 0, blocks_per_split)
     s_scale = scale * LOG2E
 
-    def scoped(qlat_smem, qpe_smem, pos_smem, lse_smem, q_bar, done_bar, p_smem=None):
+    def scoped(qlat_smem, qpe_smem, pos_smem, stat_smem, p_smem, q_bar, done_bar, p_bar):
         # qlat_smem: [2, 64, C/2] the halves of q_latent; after the walk, the output halves
-        # qpe_smem: [1, 64, R]   pos_smem: [64] int32   lse_smem: [64] f32
-        # p_smem: [2, 64, bs] (interpret mode only: P staged for the wgmma; see hopper.wgmma_into)
+        # qpe_smem: [1, 64, R]   pos_smem: [64] int32
+        # stat_smem: [2, 64] f32: row 0 the block's rescale factor 2^(m_old - m_new) in the walk,
+        #            then the lse; row 1 the final row sums l (warpgroup 0 to warpgroup 1)
+        # p_smem: [64, bs] the block's P (bf16), written by warpgroup 0, read by both
+        # p_bar: one arrival each: [0] P and its factor are in p_smem / stat_smem (warpgroup 0
+        #        arrives), [1] warpgroup 1 is done reading them
         wg = lax.axis_index("wg")
-        p_scratch = None if p_smem is None else p_smem.at[wg]
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-        def body(idx, clo_smem, chi_smem, kpe_smem, carry):
-            # clo_smem, chi_smem: [bs, C/2] (c's two column halves)   kpe_smem: [bs, R]
-            (step,) = idx
+        def scores_softmax(step, clo_smem, chi_smem, kpe_smem, carry):  # warpgroup 0
             acc, m_i, l_i = carry
-
             # q's shared-memory views indexed by `zero`, 0 but not known to LLVM: otherwise it
             # hoists the 36 loop-invariant 64-bit wgmma descriptors of q's 16-deep slices out of
             # the loop and ptxas spills them (88 B at V3 dims; module docstring).
@@ -231,7 +257,7 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
                 return acc_ref[...]
 
             s = pl.run_scoped(scores, plgpu.ACC((ROWS, bs), jnp.float32)) * s_scale
-            pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            pos = plgpu.load(pos_smem, layout=row_layout)
             slots = plgpu.broadcasted_iota(jnp.int32, (ROWS, bs), 1, layout=plgpu.Layout.WGMMA)
             slots = slots + (first_block + step) * bs
             s = jnp.where(slots <= lax.broadcast_in_dim(pos, s.shape, [0]), s, -jnp.inf)
@@ -239,13 +265,34 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
+
+            @pl.when(step > 0)
+            def _():  # warpgroup 1 is done with the previous block's P and factor
+                plgpu.barrier_wait(p_bar.at[1])
+
+            p_smem[...] = p.astype(dtype)
+            stat_smem[0] = alpha
+            plgpu.commit_smem()  # visible to the wgmmas (async proxy) of both warpgroups
+            plgpu.barrier_arrive(p_bar.at[0])
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(dtype)
-            acc = lax.cond(  # O_w += P C_w: each warpgroup its own half of the latent columns
-                wg == 0,
-                lambda: wgmma_into(acc, p16, clo_smem, interpret, p_scratch),
-                lambda: wgmma_into(acc, p16, chi_smem, interpret, p_scratch))
-            return acc, m_new, l_i
+            return wgmma_into(acc, p_smem, clo_smem, interpret), m_new, l_i
+
+        def values(clo_smem, chi_smem, kpe_smem, carry):  # warpgroup 1
+            del clo_smem, kpe_smem
+            acc, m_i, l_i = carry  # m_i, l_i: unused here (warpgroup 0 keeps the statistics)
+            plgpu.barrier_wait(p_bar.at[0])
+            alpha = plgpu.load(stat_smem.at[0], layout=row_layout)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            acc = wgmma_into(acc, p_smem, chi_smem, interpret)  # returns once the wgmma is done
+            plgpu.barrier_arrive(p_bar.at[1])
+            return acc, m_i, l_i
+
+        def body(idx, clo_smem, chi_smem, kpe_smem, carry):
+            # clo_smem, chi_smem: [bs, C/2] (c's two column halves)   kpe_smem: [bs, R]
+            (step,) = idx
+            return lax.cond(wg == 0,
+                            lambda: scores_softmax(step, clo_smem, chi_smem, kpe_smem, carry),
+                            lambda: values(clo_smem, chi_smem, kpe_smem, carry))
 
         def compute_context(run_pipeline):
             plgpu.copy_gmem_to_smem(q_gmem.at[b, rows, pl.ds(wg * half, half)], qlat_smem.at[wg],
@@ -265,20 +312,31 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
             plgpu.barrier_arrive(done_bar.at[0])
             plgpu.barrier_wait(done_bar.at[0])
             acc = plgpu.layout_cast(jnp.zeros((ROWS, half), jnp.float32), plgpu.Layout.WGMMA)
-            m_i = plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32), row_layout)
+            l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
             acc, m_i, l_i = run_pipeline((acc, m_i, l_i))
-            # Both warpgroups are done reading q before its shared memory takes the output.
-            plgpu.barrier_arrive(done_bar.at[1])
-            plgpu.barrier_wait(done_bar.at[1])
+
+            @pl.when(jnp.logical_and(wg == 0, steps > 0))
+            def _():  # the last block's "P free": warpgroup 0 observes every phase it completes
+                plgpu.barrier_wait(p_bar.at[1])
+
             seen = l_i > 0
             l_safe = jnp.where(seen, l_i, 1.0)
+
+            @pl.when(wg == 0)
+            def _():
+                stat_smem[1] = l_safe
+
+            # Both warpgroups are done reading q (and warpgroup 1 the factors) before q's shared
+            # memory takes the output and stat_smem[0] the lse; warpgroup 0's sums are in place.
+            plgpu.barrier_arrive(done_bar.at[1])
+            plgpu.barrier_wait(done_bar.at[1])
+            l_safe = plgpu.load(stat_smem.at[1], layout=row_layout)
             qlat_smem[wg] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
 
             @pl.when(wg == 0)
             def _():
-                lse_smem[...] = jnp.where(seen, m_i + jnp.log2(l_safe), -jnp.inf)
+                stat_smem[0] = jnp.where(seen, m_i + jnp.log2(l_safe), -jnp.inf)
 
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(qlat_smem.at[wg],
@@ -286,15 +344,14 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
 
             @pl.when(wg == 0)
             def _():
-                plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[split, b, rows])
+                plgpu.copy_smem_to_gmem(stat_smem.at[0], lse_gmem.at[split, b, rows])
 
             plgpu.wait_smem_to_gmem(0)
 
         block = lambda col: (lambda i: (first_block + i, col))
         pipeline = plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), memory_registers=MEMORY_REGISTERS, wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=cfg.stages, compute_context=compute_context,
+            num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=compute_context,
             in_specs=[plgpu.BlockSpec((bs, half), block(0), transforms=TRANSFORMS_16BIT),
                       plgpu.BlockSpec((bs, half), block(1), transforms=TRANSFORMS_16BIT),
                       plgpu.BlockSpec((bs, r), block(c // r), transforms=TRANSFORMS_16BIT)])
@@ -306,10 +363,11 @@ def _kernel(q_gmem, cache_gmem, pos_gmem, limit_gmem, o_gmem, lse_gmem, *, c: in
         plgpu.SMEM((2, ROWS, half), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.SMEM((1, ROWS, r), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.SMEM((ROWS,), jnp.int32),
-        plgpu.SMEM((ROWS,), jnp.float32),
+        plgpu.SMEM((2, ROWS), jnp.float32),
+        plgpu.SMEM((ROWS, bs), dtype, transforms=TRANSFORMS_16BIT),
         plgpu.Barrier(num_barriers=4),
         plgpu.Barrier(num_arrivals=2, num_barriers=2),
-        *([plgpu.SMEM((2, ROWS, bs), dtype, transforms=TRANSFORMS_16BIT)] if interpret else []),
+        plgpu.Barrier(num_barriers=2),
         collective_axes="wg",
     )
 
@@ -368,7 +426,7 @@ def mla_decode(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array, q_positio
         grid_names=("rows", "split", "batch"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=interp,
     )
     o_parts, lse_parts = call(q, cache_p, pos, limit)
