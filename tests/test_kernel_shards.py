@@ -49,11 +49,12 @@ def _normal(seed, *shape):
 
 
 def _record(monkeypatch, module, name):
-    """Replaces module.name by a fake that records its arguments' shapes and calls the original."""
+    """Replaces module.name by a fake that records its array arguments' shapes (not the scale or
+    output dtype) and calls the original."""
     original, seen = getattr(module, name), []
 
     def fake(*args, **kwargs):
-        arrays = (*args, *(v for k, v in sorted(kwargs.items()) if k != "scale"))
+        arrays = (*args, *(v for k, v in sorted(kwargs.items()) if k not in ("scale", "out_dtype")))
         seen.append(tuple(None if a is None else a.shape for a in arrays))
         return original(*args, **kwargs)
 

@@ -346,19 +346,23 @@ def calc_diff(x, y) -> float:
 # ------------------------------------------------------------------------------------------------
 # FP8 linear layer for training
 # ------------------------------------------------------------------------------------------------
-def fp8_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False) -> jax.Array:
+def fp8_linear(x: jax.Array, w: jax.Array, *, pow2_scale: bool = False,
+               out_dtype=None) -> jax.Array:
     """y = x @ w through FP8 GEMMs in the forward and both backward products (SPEC.md section 3).
 
     Args:
       x: [..., I] activations in the compute dtype (bf16 in training).
       w: [I, J] the master kernel in our [in, out] layout (fp32).
+      out_dtype: y's dtype (x's when None); float32 keeps the GEMM's fp32 sums, e.g. for partial
+        products summed across tensor-parallel shards before one rounding.
     Returns:
-      [..., J] in x's dtype. Gradients: dx in x's dtype; dw in w's dtype (fp32 for the fp32 master
+      [..., J] in out_dtype. Gradients: dx in x's dtype; dw in w's dtype (fp32 for the fp32 master
       weight), accumulated in fp32. Layouts and transposes: module docstring.
     """
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"fp8_linear: x {x.shape} [..., K] does not match w {w.shape} [K, N].")
-    return _fp8_linear(x, w, (bool(pow2_scale), jnp.dtype(w.dtype).name))
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    return _fp8_linear(x, w, (bool(pow2_scale), jnp.dtype(w.dtype).name, out_dtype.name))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -367,18 +371,18 @@ def _fp8_linear(x, w, static):
 
 
 def _fp8_linear_fwd(x, w, static):
-    pow2, _ = static
+    pow2, _, out_dtype = static
     k, n = w.shape
     with jax.named_scope("fp8_fprop"):
         x2 = x.reshape(-1, k)  # [T, I]
         wq, ws = weight_quant(w, pow2_scale=pow2)  # [I, J] e4m3, [Ib, Jb]
         xq, xs = act_quant(x2, pow2_scale=pow2)  # [T, I], [T, Ib]
-        y = fp8_gemm(xq, xs, wq.T, ws.T, out_dtype=x.dtype)  # B = w^T [J, I]
+        y = fp8_gemm(xq, xs, wq.T, ws.T, out_dtype=jnp.dtype(out_dtype))  # B = w^T [J, I]
     return y.reshape(*x.shape[:-1], n), (x2, wq, ws)
 
 
 def _fp8_linear_bwd(static, residuals, dy):
-    pow2, w_dtype = static
+    pow2, w_dtype, _ = static
     x2, wq, ws = residuals  # [T, I] compute dtype; [I, J] e4m3; [Ib, Jb] f32
     k, n = wq.shape
     dy2 = dy.reshape(-1, n)  # [T, J]

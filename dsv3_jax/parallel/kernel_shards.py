@@ -24,11 +24,9 @@ shard; the body is whatever the ops function picks (kernel or reference), the ma
                                       Dgrad GEMM rounds to it first, as a tensor-parallel all-reduce
                                       of bf16 activation gradients does);
     row-parallel (I over tensor):     x enters split along I too, and the partial products
-                                      x_i w_i [..., J] are psum'ed over tensor in float32: the call
-                                      takes x in float32 (quantizing it gives the same e4m3 tiles
-                                      as its bf16 value; the fp32 sum is rounded to x's dtype once),
-                                      at the cost of keeping the layer's input for the backward
-                                      pass in float32 (`ops.fp8.fp8_linear` has no output dtype).
+                                      x_i w_i [..., J] come out of the GEMM in float32
+                                      (`fp8_linear(out_dtype=float32)`), are psum'ed over tensor
+                                      and rounded to x's dtype once.
   dw: autodiff sums the per-shard x^T dy over the batch axes; over the axes w is replicated on, the
   shard_map transpose does it (it psums an input's cotangent over the mesh axes its spec leaves
   out), over the gathered ones the gather's transpose (a psum_scatter), which hands dw back with
@@ -168,10 +166,10 @@ def _gather(w: jax.Array, axes: tuple[str, ...], axis: int) -> jax.Array:
     return jax.lax.all_gather(w, axes, axis=axis, tiled=True) if axes else w
 
 
-def _fp8_linear_body(x, w, *, gather_in, gather_out, psum_axes, upcast):
+def _fp8_linear_body(x, w, *, gather_in, gather_out, psum_axes):
     """Per device: x [M_loc, ..., I or I_loc], w shard -> y [M_loc, ..., J or J_loc] in x's dtype."""
     w = _gather(_gather(w, gather_in, 0), gather_out, 1)  # [I or I_loc, J or J_loc]
-    y = fp8.fp8_linear(x.astype(jnp.float32) if upcast else x, w)
+    y = fp8.fp8_linear(x, w, out_dtype=jnp.float32 if psum_axes else None)
     if psum_axes:
         y = jax.lax.psum(y, psum_axes)  # row-parallel: partial products over I's tensor shards
     return y.astype(x.dtype)
@@ -200,7 +198,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_axes: Sequence[str | None]) -> jax.
     x_spec = P(_spec_entry(batch), *middle, _spec_entry(kept_in))
     y_spec = P(_spec_entry(batch), *middle, _spec_entry(kept_out))
     body = functools.partial(_fp8_linear_body, gather_in=gather_in, gather_out=gather_out,
-                             psum_axes=kept_in, upcast=bool(kept_in))
+                             psum_axes=kept_in)
     w_spec = P(_spec_entry(w_in), _spec_entry(w_out))
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, w_spec), out_specs=y_spec,
                             check_vma=False)
