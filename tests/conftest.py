@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import zlib
 
@@ -20,6 +21,9 @@ from dsv3_jax.model.transformer import DeepSeekV3
 COMPILATION_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation_cache"
 jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The safety net's verdicts (ops/safety_net.py; probes run only on a GPU, or where a test forces
+# them) go beside it, never into the user's own cache; a test may still point it elsewhere.
+os.environ.setdefault("DSV3_KERNEL_CACHE", str(COMPILATION_CACHE.parent / "kernel_verdicts"))
 
 # float32 compute so comparisons against float64 references are tight; a larger init std than
 # training's 0.006 so activations, router scores and logits are far from zero.

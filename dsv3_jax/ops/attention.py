@@ -27,7 +27,7 @@ trace time (ops/platform.py reads the machine), fastest proven first:
        candidate; not done.
   mla_decode (latent cache):
     1. Hopper GPU: `ops/pallas/mla_decode_sm90.py` (flash-decoding; latent rank a multiple of 128
-       up to 512, rope dim a multiple of 64);
+       up to 512, rope dim a multiple of 64 dividing it);
     2. the jnp reference (`mla_decode_reference`).
 
 The safety net (ops/safety_net.py): the first time "auto" dispatch is about to use a GPU path (1
