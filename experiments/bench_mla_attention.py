@@ -1,6 +1,7 @@
 """MLA training attention (causal, qk 192 / v 128): our flash kernel against cuDNN, tokamax and XLA.
 
   python experiments/bench_mla_attention.py            # H100: T = 4096, 16384; H = 16, 128
+  python experiments/bench_mla_attention.py --shapes=4096x16,4096x128   # only these T x H
   python experiments/bench_mla_attention.py --smoke    # CPU, tiny shapes, kernel in interpret mode
 
 Rows per shape (bf16 inputs, B chosen so that B x T = 16384 tokens, at least 1):
@@ -40,6 +41,16 @@ SMOKE_SHAPES = ((128, 2),)
 TOLERANCE = 2.0 ** -6
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """--shapes "4096x16,4096x128" -> [(4096, 16), (4096, 128)] ([] when empty)."""
+    try:
+        pairs = (item.split("x") for item in filter(None, text.split(",")))
+        return [(int(a), int(b)) for a, b in pairs]
+    except ValueError:
+        raise SystemExit(f"bench_mla_attention: --shapes={text!r}; expected TxH,TxH,... "
+                         "(e.g. 4096x16,4096x128)") from None
+
+
 def _cudnn(q, k, v, scale):
     vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, DK - DV)))
     out = jax.nn.dot_product_attention(q, k, vp, scale=scale, is_causal=True,
@@ -73,6 +84,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernel interpreted")
     ap.add_argument("--tokens", type=int, default=16384, help="B x T per shape")
+    ap.add_argument("--shapes", default="", help="comma-separated TxH (e.g. 4096x16,4096x128); "
+                    "default: all of FULL_SHAPES")
     add_timing_flags(ap)
     args = ap.parse_args(argv)
     timing = fill_timing(args, full=(3, 10, 5))
@@ -82,7 +95,7 @@ def main(argv=None) -> int:
               "for the CPU check.", file=sys.stderr)
         return 2
     rows, ok = [], True
-    for t, h in (SMOKE_SHAPES if args.smoke else FULL_SHAPES):
+    for t, h in (SMOKE_SHAPES if args.smoke else _shapes(args.shapes) or FULL_SHAPES):
         b = 1 if args.smoke else max(1, args.tokens // t)
         kq, kk, kv, kd = jax.random.split(jax.random.key(t + h), 4)
         q = jax.random.normal(kq, (b, t, h, DK), jnp.float32).astype(jnp.bfloat16)

@@ -1,6 +1,7 @@
 """MLA decoding over the latent cache: GB/s of cache read, our kernel against XLA and a copy.
 
   python experiments/bench_mla_decode.py             # H100: batch 1..128, context 1K..128K
+  python experiments/bench_mla_decode.py --grid=64x4096,8x32768   # only these B x S
   python experiments/bench_mla_decode.py --smoke     # CPU, tiny shapes, kernel in interpret mode
 
 Per (batch B, context S), H = 128 heads, one new token per sequence at position S - 1, latent 512 +
@@ -34,10 +35,22 @@ SMOKE_GRID = ((2, 128),)
 TOLERANCE = 2.0 ** -6
 
 
+def _grid(text: str) -> list[tuple[int, int]]:
+    """--grid "64x4096,8x32768" -> [(64, 4096), (8, 32768)] ([] when empty)."""
+    try:
+        pairs = (item.split("x") for item in filter(None, text.split(",")))
+        return [(int(a), int(b)) for a, b in pairs]
+    except ValueError:
+        raise SystemExit(f"bench_mla_decode: --grid={text!r}; expected BxS,BxS,... "
+                         "(e.g. 64x4096,8x32768)") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernel interpreted")
+    ap.add_argument("--grid", default="", help="comma-separated BxS (e.g. 64x4096,8x32768); "
+                    "default: all of FULL_GRID")
     add_timing_flags(ap)
     args = ap.parse_args(argv)
     timing = fill_timing(args, full=(3, 10, 10))
@@ -48,7 +61,7 @@ def main(argv=None) -> int:
         return 2
     heads, c, r = (2, 128, 64) if args.smoke else (H, C, R)
     rows, ok = [], True
-    for b, s in (SMOKE_GRID if args.smoke else FULL_GRID):
+    for b, s in (SMOKE_GRID if args.smoke else _grid(args.grid) or FULL_GRID):
         kq, kp, kc = jax.random.split(jax.random.key(b * 7 + s), 3)
         q_lat = jax.random.normal(kq, (b, 1, heads, c), jnp.float32).astype(jnp.bfloat16)
         q_pe = jax.random.normal(kp, (b, 1, heads, r), jnp.float32).astype(jnp.bfloat16)
