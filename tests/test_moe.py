@@ -119,7 +119,7 @@ def test_load_counts_and_balance_loss_hand_checked():
 
 def test_balance_loss_is_one_when_routing_is_uniform():
     # Each expert chosen equally often and equal scores: f_i = 1, P_i = 1/E, sum = 1.
-    e, k, t = 4, 2, 4
+    e, t = 4, 4  # 4 experts, 4 tokens, top-2
     indices = jnp.array([[[0, 1], [2, 3], [0, 2], [1, 3]]])
     loss = sequence_balance_loss(jnp.full((1, t, e), 0.5), indices, jnp.ones((1, t), bool), e)
     assert float(loss) == pytest.approx(1.0, rel=1e-6)

@@ -71,8 +71,6 @@ def test_plan_counts_sharded_bytes_without_allocating():
     import importlib.util
     import pathlib
 
-    import ml_collections
-
     from dsv3_jax.plan import parse_mesh, plan
     from dsv3_jax.train.run_config import base_config
 
