@@ -106,6 +106,9 @@ def _bench_summary(text: str, ctx) -> tuple[str, dict]:
     bad = [ln.strip() for ln in text.splitlines() if "MISMATCH" in ln or "| error:" in ln]
     summary = f"{rows} rows in {len(tables)} table(s)" + (f"; {len(bad)} MISMATCH/error row(s)"
                                                           if bad else "")
+    if not tables:  # the script stopped before its table: its last words say why
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        summary = f"no table; last output: {last[-1][:300] if last else '(none)'}"
     return summary, {"tables": tables}
 
 
