@@ -121,6 +121,10 @@ def _pytest_summary(text: str, ctx) -> tuple[str, dict]:
             counts[what.rstrip("s") if what.startswith("error") else what] = int(n)
     failed = [ln.split(" ", 1)[1][:300] for ln in text.splitlines()
               if ln.startswith(("FAILED ", "ERROR "))]
+    if not counts:  # killed before the summary line: count the per-test lines of -v
+        for what in re.findall(r"^\S+::\S+ (PASSED|FAILED|SKIPPED|ERROR)", text, re.M):
+            counts[what.lower()] = counts.get(what.lower(), 0) + 1
+        failed = failed or re.findall(r"^(\S+::\S+) FAILED", text, re.M)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no pytest summary line"
     return summary, {"counts": counts, "failed": failed}
 
@@ -241,7 +245,7 @@ def gpu_test_files() -> list[str]:
 
 
 def _pytest_argv(ctx):
-    return [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+    return [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
             "--continue-on-collection-errors", "--durations=10", *gpu_test_files()]
 
 
