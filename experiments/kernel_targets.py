@@ -30,7 +30,8 @@ the model presets (`dsv3_jax.get_model_config`): "deepseek-v3-671b" (suffix `_v3
 Token counts are not in the presets: U = 4096 tokens per device; grouped matmuls take M = 4096
 rows (token-expert pairs) over E_loc = 8 experts for V3 (256 experts over an expert axis of 32)
 and all 64 for the small config (one device); attention T = 4096, B = 1. Registers and spills
-depend on the tiles, not on these counts (they change only the grid).
+depend mostly on the tiles, but also on loop trip counts LLVM sees (the FP8 GEMM's TMA warpgroup
+once spilled at I = 1024 and not at 7168), so the targets use each config's real dims.
 """
 
 from __future__ import annotations

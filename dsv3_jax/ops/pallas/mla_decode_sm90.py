@@ -63,8 +63,9 @@ positions in the first block, several splits of several blocks, two row tiles, R
 `experiments/bench_mla_decode.py` measures GB/s of cache read on an H100.
 
 Registers and spills (measured 2026-12-01: jax 0.11.2, ptxas 13.0, through Mosaic GPU's own
-pipeline): `python mosaic_ptxas_check.py --fail-on-spill --fn experiments.kernel_targets:make
-mla_decode_v3` (the built-in target: `python mosaic_ptxas_check.py mla_decode --fail-on-spill`)
+pipeline): `KERNEL_TARGETS='mla_decode*' python mosaic_ptxas_check.py --fail-on-spill --fn
+experiments.kernel_targets:make` (the built-in target: `python mosaic_ptxas_check.py mla_decode
+--fail-on-spill`)
 gives, at V3 dims (B 64, H 128, C 512 + R 64, 4096 slots) and at the small config's (B 8, H 16,
 32K slots), 168 registers per thread at launch, setmaxnreg 40 (TMA) / 232 (compute warpgroups),
 0 bytes spilled, 231520 B of dynamic shared memory. Before (both warpgroups scoring), it spilled
