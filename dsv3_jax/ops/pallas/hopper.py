@@ -18,16 +18,17 @@ DTYPES_16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # operands of 
 OUT_DTYPES = (*DTYPES_16BIT, jnp.dtype(jnp.float32))  # what the matmul epilogues write
 LOG2E = math.log2(math.e)  # softmax in base 2: exp(x) = exp2(x log2 e), log2 e folded into scale
 M_INIT = -1e30  # running-max start: finite, so fully masked blocks give exp2(-inf) = 0, not NaN
-MAX_REGISTERS = 255  # 32-bit registers a thread may hold (setmaxnreg's ceiling is 240 of them)
+MAX_REGISTERS = 255  # 32-bit registers a thread may address
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, shared by the CTA's threads
 
 
 def warp_specialized_registers(num_compute_wgs: int, memory_registers: int) -> int:
-    """Registers per thread a compute warpgroup gets from `emit_pipeline_warp_specialized`
-    (setmaxnreg): the register file less the memory warpgroup's share, split over the compute
-    warpgroups, in steps of 8, at most 240 (e.g. 232 for 2 compute warpgroups and 40)."""
+    """Registers per thread a compute warpgroup may use under `emit_pipeline_warp_specialized`'s
+    setmaxnreg: the register file less the memory warpgroup's share, split over the compute
+    warpgroups, in steps of 8, at most 256 (jax's pipeline), of which a thread addresses
+    MAX_REGISTERS (e.g. 232 for 2 compute warpgroups beside 40 or 48; 255 for one)."""
     per_wg = REGISTER_FILE // 128 - memory_registers
-    return min(240, per_wg // num_compute_wgs // 8 * 8)
+    return min(MAX_REGISTERS, min(256, per_wg // num_compute_wgs) // 8 * 8)
 
 
 def check_registers(config, kernel: str, need: int, budget: int, where: str) -> None:

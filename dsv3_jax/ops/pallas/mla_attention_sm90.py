@@ -114,10 +114,10 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, MAX_REGISTERS, SMEM_BYTES,
-                                        TRANSFORMS_16BIT, check_registers, interpret_params,
-                                        pad_axis, refuse, round_up, transforms, wgmma_into,
-                                        wgmma_new)
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, SMEM_BYTES, TRANSFORMS_16BIT,
+                                        check_registers, interpret_params, pad_axis, refuse,
+                                        round_up, transforms, warp_specialized_registers,
+                                        wgmma_into, wgmma_new)
 
 _DIM_MULTIPLE = 64  # 128-byte swizzle of bf16 rows: head dims in whole 64-element tiles
 _MAX_DIM = 256  # a wgmma's width and the fp32 register accumulators
@@ -222,10 +222,9 @@ def _tile_registers(rows: int, cols: int) -> int:
 
 
 def register_budget(wgs: int) -> int:
-    """setmaxnreg of each of `wgs` compute warpgroups beside the TMA warpgroup (Pallas's rule:
-    (512 - _MEMORY_REGISTERS) / wgs rounded down to 8, at most 256), capped at the 255 a thread can
-    address: 232 for two compute warpgroups, 255 for one."""
-    return min(MAX_REGISTERS, min(256, (512 - _MEMORY_REGISTERS) // wgs) // 8 * 8)
+    """Registers per thread of each of `wgs` compute warpgroups beside the TMA warpgroup
+    (`hopper.warp_specialized_registers`): 232 for two compute warpgroups, 255 for one."""
+    return warp_specialized_registers(wgs, _MEMORY_REGISTERS)
 
 
 def registers_per_thread(cfg: TileConfig, dk: int, dv: int) -> dict[str, tuple[int, int]]:

@@ -91,16 +91,16 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, MAX_REGISTERS, NUM_SMS,
-                                        SMEM_BYTES, TRANSFORMS_16BIT, check_registers,
-                                        interpret_params, pad_axis, refuse, round_up, wgmma_into)
+from dsv3_jax.ops.pallas.hopper import (DTYPES_16BIT, LOG2E, M_INIT, NUM_SMS, SMEM_BYTES,
+                                        TRANSFORMS_16BIT, check_registers, interpret_params,
+                                        pad_axis, refuse, round_up, warp_specialized_registers,
+                                        wgmma_into)
 
 ROWS = 64  # query rows per CTA (wgmma M)
 MEMORY_REGISTERS = 40  # setmaxnreg of the TMA warpgroup
-# setmaxnreg of each of the two compute warpgroups: the rest of the 512 registers per thread of
-# three warpgroups, rounded down to a multiple of 8, as emit_pipeline_warp_specialized gives them
-# (232: the tool's "setmaxnreg -40,+232").
-COMPUTE_REGISTERS = min(MAX_REGISTERS, (512 - MEMORY_REGISTERS) // 2 // 8 * 8)
+# Registers per thread of each of the two compute warpgroups (232: the tool's "setmaxnreg
+# -40,+232").
+COMPUTE_REGISTERS = warp_specialized_registers(2, MEMORY_REGISTERS)
 
 
 @dataclasses.dataclass(frozen=True)
