@@ -19,8 +19,10 @@ FP8 rows), run `--warmup` times, then `--runs` timed runs of `--inner` back-to-b
 by block_until_ready; the table shows the median per call. TFLOP/s = 2 M N K / time.
 Accuracy: calc_diff (DeepGEMM's, SPEC.md section 3) against the bf16 product of the unquantized
 inputs (fp32 out); inputs ~ N(0, 1). A block-FP8 row passes at calc_diff < 1e-3, and ours must
-equal the jnp reference to one bf16 ulp (2^-8 relative: both sum each block in fp32 with the same
-scales; only the summation order differs). Any failure is marked MISMATCH and exits 1.
+match the jnp reference elementwise within 2^-8 |ref| + 2^-10 max|ref| (tests/test_gpu_kernels.py's
+FP8 tolerance): one bf16 ulp, plus room for the tensor core's FP8 accumulator, which keeps about
+14 bits within each 128-wide block (the reference sums in fp32), so an element whose blocks cancel
+may differ by more than an ulp of its own small value. Any failure is marked MISMATCH and exits 1.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ FULL_SHAPES = (
 )
 SMOKE_SHAPES = (("aligned", 128, 256, 128), ("ragged", 100, 300, 72))
 KERNEL_ULP = 2.0 ** -8
+KERNEL_ABS = 2.0 ** -10  # of max|ref|: the FP8 accumulator (module docstring)
 
 
 def _sweep_configs():
@@ -71,9 +74,11 @@ def _calc_diff_device(x, y):
 
 
 def _max_ulp_excess(out, ref):
-    """max(|out - ref| - 2^-8 |ref|), > 0 when some element is more than one bf16 ulp off."""
+    """max(|out - ref| - (2^-8 |ref| + 2^-10 max|ref|)), > 0 when some element is off by more than
+    the tolerance (module docstring)."""
     out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
-    return float(jnp.max(jnp.abs(out - ref) - KERNEL_ULP * jnp.abs(ref)))
+    bound = KERNEL_ULP * jnp.abs(ref) + KERNEL_ABS * jnp.max(jnp.abs(ref))
+    return float(jnp.max(jnp.abs(out - ref) - bound))
 
 
 def _per_tensor_quant(x):
@@ -152,7 +157,7 @@ def _bench_shape(label, m, k, n, args, configs, rows, detail_rows) -> bool:
         excess = _max_ulp_excess(out, ref_out)
         note = ""
         if not (diff < 1e-3 and excess <= 0):
-            note = f"MISMATCH: calc_diff {diff:.2e}, {excess:.3g} beyond 1 ulp of the reference"
+            note = f"MISMATCH: calc_diff {diff:.2e}, {excess:.3g} beyond the reference's tolerance"
             ok = False
             row("pallas fp8 (ours)", seconds, out, f"{name}: {note}")
         elif best is None or seconds < best[1]:
