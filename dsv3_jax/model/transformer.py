@@ -7,6 +7,9 @@ experts, X MTP depth, C + R one latent-cache row (kv_lora_rank + qk_rope_head_di
   logits = model.apply({"params": params}, tokens)                      # [B, T, V] float32
   logits, mtp_logits = model.apply(..., tokens, return_mtp=True)        # mtp_logits [X, B, T, V]
   out = model.apply(..., tokens, method=DeepSeekV3.forward)             # ModelOutput, for training
+  out = model.apply(..., tokens, with_logits=False, method=DeepSeekV3.forward)
+      # no logits: out.head_input [B, T, D], out.mtp_head_input [X, B, T, D] and out.head_kernel
+      # [D, V] are what the head would take (train/losses.py's chunked cross-entropy uses them)
   logits, hidden, cache = model.apply(..., tokens, positions, cache, method=DeepSeekV3.decode)
 
 `mtp_logits[k-1][:, i]` predicts token t_{i+k+1}; positions i >= T - k have no input token t_{i+k}
@@ -30,9 +33,14 @@ from dsv3_jax.model.mtp import MTPModule
 class ModelOutput:
     """Everything one training forward pass produces."""
 
-    logits: jax.Array  # [B, T, V] float32, main head
+    logits: jax.Array | None  # [B, T, V] float32, main head; None with with_logits=False
     hidden: jax.Array  # [B, T, D] last hidden state before the final norm
     mtp_logits: jax.Array | None = None  # [X, B, T, V] float32, None when not computed
+    # What the shared head takes: logits = head_input @ head_kernel in the compute dtype with
+    # float32 accumulation (Linear with fp8=False), and likewise for each MTP depth.
+    head_input: jax.Array | None = None  # [B, T, D] compute dtype, the final-normed hidden state
+    mtp_head_input: jax.Array | None = None  # [X, B, T, D] each MTP module's normed output
+    head_kernel: jax.Array | None = None  # [D, V] the head's (float32 master) kernel
     expert_load: jax.Array | None = None  # [n_moe_layers, E] int32 valid tokens per expert
     balance_loss: jax.Array | None = None  # [n_moe_layers] sequence-wise balance loss (no alpha)
     mtp_expert_load: jax.Array | None = None  # [X, E]
@@ -91,7 +99,8 @@ class DeepSeekV3(nn.Module):
         return (out.logits, out.mtp_logits) if return_mtp else out.logits
 
     def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-                segment_ids: jax.Array | None = None, with_mtp: bool = True) -> ModelOutput:
+                segment_ids: jax.Array | None = None, with_mtp: bool = True,
+                with_logits: bool = True) -> ModelOutput:
         """The training forward pass.
 
         Args:
@@ -101,6 +110,9 @@ class DeepSeekV3(nn.Module):
           segment_ids: int [B, T] document ids for packing; attention stays within a segment and
             segment 0 marks padding (left out of the expert load and the balance loss).
           with_mtp: also run the MTP modules (when the config has them).
+          with_logits: apply the head. False leaves `logits` and `mtp_logits` None (no [B, T, V]
+            array is made); `head_input`, `mtp_head_input` and `head_kernel` are given either way,
+            for a loss that applies the head itself chunk by chunk.
         """
         c = self.cfg
         _check_tokens(c, tokens)
@@ -113,20 +125,25 @@ class DeepSeekV3(nn.Module):
         if c.n_moe_layers:
             h, routing = self.moe_layers(h, positions, segment_ids)
             loads, losses = routing.expert_load, routing.balance_loss
-        out = ModelOutput(logits=self.head(self.norm(h)), hidden=h, expert_load=loads,
+        normed = self.norm(h)
+        out = ModelOutput(logits=self.head(normed) if with_logits else None, hidden=h,
+                          head_input=normed, head_kernel=self.head.kernel, expert_load=loads,
                           balance_loss=losses)
         if with_mtp and c.mtp_depth:
-            h_prev, mtp_logits, mtp_loads, mtp_losses = h, [], [], []
+            h_prev, mtp_normed, mtp_logits, mtp_loads, mtp_losses = h, [], [], [], []
             for k, module in enumerate(self.mtp, start=1):
                 with jax.named_scope(f"mtp_{k}"):
                     next_emb = self.embed(_shift_left(tokens, k))
                     h_prev, normed, routing = module(h_prev, next_emb, positions, segment_ids)
-                    mtp_logits.append(self.head(normed))
+                    mtp_normed.append(normed)
+                    if with_logits:
+                        mtp_logits.append(self.head(normed))
                     mtp_loads.append(routing.expert_load)
                     mtp_losses.append(routing.balance_loss)
-            return out.replace(mtp_logits=jnp.stack(mtp_logits),
-                               mtp_expert_load=jnp.stack(mtp_loads),
-                               mtp_balance_loss=jnp.stack(mtp_losses))
+            return out.replace(
+                mtp_logits=jnp.stack(mtp_logits) if with_logits else None,
+                mtp_head_input=jnp.stack(mtp_normed), mtp_expert_load=jnp.stack(mtp_loads),
+                mtp_balance_loss=jnp.stack(mtp_losses))
         return out
 
     def decode(self, tokens: jax.Array, positions: jax.Array,

@@ -50,14 +50,25 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss or gradient; the last good state was kept and saved."""
 
 
-def loss_fn(params, batch: dict, *, model, train_cfg):
-    """(training loss, (its terms, expert loads, MTP expert loads)) of one batch."""
+def loss_fn(params, batch: dict, *, model, train_cfg, chunk_tokens: int | None = None):
+    """(training loss, (its terms, expert loads, MTP expert loads)) of one batch.
+
+    The cross-entropies are chunked (losses.chunked_token_stats): no [B, T, V] logits, forward or
+    backward. `chunk_tokens` is the chunk over the whole batch; default
+    config.train.loss_chunk_tokens (right for an unsharded batch; a run multiplies it by the ways
+    the batch is split, `_chunk_tokens`)."""
     out = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                      batch["segment_ids"], method=DeepSeekV3.forward)
+                      batch["segment_ids"], with_logits=False, method=DeepSeekV3.forward)
     loss, terms = losses.training_loss(out, batch["tokens"], batch["segment_ids"],
                                        mtp_lambda=train_cfg.mtp_lambda,
-                                       balance_alpha=train_cfg.balance_alpha)
+                                       balance_alpha=train_cfg.balance_alpha,
+                                       chunk_tokens=chunk_tokens or _chunk_tokens(train_cfg))
     return loss, (terms, out.expert_load, out.mtp_expert_load)
+
+
+def _chunk_tokens(train_cfg, batch_ways: int = 1) -> int:
+    """Loss-chunk tokens over the whole batch: config.train.loss_chunk_tokens per batch shard."""
+    return train_cfg.get("loss_chunk_tokens", losses.DEFAULT_CHUNK_TOKENS) * batch_ways
 
 
 def state_builder(cfg, train_cfg, seq_len: int):
@@ -75,11 +86,12 @@ def state_builder(cfg, train_cfg, seq_len: int):
     return model, tx, init_boxed
 
 
-def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg):
+def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg,
+                chunk_tokens: int | None = None):
     """One optimizer step, then the router-bias update; a non-finite step changes nothing but the
-    step counter (its batch is skipped)."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, train_cfg=train_cfg),
-                                 has_aux=True)
+    step counter (its batch is skipped). `chunk_tokens`: as in loss_fn."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, train_cfg=train_cfg,
+                                                   chunk_tokens=chunk_tokens), has_aux=True)
     (loss, (terms, load, mtp_load)), grads = grad_fn(state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -97,10 +109,12 @@ def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg):
     return new_state, step_metrics
 
 
-def _eval_step(params, batch, *, model):
+def _eval_step(params, batch, *, model, chunk_tokens: int):
+    """Prediction stats of one batch, chunked as the training loss (no [B, T, V] logits)."""
     out = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                      batch["segment_ids"], method=DeepSeekV3.forward)
-    return losses.prediction_stats(out, batch["tokens"], batch["segment_ids"])
+                      batch["segment_ids"], with_logits=False, method=DeepSeekV3.forward)
+    return losses.prediction_stats(out, batch["tokens"], batch["segment_ids"],
+                                   chunk_tokens=chunk_tokens)
 
 
 def _router_biases(params) -> np.ndarray | None:
@@ -238,11 +252,15 @@ class Run:
         abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
                                                   sharding=self.batch_sharding)
                           for k in ("tokens", "segment_ids", "positions")}
+        # The loss chunk holds config.train.loss_chunk_tokens tokens of each batch shard.
+        chunk = _chunk_tokens(tc, mesh_lib.batch_ways(mesh.shape))
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc),
+            train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc,
+                                                   chunk_tokens=chunk),
                                  out_shardings=(state_shardings, None), donate_argnums=0)
             self.train_step = train_step.lower(abstract_state, abstract_batch).compile()
-            self.eval_step = jax.jit(functools.partial(_eval_step, model=model)).lower(
+            self.eval_step = jax.jit(functools.partial(
+                _eval_step, model=model, chunk_tokens=chunk)).lower(
                 abstract_state.params, abstract_batch).compile() if self.eval_set else None
             init_state = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings
                                  ).lower().compile() if restored is None else None

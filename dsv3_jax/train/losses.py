@@ -7,12 +7,28 @@ Letters (`dsv3_jax/NOTATION.md`): B, T, V, X MTP depth.
 The main head at position t predicts t+1; MTP depth k at position t predicts t+k+1. A target counts
 only when it lies in the same document as the position predicting it (equal, non-zero segment ids:
 segments are contiguous runs, so equal ids at t and t+j mean the whole span is one document).
+
+Two ways to the same sums. With a ModelOutput that holds logits, `token_stats` reduces them. The
+training and eval steps ask the model for no logits (`forward(..., with_logits=False)`) and use
+`chunked_token_stats`: the head is applied `chunk` tokens at a time, each chunk's float32 logits
+[chunk, V] reduced to its sums and dropped, and recomputed in the backward pass (a custom_vjp
+over two `lax.scan`s; the forward keeps one log-sum-exp per token), so neither pass holds
+[B, T, V]: at V3 scale (V = 129,280) 0.26 GB of logits per 512-token chunk instead of 4.2 GB per
+8192 tokens, for the main head and again for each MTP depth.
+The numerics are the head's own: inputs cast to the compute dtype, float32 accumulation, float32
+logits and log-sum-exp, so the loss and its gradients equal the full-logits path's up to float32
+rounding (the sums are taken in another order; in a bfloat16 compute dtype the kernel gradient is
+rounded to bfloat16 per chunk, as autodiff of the head rounds it, and summed over chunks in float32).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+DEFAULT_CHUNK_TOKENS = 512  # run_config's config.train.loss_chunk_tokens default
 
 
 def same_document(segment_ids: jax.Array, offset: int) -> jax.Array:
@@ -30,15 +46,126 @@ def token_stats(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict:
             "correct": jnp.sum((jnp.argmax(logits, axis=-1) == targets) * maskf)}
 
 
-def prediction_stats(out, tokens: jax.Array, segment_ids: jax.Array) -> dict:
-    """token_stats of the main head (key 'main') and of each MTP depth (list under 'mtp')."""
-    stats = {"main": token_stats(out.logits[:, :-1], tokens[:, 1:], same_document(segment_ids, 1)),
-             "mtp": []}
-    if out.mtp_logits is not None:
-        for d in range(out.mtp_logits.shape[0]):
-            k = d + 2  # depth d+1 predicts t + d + 2
-            stats["mtp"].append(token_stats(out.mtp_logits[d][:, :-k], tokens[:, k:],
-                                            same_document(segment_ids, k)))
+def chunked_token_stats(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, *,
+                        chunk: int, compute_dtype=None) -> dict:
+    """token_stats(h @ w, targets, mask) without holding the logits: `chunk` tokens at a time.
+
+    Args:
+      h: [N, D] the head's input (the final-normed hidden states), any float dtype.
+      w: [D, V] the head's kernel (the float32 master weight).
+      targets: int [N]; mask: bool or 0/1 [N], the positions that count.
+      chunk: tokens per chunk, >= 1 (more than N: one chunk of N). N is padded to a multiple of
+        it with masked rows. Chunk j holds tokens j, j + n_chunks, j + 2 n_chunks, ... (a strided
+        split: rows of a batch-sharded N stay on their devices).
+      compute_dtype: the head's compute dtype (default h.dtype): logits are
+        dot(h.astype(dtype), w.astype(dtype)) accumulated and returned in float32, exactly as
+        model/layers.py's Linear with fp8=False computes them.
+    Returns:
+      {"nll_sum", "count", "correct"} float32 scalars, as token_stats. nll_sum is differentiable
+      in h and w; the backward pass recomputes each chunk's logits (its softmax minus the target's
+      one-hot), holding a few [chunk, V] float32 arrays at a time. `correct` (argmax) and `count`
+      carry no gradient. (A custom_vjp: the forward keeps only each row's log-sum-exp.)
+    """
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be a positive int (tokens per loss chunk; "
+                         "config.train.loss_chunk_tokens).")
+    if h.ndim != 2 or w.ndim != 2 or h.shape[1] != w.shape[0]:
+        raise ValueError(f"h must be [N, D] and w [D, V]; got {h.shape} and {w.shape}.")
+    n, d = h.shape
+    dtype = jnp.dtype(compute_dtype or h.dtype)
+    chunk = min(chunk, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    maskf = mask.astype(jnp.float32)
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad))
+        maskf = jnp.pad(maskf, (0, pad))  # padded rows count for nothing
+    # [n_chunks, chunk, ...]: chunk j = tokens j + i * n_chunks.
+    hs = h.reshape(chunk, n_chunks, d).swapaxes(0, 1)
+    ts, ms = targets.reshape(chunk, n_chunks).T, maskf.reshape(chunk, n_chunks).T
+    nll_sum, correct = _chunked_nll(dtype, hs, w, ts, ms)
+    return {"nll_sum": nll_sum, "count": jnp.sum(maskf), "correct": correct}
+
+
+def _head(dtype, hc: jax.Array, w: jax.Array) -> jax.Array:
+    """[C, D] x [D, V] -> float32 logits [C, V]: model/layers.py Linear with fp8=False."""
+    return jnp.dot(hc.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_nll(dtype, hs, w, ts, ms):
+    """(sum of masked nll, masked correct argmax) over chunks hs [n, C, D] (targets ts, mask ms
+    [n, C]); the gradient flows to hs and w through the nll only."""
+    return _chunked_nll_fwd(dtype, hs, w, ts, ms)[0]
+
+
+def _chunked_nll_fwd(dtype, hs, w, ts, ms):
+    wc = w.astype(dtype)
+
+    def body(carry, x):
+        hc, tc, mc = x
+        logits = _head(dtype, hc, wc)  # [C, V] float32, dropped after this chunk
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        nll = lse - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, axis=-1) == tc).astype(jnp.float32)
+        return (carry[0] + jnp.sum(nll * mc), carry[1] + jnp.sum(correct * mc)), lse
+
+    zero = jnp.zeros([], jnp.float32)
+    (nll_sum, correct), lse = jax.lax.scan(body, (zero, zero), (hs, ts, ms))
+    return (nll_sum, correct), (hs, w, ts, ms, lse)
+
+
+def _chunked_nll_bwd(dtype, res, cts):
+    hs, w, ts, ms, lse = res
+    g = cts[0]  # the nll sum's cotangent; `correct` has none
+
+    wc = w.astype(dtype)  # cast once; the head's product is then taken as Linear takes it
+
+    def body(dw, x):
+        hc, tc, mc, lse_c = x
+        logits, pull = jax.vjp(functools.partial(_head, dtype), hc, wc)  # recomputed
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tc[:, None]
+        # d nll / d logits = softmax - onehot, per counted row, times the incoming cotangent.
+        dlogits = (jnp.exp(logits - lse_c[:, None]) - onehot) * (mc * g)[:, None]
+        dhc, dwc = pull(dlogits)  # the head's own transposed products, as autodiff takes them
+        return dw + dwc.astype(jnp.float32), dhc
+
+    dw, dhs = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (hs, ts, ms, lse))
+    return dhs, dw.astype(w.dtype), None, None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+def prediction_stats(out, tokens: jax.Array, segment_ids: jax.Array, *,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+    """token_stats of the main head (key 'main') and of each MTP depth (list under 'mtp').
+
+    From `out.logits` / `out.mtp_logits` when the output holds them; otherwise (a forward pass
+    with with_logits=False) chunked_token_stats over `out.head_input` / `out.mtp_head_input` and
+    `out.head_kernel`, `chunk_tokens` at a time (over the whole [B, T] batch)."""
+    if out.logits is not None:
+        stats = {"main": token_stats(out.logits[:, :-1], tokens[:, 1:],
+                                     same_document(segment_ids, 1)), "mtp": []}
+        if out.mtp_logits is not None:
+            for d in range(out.mtp_logits.shape[0]):
+                k = d + 2  # depth d+1 predicts t + d + 2
+                stats["mtp"].append(token_stats(out.mtp_logits[d][:, :-k], tokens[:, k:],
+                                                same_document(segment_ids, k)))
+        return stats
+
+    def chunked(h, k):
+        # Every position, the last k masked (no target in the sequence): [B * T] rows, no slice.
+        targets = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+        mask = jnp.pad(same_document(segment_ids, k), ((0, 0), (0, k)))
+        return chunked_token_stats(h.reshape(-1, h.shape[-1]), out.head_kernel,
+                                   targets.reshape(-1), mask.reshape(-1), chunk=chunk_tokens)
+
+    stats = {"main": chunked(out.head_input, 1), "mtp": []}
+    if out.mtp_head_input is not None:
+        for d in range(out.mtp_head_input.shape[0]):
+            stats["mtp"].append(chunked(out.mtp_head_input[d], d + 2))
     return stats
 
 
@@ -47,9 +174,11 @@ def _mean_nll(s: dict) -> jax.Array:
 
 
 def training_loss(out, tokens: jax.Array, segment_ids: jax.Array, *, mtp_lambda: float,
-                  balance_alpha: float) -> tuple[jax.Array, dict]:
-    """(loss, its terms) for one batch; see the module docstring."""
-    stats = prediction_stats(out, tokens, segment_ids)
+                  balance_alpha: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+                  ) -> tuple[jax.Array, dict]:
+    """(loss, its terms) for one batch; see the module docstring (`chunk_tokens`: as in
+    prediction_stats, used when `out` holds no logits)."""
+    stats = prediction_stats(out, tokens, segment_ids, chunk_tokens=chunk_tokens)
     ce = _mean_nll(stats["main"])
     mtp_ce = (sum(_mean_nll(s) for s in stats["mtp"]) / len(stats["mtp"])
               if stats["mtp"] else jnp.zeros([], jnp.float32))

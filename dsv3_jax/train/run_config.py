@@ -61,6 +61,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         bf16_moments=False,
         mtp_lambda=0.3,  # loss weight of the MTP cross-entropy (averaged over depths)
         balance_alpha=1e-4,  # sequence-wise balance loss weight (summed over MoE layers)
+        # Tokens (of each batch shard) per chunk of the chunked cross-entropy: its float32 logits
+        # [chunk, V] are the loss's largest buffers (512 x 129,280 x 4 B = 0.26 GB at V3).
+        loss_chunk_tokens=512,
         bias_gamma=0.001,  # aux-loss-free bias update speed (0 disables)
         seed=0,
         checkpoint_every=200,
@@ -182,6 +185,9 @@ _TRAIN_RULES = {
     "mtp_lambda": _number(0, why="the MTP loss weight; 0 disables it"),
     "balance_alpha": _number(0, why="the balance loss weight; 0 disables it"),
     "bias_gamma": _number(0, why="the router-bias update speed; 0 disables it"),
+    "loss_chunk_tokens": _int_at_least(1, "tokens per chunk of the chunked cross-entropy; a few "
+                                          "hundred MB of [chunk, vocab] float32 logits at V3 "
+                                          "scale with 512"),
     "seed": _int_at_least(0, "the initialisation and shuffle seed"),
     "checkpoint_every": _int_at_least(1, "steps between checkpoints"),
     "keep_checkpoints": _int_at_least(1, "checkpoints kept; fewer would delete every checkpoint"),
