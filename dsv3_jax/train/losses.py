@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-DEFAULT_CHUNK_TOKENS = 512  # run_config's config.train.loss_chunk_tokens default
+DEFAULT_CHUNK_TOKENS = 512  # config.train.loss_chunk_tokens' default (train/run_config.py)
 
 
 def same_document(segment_ids: jax.Array, offset: int) -> jax.Array:

@@ -22,6 +22,7 @@ from ml_collections import config_dict
 from dsv3_jax.config import ModelConfig, get_model_config
 from dsv3_jax.data.corpus import check_corpus_settings
 from dsv3_jax.data.pipeline import INT32_MAX, check_data_config
+from dsv3_jax.train.losses import DEFAULT_CHUNK_TOKENS
 
 _MODEL_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 SCHEDULES = ("warmup_constant_cosine", "cosine")  # optimizer.learning_rate_schedule's
@@ -63,7 +64,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         balance_alpha=1e-4,  # sequence-wise balance loss weight (summed over MoE layers)
         # Tokens (of each batch shard) per chunk of the chunked cross-entropy: its float32 logits
         # [chunk, V] are the loss's largest buffers (512 x 129,280 x 4 B = 0.26 GB at V3).
-        loss_chunk_tokens=512,
+        loss_chunk_tokens=DEFAULT_CHUNK_TOKENS,
         bias_gamma=0.001,  # aux-loss-free bias update speed (0 disables)
         seed=0,
         checkpoint_every=200,
