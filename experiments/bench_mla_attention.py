@@ -33,22 +33,13 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_attention_sm90
 
-from benchutil import add_timing_flags, fill_timing, provenance, fmt as _fmt, time_median as _time
+from benchutil import (add_timing_flags, fill_timing, fmt as _fmt, int_pairs, provenance,
+                       time_median as _time)
 
 DK, DV = 192, 128
 FULL_SHAPES = ((4096, 16), (4096, 128), (16384, 16), (16384, 128))  # (T, H)
 SMOKE_SHAPES = ((128, 2),)
 TOLERANCE = 2.0 ** -6
-
-
-def _shapes(text: str) -> list[tuple[int, int]]:
-    """--shapes "4096x16,4096x128" -> [(4096, 16), (4096, 128)] ([] when empty)."""
-    try:
-        pairs = (item.split("x") for item in filter(None, text.split(",")))
-        return [(int(a), int(b)) for a, b in pairs]
-    except ValueError:
-        raise SystemExit(f"bench_mla_attention: --shapes={text!r}; expected TxH,TxH,... "
-                         "(e.g. 4096x16,4096x128)") from None
 
 
 def _cudnn(q, k, v, scale):
@@ -89,13 +80,16 @@ def main(argv=None) -> int:
     add_timing_flags(ap)
     args = ap.parse_args(argv)
     timing = fill_timing(args, full=(3, 10, 5))
+    shapes = SMOKE_SHAPES if args.smoke else (
+        int_pairs(args.shapes, "bench_mla_attention", "--shapes", "TxH", "4096x16,4096x128")
+        or FULL_SHAPES)
     device = jax.devices()[0]
     if not args.smoke and device.platform != "gpu":
         print(f"bench_mla_attention: needs a Hopper GPU, found {device.device_kind!r}; use --smoke "
               "for the CPU check.", file=sys.stderr)
         return 2
     rows, ok = [], True
-    for t, h in (SMOKE_SHAPES if args.smoke else _shapes(args.shapes) or FULL_SHAPES):
+    for t, h in shapes:
         b = 1 if args.smoke else max(1, args.tokens // t)
         kq, kk, kv, kd = jax.random.split(jax.random.key(t + h), 4)
         q = jax.random.normal(kq, (b, t, h, DK), jnp.float32).astype(jnp.bfloat16)

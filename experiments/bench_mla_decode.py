@@ -26,23 +26,14 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention
 from dsv3_jax.ops.pallas import mla_decode_sm90
 
-from benchutil import add_timing_flags, fill_timing, provenance, fmt as _fmt, time_median as _time
+from benchutil import (add_timing_flags, fill_timing, fmt as _fmt, int_pairs, provenance,
+                       time_median as _time)
 
 H, C, R = 128, 512, 64
 FULL_GRID = ((1, 1024), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (64, 4096),
              (64, 16384), (128, 1024), (128, 4096))
 SMOKE_GRID = ((2, 128),)
 TOLERANCE = 2.0 ** -6
-
-
-def _grid(text: str) -> list[tuple[int, int]]:
-    """--grid "64x4096,8x32768" -> [(64, 4096), (8, 32768)] ([] when empty)."""
-    try:
-        pairs = (item.split("x") for item in filter(None, text.split(",")))
-        return [(int(a), int(b)) for a, b in pairs]
-    except ValueError:
-        raise SystemExit(f"bench_mla_decode: --grid={text!r}; expected BxS,BxS,... "
-                         "(e.g. 64x4096,8x32768)") from None
 
 
 def main(argv=None) -> int:
@@ -54,6 +45,8 @@ def main(argv=None) -> int:
     add_timing_flags(ap)
     args = ap.parse_args(argv)
     timing = fill_timing(args, full=(3, 10, 10))
+    grid = SMOKE_GRID if args.smoke else (
+        int_pairs(args.grid, "bench_mla_decode", "--grid", "BxS", "64x4096,8x32768") or FULL_GRID)
     device = jax.devices()[0]
     if not args.smoke and device.platform != "gpu":
         print(f"bench_mla_decode: needs a Hopper GPU, found {device.device_kind!r}; use --smoke "
@@ -61,7 +54,7 @@ def main(argv=None) -> int:
         return 2
     heads, c, r = (2, 128, 64) if args.smoke else (H, C, R)
     rows, ok = [], True
-    for b, s in (SMOKE_GRID if args.smoke else _grid(args.grid) or FULL_GRID):
+    for b, s in grid:
         kq, kp, kc = jax.random.split(jax.random.key(b * 7 + s), 3)
         q_lat = jax.random.normal(kq, (b, 1, heads, c), jnp.float32).astype(jnp.bfloat16)
         q_pe = jax.random.normal(kp, (b, 1, heads, r), jnp.float32).astype(jnp.bfloat16)

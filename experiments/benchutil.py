@@ -57,3 +57,15 @@ def provenance(args) -> str:
             f"{jax.__version__}; median of {args.runs} runs x {args.inner} calls after "
             f"{args.warmup} warm-up")
     return text + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "")
+
+
+
+def int_pairs(text: str, script: str, flag: str, form: str, example: str) -> list[tuple[int, int]]:
+    """A flag's "AxB,AxB" value -> [(A, B), ...] ([] when empty); anything else exits with one
+    line naming the script, the flag, its value, the form (e.g. "TxH") and an example."""
+    try:
+        pairs = (item.split("x") for item in filter(None, text.split(",")))
+        return [(int(a), int(b)) for a, b in pairs]
+    except ValueError:
+        raise SystemExit(f"{script}: {flag}={text!r}; expected {form},{form},... "
+                         f"(e.g. {example})") from None

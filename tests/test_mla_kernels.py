@@ -368,12 +368,13 @@ def test_flash_attention_lowers_for_h100(segments):
     assert _mosaic_kernels(lower(f_grad)) == 3  # forward, dq, dkv
 
 
-def test_decode_lowers_for_h100():
-    """sm_90a lowering at V3 decode shapes: B = 64, one token, H = 128, latent 512 + rope 64, a
-    4096-slot cache (several splits)."""
+@pytest.mark.parametrize("b, h, slots", [(64, 128, 4096), (8, 16, 32768)], ids=["v3", "small"])
+def test_decode_lowers_for_h100(b, h, slots):
+    """sm_90a lowering at the decode shapes of V3 (B = 64, H = 128, a 4096-slot cache) and of the
+    small config (B = 8, H = 16, 32K slots): one token, latent 512 + rope 64, several splits."""
     s = jax.ShapeDtypeStruct
-    args = (s((64, 1, 128, 512), jnp.bfloat16), s((64, 1, 128, 64), jnp.bfloat16),
-            s((64, 4096, 576), jnp.bfloat16), s((64, 1), jnp.int32))
+    args = (s((b, 1, h, 512), jnp.bfloat16), s((b, 1, h, 64), jnp.bfloat16),
+            s((b, slots, 576), jnp.bfloat16), s((b, 1), jnp.int32))
     f = lambda a, b, c, p: mla_decode_sm90.mla_decode(a, b, c, p, scale=0.135)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
