@@ -484,6 +484,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(only) - set(names))
     if unknown:
         ap.error(f"--only: unknown stage(s) {unknown}; stages: {','.join(names)}")
+    if args.budget is not None and not args.budget > 0:
+        ap.error(f"--budget={args.budget:g}: the overall seconds must be positive (or leave it "
+                 "unset for the default)")
+    if args.train_steps < 1:
+        ap.error(f"--train_steps={args.train_steps}: must be >= 1")
     budget = args.budget or (240.0 if args.dry_run else 480.0)
     deadline = time.monotonic() + budget
     out = pathlib.Path(args.out)
