@@ -46,6 +46,10 @@ class ModelConfig:
     n_expert_groups: int = 4
     n_limited_groups: int = 2
     score_func: str = "sigmoid"
+    # Expert-parallel exchange: each device sends at most ceil(moe_capacity_factor x its pairs /
+    # expert-axis size) token-expert pairs to each peer; pairs past that are dropped (counted as
+    # moe_dropped_fraction). 0: dropless (buffers sized for any routing, expert-axis x larger).
+    moe_capacity_factor: float = 0.0
     route_scale: float = 2.5
     # Sigmoid routers: divide the K chosen gate values by their sum before route_scale (V3: True;
     # transformers' DeepseekV3 `norm_topk_prob`). Softmax routers never renormalise, whatever this
@@ -113,6 +117,12 @@ class ModelConfig:
                    "use at most n_routed_experts // 2 groups")
         if self.score_func not in SCORE_FUNCS:
             refuse("score_func", f"must be one of {SCORE_FUNCS}", 'use "sigmoid" (V3) or "softmax" (V2)')
+        if (not isinstance(self.moe_capacity_factor, (int, float))
+                or isinstance(self.moe_capacity_factor, bool)
+                or not (self.moe_capacity_factor == 0 or 1 <= self.moe_capacity_factor < 1e6)):
+            refuse("moe_capacity_factor", "must be 0 (dropless) or a number >= 1 (each peer's "
+                   "exchange buffer, in multiples of an even split of the pairs)",
+                   "use 0 or e.g. 1.25")
         if not self.route_scale > 0:
             refuse("route_scale", "must be positive", "use 1.0 unless a preset says otherwise")
         if self.qk_rope_head_dim % 2:

@@ -27,7 +27,8 @@ os.environ.setdefault("DSV3_KERNEL_CACHE", str(COMPILATION_CACHE.parent / "kerne
 
 # float32 compute so comparisons against float64 references are tight; a larger init std than
 # training's 0.006 so activations, router scores and logits are far from zero.
-TINY32 = ds.get_model_config("tiny", dtype="float32", init_std=0.05)
+# Dropless (moe_capacity_factor=0): the sharded-vs-one-device tests compare every token.
+TINY32 = ds.get_model_config("tiny", dtype="float32", init_std=0.05, moe_capacity_factor=0.0)
 # V2-Lite / 16B-style routing: softmax scores, no bias, no q compression, no groups, 2 shared
 # experts, no MTP; and YaRN switched on by a short original_seq_len.
 V2_STYLE = TINY32.replace(score_func="softmax", q_lora_rank=0, n_expert_groups=1,

@@ -16,7 +16,8 @@ training loop updates it from `expert_load`.
 Experts (`MoE`): token-expert pairs are sorted by expert, pushed through `ops.grouped_matmul`
 (w1, w3, SwiGLU, w2; `ops.fp8.fp8_grouped_matmul` when cfg.fp8), unsorted and summed with their
 weights; no token is dropped. Under a device mesh the same runs expert-parallel
-(`dsv3_jax/parallel/expert_parallel.py`). The shared experts form one SwiGLU MLP of width
+(`dsv3_jax/parallel/expert_parallel.py`), whose exchange drops the pairs past each peer's capacity
+when cfg.moe_capacity_factor is set (their share is Routing.dropped_fraction). The shared experts form one SwiGLU MLP of width
 n_shared_experts * moe_inter_dim, added to every token.
 """
 
@@ -41,6 +42,9 @@ class Routing:
     indices: jax.Array  # [B, T, K] int32 chosen experts
     expert_load: jax.Array  # [E] int32 count of valid tokens routed to each expert
     balance_loss: jax.Array  # [] sum_i f_i P_i averaged over sequences (alpha not applied)
+    # [] float32 share of the B*T*K token-expert pairs (padding included) the expert-parallel
+    # exchange dropped for capacity (MoE sets it; 0 when dropless).
+    dropped_fraction: jax.Array | None = None
 
 
 def sequence_balance_loss(scores: jax.Array, indices: jax.Array, valid: jax.Array,
@@ -134,12 +138,14 @@ class MoE(nn.Module):
         with jax.named_scope("routed_experts"):
             # FP8 quantizes the fp32 master weights itself; bf16 runs cast them first.
             cast = (lambda w: w) if c.fp8 else (lambda w: w.astype(dtype))
-            y = routed_experts(x.reshape(b * t, d).astype(dtype),
-                               routing.indices.reshape(b * t, -1),
-                               routing.weights.reshape(b * t, -1),
-                               cast(self.w1), cast(self.w2), cast(self.w3),
-                               grouped_matmul_for(c.fp8))
+            y, dropped = routed_experts(x.reshape(b * t, d).astype(dtype),
+                                        routing.indices.reshape(b * t, -1),
+                                        routing.weights.reshape(b * t, -1),
+                                        cast(self.w1), cast(self.w2), cast(self.w3),
+                                        grouped_matmul_for(c.fp8), c.moe_capacity_factor)
             y = y.reshape(b, t, d)
+            routing = routing.replace(
+                dropped_fraction=dropped.astype(jnp.float32) / routing.indices.size)
         if c.n_shared_experts:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared_experts(x)

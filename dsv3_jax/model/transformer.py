@@ -45,6 +45,10 @@ class ModelOutput:
     balance_loss: jax.Array | None = None  # [n_moe_layers] sequence-wise balance loss (no alpha)
     mtp_expert_load: jax.Array | None = None  # [X, E]
     mtp_balance_loss: jax.Array | None = None  # [X]
+    # Share of each MoE layer's token-expert pairs the expert-parallel exchange dropped for
+    # capacity (ModelConfig.moe_capacity_factor), float32; 0 when dropless.
+    dropped_fraction: jax.Array | None = None  # [n_moe_layers]
+    mtp_dropped_fraction: jax.Array | None = None  # [X]
 
 
 def init_latent_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> jax.Array:
@@ -119,18 +123,20 @@ class DeepSeekV3(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         h = constrain_activation(self.embed(tokens))
-        loads = losses = None
+        loads = losses = dropped = None
         if c.n_dense_layers:
             h, _ = self.dense_layers(h, positions, segment_ids)
         if c.n_moe_layers:
             h, routing = self.moe_layers(h, positions, segment_ids)
             loads, losses = routing.expert_load, routing.balance_loss
+            dropped = routing.dropped_fraction
         normed = self.norm(h)
         out = ModelOutput(logits=self.head(normed) if with_logits else None, hidden=h,
                           head_input=normed, head_kernel=self.head.kernel, expert_load=loads,
-                          balance_loss=losses)
+                          balance_loss=losses, dropped_fraction=dropped)
         if with_mtp and c.mtp_depth:
-            h_prev, mtp_normed, mtp_logits, mtp_loads, mtp_losses = h, [], [], [], []
+            h_prev, mtp_normed, mtp_logits, mtp_loads, mtp_losses, mtp_dropped = (
+                h, [], [], [], [], [])
             for k, module in enumerate(self.mtp, start=1):
                 with jax.named_scope(f"mtp_{k}"):
                     next_emb = self.embed(_shift_left(tokens, k))
@@ -140,10 +146,12 @@ class DeepSeekV3(nn.Module):
                         mtp_logits.append(self.head(normed))
                     mtp_loads.append(routing.expert_load)
                     mtp_losses.append(routing.balance_loss)
+                    mtp_dropped.append(routing.dropped_fraction)
             return out.replace(
                 mtp_logits=jnp.stack(mtp_logits) if with_logits else None,
                 mtp_head_input=jnp.stack(mtp_normed), mtp_expert_load=jnp.stack(mtp_loads),
-                mtp_balance_loss=jnp.stack(mtp_losses))
+                mtp_balance_loss=jnp.stack(mtp_losses),
+                mtp_dropped_fraction=jnp.stack(mtp_dropped))
         return out
 
     def decode(self, tokens: jax.Array, positions: jax.Array,

@@ -34,7 +34,7 @@ TOKENIZER_FILE = "tokenizer.model"
 
 # Model fields that may change between a checkpoint and its restart (they change the numerics'
 # precision or the memory/speed trade-off, never the parameter tree): remat, compute dtype, FP8.
-_RESTART_MAY_CHANGE = ("remat_policy", "dtype", "fp8")
+_RESTART_MAY_CHANGE = ("remat_policy", "dtype", "fp8", "moe_capacity_factor")
 
 
 class CheckpointMismatchError(ValueError):

@@ -199,6 +199,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {"train": last_train, "eval": last_eval, "step": step}
 
 
+class TrainSteps:
+    """The jitted steps of `config` on `mesh`, lowered on abstract inputs (nothing allocated):
+    what a run compiles, and what `dsv3_jax.plan --compile` measures.
+
+      train_step: (state, batch) -> (state, step metrics), the state donated
+      eval_step:  (params, batch) -> prediction stats
+      init:       () -> the initial state, laid out on the mesh
+    """
+
+    def __init__(self, config, mesh):
+        cfg, tc, dc = model_config(config), config.train, config.data
+        self.mesh, self.train_cfg = mesh, tc
+        self.model, self.tx, self.init_boxed = state_builder(cfg, tc, dc.seq_len)
+        self.abstract_state, self.state_shardings = mesh_lib.abstract_with_shardings(
+            self.init_boxed, mesh)
+        sharding = mesh_lib.batch_sharding(mesh)
+        # int32 [B, T] 'tokens', 'segment_ids', 'positions', split over the batch axes.
+        self.abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
+                                                       sharding=sharding)
+                               for k in ("tokens", "segment_ids", "positions")}
+        # The loss chunk holds config.train.loss_chunk_tokens tokens of each batch shard.
+        self.chunk_tokens = _chunk_tokens(tc, mesh_lib.batch_ways(mesh.shape))
+
+    @contextlib.contextmanager
+    def _context(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            yield
+
+    def lower_train_step(self):
+        with self._context():
+            step = jax.jit(functools.partial(_train_step, model=self.model, tx=self.tx,
+                                             train_cfg=self.train_cfg,
+                                             chunk_tokens=self.chunk_tokens),
+                           out_shardings=(self.state_shardings, None), donate_argnums=0)
+            return step.lower(self.abstract_state, self.abstract_batch)
+
+    def lower_eval_step(self):
+        with self._context():
+            step = jax.jit(functools.partial(_eval_step, model=self.model,
+                                             chunk_tokens=self.chunk_tokens))
+            return step.lower(self.abstract_state.params, self.abstract_batch)
+
+    def lower_init(self):
+        with self._context():
+            return jax.jit(lambda: nn.unbox(self.init_boxed()),
+                           out_shardings=self.state_shardings).lower()
+
+
 class Run:
     """The run of `config` in `workdir`: the mesh, the data, the compiled steps, the checkpointer,
     the metrics writer, and the state (restored from the workdir's newest checkpoint if it has
@@ -232,8 +280,8 @@ class Run:
         self.eval_set = pipeline.eval_batches(data, dc, tc.eval_batches) if tc.eval_batches else []
 
         # ------------------------------------------------------------ model, optimizer, state
-        model, tx, init_boxed = state_builder(cfg, tc, dc.seq_len)
-        abstract_state, state_shardings = mesh_lib.abstract_with_shardings(init_boxed, mesh)
+        steps = TrainSteps(config, mesh)
+        abstract_state = steps.abstract_state
         # Saved with each checkpoint: the model config and the tokenizer.
         self.meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
                      "tokenizer_path": os.path.abspath(data.tokenizer.path)}
@@ -247,23 +295,9 @@ class Run:
         # ------------------------------------------------------------ compiled steps
         # Compiled ahead of time, then a barrier: processes enter their first collectives together
         # (a process still compiling would make the others' collective setup time out).
-        # train_step: (state, batch) -> (state, step metrics); eval_step: (params, batch) ->
-        # prediction stats, None without an eval_set.
-        abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
-                                                  sharding=self.batch_sharding)
-                          for k in ("tokens", "segment_ids", "positions")}
-        # The loss chunk holds config.train.loss_chunk_tokens tokens of each batch shard.
-        chunk = _chunk_tokens(tc, mesh_lib.batch_ways(mesh.shape))
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, train_cfg=tc,
-                                                   chunk_tokens=chunk),
-                                 out_shardings=(state_shardings, None), donate_argnums=0)
-            self.train_step = train_step.lower(abstract_state, abstract_batch).compile()
-            self.eval_step = jax.jit(functools.partial(
-                _eval_step, model=model, chunk_tokens=chunk)).lower(
-                abstract_state.params, abstract_batch).compile() if self.eval_set else None
-            init_state = jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=state_shardings
-                                 ).lower().compile() if restored is None else None
+        self.train_step = steps.lower_train_step().compile()
+        self.eval_step = steps.lower_eval_step().compile() if self.eval_set else None
+        init_state = steps.lower_init().compile() if restored is None else None
         _barrier("compiled")
         if restored is None:
             self.state, self.start_step = init_state(), 0
