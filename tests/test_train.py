@@ -116,6 +116,7 @@ def test_one_step(corpus, tokenizer, tmp_path):
                 "balance_loss", "expert_load_max_over_mean", "expert_load_cv", "router_bias_norm"):
         assert key in train_row, key
     assert len(train_row["expert_load_cv"]) == 3  # two MoE layers and the MTP block
+    assert train_row["moe_dropped_fraction"] == [0.0, 0.0, 0.0]  # one device: no exchange
     # Per-expert vectors: every router sees batch x seq_len valid tokens x K = 2 experts each.
     assert np.asarray(train_row["expert_load"]).shape == (3, 8)
     np.testing.assert_array_equal(np.asarray(train_row["expert_load"]).sum(-1), 4 * 64 * 2)
