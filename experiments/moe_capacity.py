@@ -32,6 +32,8 @@ _FACTORS = flags.DEFINE_list("factors", ["0", "1", "1.25", "1.5"], "Capacity fac
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps per run.")
 _MESH = flags.DEFINE_string("mesh", "expert=8", "Mesh sizes over the 8 devices, e.g. "
                             "'data=2,expert=4'.")
+_GAMMA = flags.DEFINE_float("bias_gamma", -1.0, "config.train.bias_gamma of the runs (-1: "
+                            "configs/tiny.py's, the report's 0.001).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the runs write (default: a temporary "
                                "directory, removed afterwards).")
 
@@ -72,6 +74,8 @@ def main(argv):
         config = tiny.get_config()
         config.model.moe_capacity_factor = factor
         config.train.steps = _STEPS.value
+        if _GAMMA.value >= 0:
+            config.train.bias_gamma = _GAMMA.value
         config.train.eval_batches = 0
         config.train.checkpoint_every = _STEPS.value
         config.train.log_every = 5
@@ -82,8 +86,10 @@ def main(argv):
         train_and_evaluate(config, workdir)
         tokenizer = tokenizer or str(next(pathlib.Path(workdir).rglob("*.model")))
         results[factor] = summarize(_rows(workdir), _STEPS.value)
-    print(f"\ntiny model, {_STEPS.value} steps, 8 simulated CPU devices, mesh {_MESH.value}; "
-          "moe_dropped_fraction as % of token-expert pairs (mean over routers)\n")
+    gamma = _GAMMA.value if _GAMMA.value >= 0 else tiny.get_config().train.bias_gamma
+    print(f"\ntiny model, {_STEPS.value} steps, bias_gamma {gamma:g}, 8 simulated CPU devices, "
+          f"mesh {_MESH.value}; moe_dropped_fraction as % of token-expert pairs (mean over "
+          "routers)\n")
     print("| capacity factor | steps 1-%d | last 100 steps, mean | last 100 steps, worst | "
           "final loss | tokens/s |" % max(_STEPS.value // 10, 1))
     print("|---|---|---|---|---|---|")

@@ -3,10 +3,10 @@ loss, its terms, the expert loads and the fp32 gradients of one step over the wh
 
 The batches mix documents and padding so that the microbatches' target counts and their
 sequences with tokens differ (a plain mean of microbatch losses would then be wrong). float32
-compute: the only differences are the order of fp32 sums over tokens, bound 1e-6 of each array's
-scale, and the shape-dependent rounding of the model's own forward pass (see BOUNDS). In bfloat16
-compute, each microbatch's weight gradients are rounded to bf16 before they are added, as
-autodiff rounds them, so there the agreement is bf16's.
+compute: the only differences are the order of fp32 sums over tokens and the shape-dependent
+rounding of the model's own forward pass (bounds in each test). In bfloat16 compute, each
+microbatch's weight gradients are rounded to bf16 before they are added, as autodiff rounds them,
+so there the agreement is bf16's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dsv3_jax.model import tree
 from dsv3_jax.model.transformer import DeepSeekV3
@@ -67,15 +66,13 @@ def _relative(a, b) -> float:
     return (diff / norm) ** 0.5
 
 
-# The forward pass alone changes by about 6e-7 of its scale between a 2-row and an 8-row batch
-# (XLA's CPU kernels are chosen by shape), so microbatches of the same rows cannot match the
-# whole batch closer than that; measured gradient differences (||delta|| / ||g||): 1.9e-7 with 2
-# microbatches, 8.5e-7 with 4.
-BOUNDS = {2: 1e-6, 4: 2e-6}
-
-
-@pytest.mark.parametrize("accum", [2, 4])
-def test_accumulated_gradients_equal_one_step_over_the_whole_batch(accum):
+def test_accumulated_gradients_equal_one_step_over_the_whole_batch():
+    """2 microbatches against the whole batch: 1e-6 of the gradients' norm (measured 1.9e-7).
+    The forward pass alone changes by about 6e-7 of its scale between a 2-row and an 8-row batch
+    (XLA's CPU kernels are chosen by shape), so the bound cannot be much tighter, and it grows
+    with the microbatches (8.5e-7 measured with 4; test_accumulation_adds_the_microbatches_own_
+    gradients checks the sum itself at 4)."""
+    accum = 2
     params, batch = init_params(TINY32), mixed_batch(TINY32, 8, 24, seed=1)
     (loss1, (terms1, load1, mtp_load1, drop1)), grads1 = _loss_and_grads(1)(params, batch)
     (loss_a, (terms_a, load_a, mtp_load_a, drop_a)), grads_a = _loss_and_grads(accum)(params, batch)
@@ -89,7 +86,7 @@ def test_accumulated_gradients_equal_one_step_over_the_whole_batch(accum):
     np.testing.assert_array_equal(load_a, load1)  # the bias rule sees the whole step's load
     np.testing.assert_array_equal(mtp_load_a, mtp_load1)
     np.testing.assert_array_equal(drop_a, drop1)  # one device: dropless, zeros
-    assert _relative(grads_a, grads1) <= BOUNDS[accum]
+    assert _relative(grads_a, grads1) <= 1e-6
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads_a))
 
 
