@@ -285,13 +285,14 @@ def compiled_bytes(config: ml_collections.ConfigDict, p: Plan) -> int:
 
 def table(plans: list[Plan], cfg_name: str, seq_len: int, remat: str, attention: str,
           xla: list | None = None) -> str:
-    gb = lambda b: f"{b / 2**30:,.2f}"
+    unit, scale = ("GiB", 2**30) if max(p.total_bytes for p in plans) >= 2**30 else ("MiB", 2**20)
+    gb = lambda b: f"{b / scale:,.2f}"
     heads = ["devices", "mesh (data, fsdp, expert, tensor)", "global batch", "per-device batch",
              "microbatches", "capacity", *COMPONENTS, "total"]
     if xla:
         heads += ["XLA", "plan / XLA"]
     rows = [f"Per-device memory, {cfg_name}, sequence {seq_len}, remat {remat!r}, attention "
-            f"{attention!r} (GiB):", "", "| " + " | ".join(heads) + " |",
+            f"{attention!r} ({unit}):", "", "| " + " | ".join(heads) + " |",
             "|" + "---|" * len(heads)]
     for i, p in enumerate(plans):
         m = p.mesh
