@@ -89,6 +89,34 @@ def test_fp8_sharded_gradients_match_the_single_device_ones():
     assert calc_diff(w1(grads), w1(reference)) < 3e-3
 
 
+def test_accumulated_sharded_gradients_equal_one_sharded_step():
+    """config.train.grad_accum_steps=2 on data2 x fsdp2 x expert2 (a batch of 16: 2 rows per
+    device, 1 per microbatch): microbatches keep each device's rows, and the step's loss, expert
+    load and gradients are those of one step over the whole batch on the same mesh (the bound of
+    tests/test_grad_accum.py, 1e-6 of the gradients' norm; the forward pass of a 1-row shard
+    rounds differently from a 2-row one)."""
+    import functools
+
+    from test_grad_accum import _relative, _train_cfg, mixed_batch
+    from dsv3_jax.train import loop
+
+    cfg = TINY32
+    params, batch = init_params(cfg), mixed_batch(cfg, 16, 16, seed=5)
+    mesh = _mesh(data=2, fsdp=2, expert=2, tensor=1)
+    sharded = jax.device_put(params, _shardings(cfg, mesh))
+    batch = jax.device_put(batch, batch_sharding(mesh))
+    results = []
+    for accum in (1, 2):
+        fn = jax.jit(functools.partial(loop._loss_and_grads, model=DeepSeekV3(cfg),
+                                       train_cfg=_train_cfg(accum), chunk_tokens=64))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            results.append(jax.device_get(fn(sharded, batch)))
+    ((loss1, aux1), g1), ((loss2, aux2), g2) = results
+    assert_close(loss2, loss1, 1e-6, "loss")
+    np.testing.assert_array_equal(aux2[1], aux1[1])  # expert loads
+    assert _relative(g2, g1) <= 1e-6
+
+
 def test_params_are_sharded_as_the_table_says_and_shrink_per_device():
     cfg = TINY32
     params = init_params(cfg)

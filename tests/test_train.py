@@ -116,6 +116,7 @@ def test_one_step(corpus, tokenizer, tmp_path):
                 "balance_loss", "expert_load_max_over_mean", "expert_load_cv", "router_bias_norm"):
         assert key in train_row, key
     assert len(train_row["expert_load_cv"]) == 3  # two MoE layers and the MTP block
+    assert train_row["moe_dropped_fraction"] == [0.0, 0.0, 0.0]  # one device: no exchange
     # Per-expert vectors: every router sees batch x seq_len valid tokens x K = 2 experts each.
     assert np.asarray(train_row["expert_load"]).shape == (3, 8)
     np.testing.assert_array_equal(np.asarray(train_row["expert_load"]).sum(-1), 4 * 64 * 2)
@@ -267,3 +268,38 @@ def test_profiler_window_starts_and_stops_its_own_trace(monkeypatch, tmp_path, s
         first, last = traced
         assert events == ["start", "stop"]
         assert [s for s, e in marks if e == ["start"]] == list(range(first, min(last, 8) + 1))
+
+
+@pytest.mark.parametrize("section, key, value, pattern", [
+    ("train", "grad_accum_steps", 0, r"config.train.grad_accum_steps=0 is invalid"),
+    ("train", "grad_accum_steps", 3, r"grad_accum_steps=3 does not divide config.data.batch_size=16"),
+    ("train", "moe_dropped_warn_fraction", 1.5, r"moe_dropped_warn_fraction=1.5 is invalid"),
+    ("model", "moe_capacity_factor", 0.5, r"moe_capacity_factor=0.5 is invalid: must be 0 \(dropless\)"),
+    ("model", "moe_capacity_factor", float("nan"), r"moe_capacity_factor=nan is invalid"),
+])
+def test_accumulation_and_capacity_settings_are_checked(section, key, value, pattern):
+    from dsv3_jax.train.run_config import base_config
+
+    config = base_config("tiny")
+    config[section][key] = value
+    with pytest.raises(ValueError, match=pattern):
+        check_run_config(config)
+
+
+def test_dropped_pairs_over_the_threshold_are_warned_about(monkeypatch):
+    from types import SimpleNamespace
+
+    from dsv3_jax.train import loop
+    from dsv3_jax.train.run_config import base_config
+
+    config = base_config("tiny")
+    config.model.moe_capacity_factor = 1.25
+    warnings = []
+    monkeypatch.setattr(loop.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    run = SimpleNamespace(config=config)
+    loop.Run._warn_dropped(run, 7, np.array([0.0, 0.01, 0.0]))  # at the threshold: quiet
+    assert warnings == []
+    loop.Run._warn_dropped(run, 8, np.array([0.0, 0.002, 0.034]))
+    assert len(warnings) == 1
+    assert "step 8: MoE router 2's exchange dropped 3.40%" in warnings[0]
+    assert "moe_capacity_factor (now 1.25" in warnings[0]

@@ -1,34 +1,38 @@
-"""Dropless routed experts, on one device or across a mesh (expert parallelism with shard_map).
+"""Routed experts, on one device or across a mesh (expert parallelism with shard_map).
 
 Letters (`dsv3_jax/NOTATION.md`): U tokens (of one device inside shard_map), K experts per token,
 E experts (E_loc per device of the `expert` axis), P = size of the `expert` axis, D model dim,
 F expert hidden dim (F_loc per device of the `tensor` axis), M = U * K token-expert pairs on one
-device. The mesh axes named here are those the rules table (`parallel/mesh.py`) gives the expert
-weights' and the batch's logical axes.
+device, C the rows each device sends each peer (`exchange_capacity`). The mesh axes named here
+are those the rules table (`parallel/mesh.py`) gives the expert weights' and the batch's logical
+axes.
 
-`routed_experts(x, indices, weights, w1, w2, w3, matmul)[t]` =
-sum_k weights[t, k] * SwiGLU_{indices[t, k]}(x[t]) is what DeepSeekMoE needs; it picks the
-implementation from the mesh in context (`jax.set_mesh`):
+`routed_experts(x, indices, weights, w1, w2, w3, matmul, capacity_factor)[0][t]` =
+sum_k weights[t, k] * SwiGLU_{indices[t, k]}(x[t]) over the pairs (t, k) the exchange kept is what
+DeepSeekMoE needs; it picks the implementation from the mesh in context (`jax.set_mesh`):
 
 - no mesh, or one device: `local_routed_experts`: sort the M pairs by expert, run
-  `ops.grouped_matmul` (w1, w3, SwiGLU, w2), unsort, weight and sum over K.
+  `ops.grouped_matmul` (w1, w3, SwiGLU, w2), unsort, weight and sum over K. Never drops.
 - a mesh: the same math inside `jax.shard_map`, where collectives are explicit:
     tokens     [U, D] per device, split over the batch axes (data, fsdp, expert), replicated over
                tensor;
     weights    w1, w3 [E_loc, D / fsdp, F_loc], w2 [E_loc, F_loc, D / fsdp]: experts split over
                `expert`, the hidden dim over `tensor`, D over `fsdp` (gathered here: FSDP);
     dispatch   each pair goes to the `expert`-axis peer that owns its expert: pairs bucketed by
-               destination into a [P, M, D] buffer (capacity M per peer, so nothing is ever
-               dropped), exchanged with one `all_to_all`, with each row's local expert id;
+               destination, in (token, k) order inside a bucket, into a [P, C, D] buffer,
+               exchanged with one `all_to_all`, with each row's local expert id. C =
+               ceil(capacity_factor x M / P) (at most M); capacity_factor 0 gives C = M, which
+               any routing fits (dropless, P x the bytes of an even split). A pair whose rank in
+               its bucket is >= C is dropped: it is not sent and contributes zero (its gate
+               weight gets no gradient); the count is returned;
     experts    received rows sorted by local expert and run through `ops.grouped_matmul`
                (empty buffer rows sort last and are skipped);
     combine    results return with the reverse `all_to_all`, are weighted and summed per token,
                and the per-`tensor`-shard partial sums over F are added with one `psum`.
-  The padded buffer costs P x the bytes of an exact exchange; `jax.lax.ragged_all_to_all` would
-  send only the rows each peer needs on GPU/TPU, but it is unimplemented on CPU, where this is
-  tested, and is not wired in yet.
+  `jax.lax.ragged_all_to_all` would send only the rows each peer needs on GPU/TPU, but it is
+  unimplemented on CPU, where this is tested, and is not wired in yet.
 The router's expert load (for the bias update) is computed outside, on the globally sharded
-routing decisions, so it is always the global count.
+routing decisions (before any drop), so it is always the global count of routed pairs.
 """
 
 from __future__ import annotations

@@ -77,9 +77,11 @@ def batch_ways(sizes) -> int:
     return int(np.prod([sizes[a] for a in mesh_axes("activation_batch")]))
 
 
-def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
+def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int,
+                    grad_accum_steps: int = 1) -> None:
     """Refuses a mesh the model or the batch cannot be split over, naming the axis and the fix.
-    Each dim is split over the mesh axes the rules table gives its logical name."""
+    Each dim is split over the mesh axes the rules table gives its logical name; each of the
+    `grad_accum_steps` microbatches of the global batch is split over the batch axes."""
     needs = [
         ("exp", cfg.n_routed_experts, "ModelConfig.n_routed_experts"),
         ("embed", cfg.dim, "ModelConfig.dim"),
@@ -104,6 +106,11 @@ def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int) -> None:
         raise ValueError(f"config.data.batch_size={global_batch} is not divisible by "
                          f"{' x '.join(mesh_axes('activation_batch'))} = {ways}, the devices the "
                          f"batch is split over; use a multiple of {ways}.")
+    if global_batch % (ways * grad_accum_steps):
+        raise ValueError(f"config.data.batch_size={global_batch} does not split into "
+                         f"config.train.grad_accum_steps={grad_accum_steps} microbatches over "
+                         f"the {ways} devices of the batch axes; use a multiple of "
+                         f"{ways * grad_accum_steps} or another grad_accum_steps.")
 
 
 def make_mesh(mesh_cfg, devices=None):

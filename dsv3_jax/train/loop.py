@@ -50,20 +50,27 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss or gradient; the last good state was kept and saved."""
 
 
-def loss_fn(params, batch: dict, *, model, train_cfg, chunk_tokens: int | None = None):
-    """(training loss, (its terms, expert loads, MTP expert loads)) of one batch.
+def loss_fn(params, batch: dict, *, model, train_cfg, chunk_tokens: int | None = None,
+            normalizers: dict | None = None):
+    """(training loss, (its terms, expert loads, MTP expert loads, dropped fractions)) of one
+    batch; the dropped fractions are [n_moe_layers + mtp_depth] (main layers, then MTP), or
+    None without MoE layers.
 
     The cross-entropies are chunked (losses.chunked_token_stats): no [B, T, V] logits, forward or
     backward. `chunk_tokens` is the chunk over the whole batch; default
     config.train.loss_chunk_tokens (right for an unsharded batch; a run multiplies it by the ways
-    the batch is split, `_chunk_tokens`)."""
+    the batch is split, `_chunk_tokens`). `normalizers`: losses.training_loss's (the step's, when
+    `batch` is one of its microbatches)."""
     out = model.apply({"params": params}, batch["tokens"], batch["positions"],
                       batch["segment_ids"], with_logits=False, method=DeepSeekV3.forward)
     loss, terms = losses.training_loss(out, batch["tokens"], batch["segment_ids"],
                                        mtp_lambda=train_cfg.mtp_lambda,
                                        balance_alpha=train_cfg.balance_alpha,
-                                       chunk_tokens=chunk_tokens or _chunk_tokens(train_cfg))
-    return loss, (terms, out.expert_load, out.mtp_expert_load)
+                                       chunk_tokens=chunk_tokens or _chunk_tokens(train_cfg),
+                                       normalizers=normalizers)
+    dropped = [x for x in (out.dropped_fraction, out.mtp_dropped_fraction) if x is not None]
+    return loss, (terms, out.expert_load, out.mtp_expert_load,
+                  jnp.concatenate(dropped) if dropped else None)
 
 
 def _chunk_tokens(train_cfg, batch_ways: int = 1) -> int:
@@ -86,13 +93,51 @@ def state_builder(cfg, train_cfg, seq_len: int):
     return model, tx, init_boxed
 
 
-def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg,
-                chunk_tokens: int | None = None):
-    """One optimizer step, then the router-bias update; a non-finite step changes nothing but the
-    step counter (its batch is skipped). `chunk_tokens`: as in loss_fn."""
+def _microbatches(batch: dict, n: int) -> dict:
+    """[B, T] arrays -> [n, B / n, T]: microbatch a holds rows a, a + n, a + 2n, ..., so with the
+    batch split over devices in blocks of a multiple of n rows, every device keeps its own rows."""
+    def split(x):
+        x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.PartitionSpec(None, mesh_lib.mesh_axes("activation_batch")))
+    return {k: split(v) for k, v in batch.items()}
+
+
+def _loss_and_grads(params, batch: dict, *, model, train_cfg, chunk_tokens):
+    """((loss, aux), fp32 grads) of the step's batch, over config.train.grad_accum_steps
+    microbatches (a lax.scan that adds their gradients, expert loads and terms; each microbatch's
+    loss is divided by the step's counts, so the sums are the whole batch's)."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, train_cfg=train_cfg,
                                                    chunk_tokens=chunk_tokens), has_aux=True)
-    (loss, (terms, load, mtp_load)), grads = grad_fn(state.params, batch)
+    accum = train_cfg.get("grad_accum_steps", 1)
+    if accum == 1:
+        return grad_fn(params, batch)
+    normalizers = losses.loss_normalizers(batch["segment_ids"], model.cfg.mtp_depth)
+    micro = _microbatches(batch, accum)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(functools.partial(grad_fn, normalizers=normalizers),
+                                        params, first))
+
+    def body(total, mb):
+        return jax.tree.map(jnp.add, total, grad_fn(params, mb, normalizers=normalizers)), None
+
+    (loss, (terms, load, mtp_load, dropped)), grads = jax.lax.scan(body, zeros, micro)[0]
+    if dropped is not None:
+        dropped = dropped / accum  # each microbatch's fraction of its own pairs: the mean
+    return (loss, (terms, load, mtp_load, dropped)), grads
+
+
+def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg,
+                chunk_tokens: int | None = None):
+    """One optimizer step (over config.train.grad_accum_steps microbatches), then the router-bias
+    update from the whole step's expert load; a non-finite step changes nothing but the step
+    counter (its batch is skipped). `chunk_tokens`: as in loss_fn."""
+    (loss, (terms, load, mtp_load, dropped)), grads = _loss_and_grads(
+        state.params, batch, model=model, train_cfg=train_cfg, chunk_tokens=chunk_tokens)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -105,7 +150,8 @@ def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg,
     loads = [x for x in (load, mtp_load) if x is not None]
     step_metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite,
                         lr=optim.learning_rate_schedule(train_cfg)(state.step), **terms,
-                        expert_load=jnp.concatenate(loads) if loads else None)
+                        expert_load=jnp.concatenate(loads) if loads else None,
+                        moe_dropped_fraction=dropped)
     return new_state, step_metrics
 
 
@@ -262,7 +308,7 @@ class Run:
                              "(and resumes from).")
         self.config, self.workdir = config, writable_workdir(workdir)
         self.mesh = mesh = mesh_lib.make_mesh(config.mesh)
-        mesh_lib.check_mesh_fits(dict(mesh.shape), cfg, dc.batch_size)
+        mesh_lib.check_mesh_fits(dict(mesh.shape), cfg, dc.batch_size, tc.grad_accum_steps)
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         is_main = jax.process_index() == 0
 
@@ -358,6 +404,9 @@ class Run:
         train["mfu"] = (tokens_per_sec * self.flops_per_token / (self.peak * jax.device_count())
                         if self.peak else None)
         row = dict(train, tokens_seen=step * self.tokens_per_step)
+        if m["moe_dropped_fraction"] is not None:
+            row["moe_dropped_fraction"] = m["moe_dropped_fraction"]  # per MoE layer, then MTP
+            self._warn_dropped(step, m["moe_dropped_fraction"])
         if m["expert_load"] is not None:
             biases = _router_biases(self.state.params)
             row.update(metrics_lib.expert_load_stats(
@@ -368,6 +417,20 @@ class Run:
         self.writer.write(step, row)
         self.writer.progress(step, train["loss"], tokens_per_sec)
         return train
+
+
+    def _warn_dropped(self, step: int, dropped: np.ndarray) -> None:
+        """A warning when an MoE layer's exchange dropped more than
+        config.train.moe_dropped_warn_fraction of its token-expert pairs (at logged steps)."""
+        limit = self.config.train.moe_dropped_warn_fraction
+        worst = int(np.argmax(dropped))
+        if dropped[worst] > limit:
+            logging.warning(
+                "step %d: MoE router %d's exchange dropped %.2f%% of its token-expert pairs "
+                "(config.train.moe_dropped_warn_fraction=%g): raise "
+                "config.model.moe_capacity_factor (now %g; 0 is dropless), or give the bias "
+                "balancing time to even the load.", step, worst, 100 * dropped[worst], limit,
+                model_config(self.config).moe_capacity_factor)
 
 
 def _close_quietly(resource) -> None:

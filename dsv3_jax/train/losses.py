@@ -169,21 +169,44 @@ def prediction_stats(out, tokens: jax.Array, segment_ids: jax.Array, *,
     return stats
 
 
-def _mean_nll(s: dict) -> jax.Array:
-    return s["nll_sum"] / jnp.maximum(s["count"], 1.0)
+def sequences_with_tokens(segment_ids: jax.Array) -> jax.Array:
+    """float32 []: rows of [B, T] segment_ids holding at least one real (non-zero) token."""
+    return jnp.sum(jnp.any(segment_ids != 0, axis=1).astype(jnp.float32))
+
+
+def loss_normalizers(segment_ids: jax.Array, mtp_depth: int) -> dict:
+    """What training_loss divides by, over a whole step's batch (segment_ids [B, T]): the counted
+    targets of the main head ('main') and of each MTP depth ('mtp', a list), and the sequences
+    holding a real token ('sequences', over which the balance loss is averaged). float32 scalars.
+
+    Gradient accumulation gives each microbatch the step's normalizers: every term of the loss
+    is then a sum over tokens (or sequences) divided by the step's count, so the microbatches'
+    losses, terms and gradients add up to those of the whole batch."""
+    count = lambda k: jnp.sum(same_document(segment_ids, k).astype(jnp.float32))
+    return {"main": count(1), "mtp": [count(d + 2) for d in range(mtp_depth)],
+            "sequences": sequences_with_tokens(segment_ids)}
 
 
 def training_loss(out, tokens: jax.Array, segment_ids: jax.Array, *, mtp_lambda: float,
-                  balance_alpha: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-                  ) -> tuple[jax.Array, dict]:
+                  balance_alpha: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                  normalizers: dict | None = None) -> tuple[jax.Array, dict]:
     """(loss, its terms) for one batch; see the module docstring (`chunk_tokens`: as in
-    prediction_stats, used when `out` holds no logits)."""
+    prediction_stats, used when `out` holds no logits).
+
+    normalizers: `loss_normalizers` of the whole step's batch when this batch is one microbatch
+    of it (the terms are then this microbatch's share, and sum over the step's microbatches to
+    the step's); default this batch's own, the plain per-batch means."""
     stats = prediction_stats(out, tokens, segment_ids, chunk_tokens=chunk_tokens)
-    ce = _mean_nll(stats["main"])
-    mtp_ce = (sum(_mean_nll(s) for s in stats["mtp"]) / len(stats["mtp"])
+    norm = normalizers or loss_normalizers(segment_ids, len(stats["mtp"]))
+    mean = lambda s, count: s["nll_sum"] / jnp.maximum(count, 1.0)
+    ce = mean(stats["main"], norm["main"])
+    mtp_ce = (sum(mean(s, c) for s, c in zip(stats["mtp"], norm["mtp"])) / len(stats["mtp"])
               if stats["mtp"] else jnp.zeros([], jnp.float32))
     balance = sum((jnp.sum(b) for b in (out.balance_loss, out.mtp_balance_loss) if b is not None),
                   jnp.zeros([], jnp.float32))
+    # Each layer's balance loss averages over this batch's sequences with tokens; rescaled to
+    # the step's (a factor of exactly 1 for a whole batch that has any).
+    balance = balance * (sequences_with_tokens(segment_ids) / jnp.maximum(norm["sequences"], 1.0))
     loss = ce + mtp_lambda * mtp_ce + balance_alpha * balance
     return loss, {"ce": ce, "mtp_ce": mtp_ce, "balance_loss": balance,
-                  "accuracy": stats["main"]["correct"] / jnp.maximum(stats["main"]["count"], 1.0)}
+                  "accuracy": stats["main"]["correct"] / jnp.maximum(norm["main"], 1.0)}

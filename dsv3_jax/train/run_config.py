@@ -66,6 +66,13 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # [chunk, V] are the loss's largest buffers (512 x 129,280 x 4 B = 0.26 GB at V3).
         loss_chunk_tokens=DEFAULT_CHUNK_TOKENS,
         bias_gamma=0.001,  # aux-loss-free bias update speed (0 disables)
+        # Microbatches per optimizer step (lax.scan, fp32 gradients summed): each holds
+        # data.batch_size / grad_accum_steps sequences; the step, its bias update and its
+        # tokens/s count the whole batch.
+        grad_accum_steps=1,
+        # Warn when an MoE layer's expert-parallel exchange drops more than this share of its
+        # token-expert pairs (config.model.moe_capacity_factor).
+        moe_dropped_warn_fraction=0.01,
         seed=0,
         checkpoint_every=200,
         keep_checkpoints=3,
@@ -129,6 +136,10 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
         if not _is_int(value) or (value < 1 and value != -1):
             raise ValueError(f"config.mesh.{axis}={value!r} must be a positive device count or -1 "
                              "(the devices the other axes leave).")
+    if config.data.batch_size % config.train.grad_accum_steps:
+        raise ValueError(f"config.train.grad_accum_steps={config.train.grad_accum_steps} does not "
+                         f"divide config.data.batch_size={config.data.batch_size}; each "
+                         "microbatch holds batch_size / grad_accum_steps sequences.")
     max_seq_len = model_config(config).max_seq_len  # refuses a bad preset or model field
     if config.data.seq_len > max_seq_len:
         raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model's "
@@ -186,6 +197,10 @@ _TRAIN_RULES = {
     "mtp_lambda": _number(0, why="the MTP loss weight; 0 disables it"),
     "balance_alpha": _number(0, why="the balance loss weight; 0 disables it"),
     "bias_gamma": _number(0, why="the router-bias update speed; 0 disables it"),
+    "grad_accum_steps": _int_at_least(1, "microbatches per optimizer step; it must divide "
+                                         "config.data.batch_size"),
+    "moe_dropped_warn_fraction": _number(0, 1, why="the share of dropped token-expert pairs "
+                                                   "that is warned about"),
     "loss_chunk_tokens": _int_at_least(1, "tokens per chunk of the chunked cross-entropy; a few "
                                           "hundred MB of [chunk, vocab] float32 logits at V3 "
                                           "scale with 512"),
