@@ -280,12 +280,30 @@ PLAN_CASES = [
     (["--devices=8", "--mesh=expert=3"], 1, r"config\.mesh"),
     (["--config.train.stepz=1"], 2, r"config\.train\.stepz is not a setting"),
     (["--config.train.lr=-1"], 1, r"config\.train\.lr=-1\.0 is invalid"),
+    (["--grad_accum_steps=-2"], 2, r"--grad_accum_steps=-2 must be >= 1"),
+    (["--grad_accum_steps=x"], 2, r"grad_accum_steps"),
+    (["--capacity_factor=0.5"], 2, r"--capacity_factor=0\.5 must be 0 \(dropless\), a number >= 1"),
+    (["--capacity_factor=-3"], 2, r"--capacity_factor=-3 must be 0"),
+    (["--attention=flash"], 2, r"attention"),
 ]
 
 
 @pytest.mark.parametrize("args,status,pattern", PLAN_CASES, ids=[c[0][-1] for c in PLAN_CASES])
 def test_plan_errors(args, status, pattern):
     assert_refused(run("plan", f"--config={TINY}", *args), status, pattern)
+
+
+def test_plan_json_through_the_command_line():
+    out = run("plan", f"--config={TINY}", "--devices=8", "--mesh=expert=4,fsdp=-1",
+              "--capacity_factor=1.25", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (p,) = json.loads(out.stdout)
+    assert p["devices"] == 8 and p["mesh"] == dict(data=1, fsdp=2, expert=4, tensor=1)
+    assert p["global_batch"] == 8 and p["per_device_batch"] == 1 and p["grad_accum_steps"] == 1
+    assert p["capacity_factor"] == 1.25
+    parts = ("params", "optimizer", "gradients", "activations", "ep_buffers", "loss", "transient")
+    assert set(p["bytes"]) == set(parts) | {"total"}
+    assert p["bytes"]["total"] == sum(p["bytes"][k] for k in parts)
 
 
 def test_plan_config_errors(tmp_path):

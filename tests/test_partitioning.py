@@ -71,7 +71,7 @@ def test_plan_counts_sharded_bytes_without_allocating():
     import importlib.util
     import pathlib
 
-    from dsv3_jax.plan import parse_mesh, plan
+    from dsv3_jax.plan import COMPONENTS, parse_mesh, plan
     from dsv3_jax.train.run_config import base_config
 
     root = pathlib.Path(__file__).resolve().parent.parent
@@ -80,17 +80,36 @@ def test_plan_counts_sharded_bytes_without_allocating():
     spec.loader.exec_module(module)
     big = module.get_config("")
     st = ds.model_stats(ds.get_model_config("deepseek-v3-671b"))
-    p = plan(big, 256, parse_mesh("expert=64,fsdp=-1", None), 1)
+    mesh = parse_mesh("expert=64,fsdp=-1", None)
+    p = plan(big, 256, mesh, 1, capacity_factor=0)
+    b = p.bytes
     assert p.mesh == dict(data=1, fsdp=4, expert=64, tensor=1)
+    assert set(b) == set(COMPONENTS) | {"total"} and b["total"] == sum(b[k] for k in COMPONENTS)
     ideal = 4 * (st.total_params + st.mtp_params) / 256  # fp32 master weights, perfectly split
-    assert ideal <= p.params_bytes < 1.02 * ideal
+    assert ideal <= b["params"] < 1.02 * ideal
     # Two bf16 moments per fp32 weight (bf16_moments); the router biases have none.
-    assert abs(p.optimizer_bytes / p.params_bytes - 1) < 1e-4
-    assert p.activation_bytes > 0
+    assert abs(b["optimizer"] / b["params"] - 1) < 1e-4
+    assert b["gradients"] == b["params"]  # float32 gradients, sharded like the fp32 params
+    assert b["activations"] > 0 and b["loss"] > 0 and b["transient"] > 0
+    # Dropless: each device's buffers hold [P = 64, C = M, D]; capacity 2 bounds C at 2M / 64.
+    bounded = plan(big, 256, mesh, 1, capacity_factor=2.0)
+    # (the [M, D] rows in token order do not shrink with C)
+    assert 20 < b["ep_buffers"] / bounded.bytes["ep_buffers"] < 32
+    assert bounded.capacity_factor == 2.0 and p.capacity_factor == 0.0
+    # Two microbatches of 1 sequence per device: the same global batch as 2 sequences at once,
+    # half the activations, an accumulator beside the gradients.
+    two = plan(big, 256, mesh, 2, grad_accum_steps=1)
+    accum = plan(big, 256, mesh, 1, grad_accum_steps=2)
+    assert accum.global_batch == two.global_batch == 512 and accum.grad_accum_steps == 2
+    assert abs(accum.bytes["activations"] / two.bytes["activations"] - 0.5) < 0.01
+    assert accum.bytes["gradients"] == 2 * b["gradients"]
     tiny = base_config("tiny")
     none = plan(tiny, 8, parse_mesh("fsdp=-1", None), 2)
     with tiny.unlocked():
         tiny.model.remat_policy = "full"
     full = plan(tiny, 8, parse_mesh("fsdp=-1", None), 2)
-    assert full.activation_bytes < none.activation_bytes / 2  # remat keeps only block inputs
-    assert none.optimizer_bytes > 1.9 * none.params_bytes  # fp32 moments
+    # remat keeps only block inputs
+    assert full.bytes["activations"] < none.bytes["activations"] / 2
+    assert none.bytes["optimizer"] > 1.9 * none.bytes["params"]  # fp32 moments
+    ref = plan(tiny, 8, parse_mesh("fsdp=-1", None), 2, attention="reference")
+    assert ref.bytes["transient"] > full.bytes["transient"]  # float32 [b, H, T, T] scores
