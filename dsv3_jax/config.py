@@ -49,7 +49,10 @@ class ModelConfig:
     # Expert-parallel exchange: each device sends at most ceil(moe_capacity_factor x its pairs /
     # expert-axis size) token-expert pairs to each peer; pairs past that are dropped (counted as
     # moe_dropped_fraction). 0: dropless (buffers sized for any routing, expert-axis x larger).
-    moe_capacity_factor: float = 0.0
+    # Default 2: the tiny model on 8 devices, its biases settled, drops 0.7% of its pairs at 2
+    # and 6.3% at 1.25 (256 tokens per device: far noisier loads than V3's 4096); at V3 scale 2
+    # costs 12 GiB per device, dropless 330 (experiments/RESULTS.md, "MoE exchange capacity").
+    moe_capacity_factor: float = 2.0
     route_scale: float = 2.5
     # Sigmoid routers: divide the K chosen gate values by their sum before route_scale (V3: True;
     # transformers' DeepseekV3 `norm_topk_prob`). Softmax routers never renormalise, whatever this
