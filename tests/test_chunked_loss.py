@@ -114,8 +114,8 @@ def test_training_loss_and_gradients_equal_the_full_logits_path():
                                     balance_alpha=train_cfg.balance_alpha)
 
     def new_loss(params):
-        loss, (terms, _, _) = loss_fn(params, batch, model=model, train_cfg=train_cfg,
-                                      chunk_tokens=7)
+        loss, (terms, _, _, _) = loss_fn(params, batch, model=model, train_cfg=train_cfg,
+                                         chunk_tokens=7)
         return loss, terms
 
     (loss, terms), grads = jax.jit(jax.value_and_grad(new_loss, has_aux=True))(params)

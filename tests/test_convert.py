@@ -175,7 +175,9 @@ def test_export_then_import_is_bitwise(cfg, tmp_path):
     assert (tmp_path / "hf" / convert.INDEX_FILE).is_file()  # sharded
     cfg2, params2 = load_hf_checkpoint(tmp_path / "hf", np.dtype(cfg.param_dtype), scan_layers=cfg.scan_layers)
     _assert_same_params(params, params2)
-    assert cfg2.replace(dtype=cfg.dtype, init_std=cfg.init_std) == cfg
+    # dtype, init_std and moe_capacity_factor are run settings config.json does not hold.
+    assert cfg2.replace(dtype=cfg.dtype, init_std=cfg.init_std,
+                        moe_capacity_factor=cfg.moe_capacity_factor) == cfg
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -199,7 +201,8 @@ def test_exported_config_is_the_current_transformers_style(tmp_path):
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
     assert "rope_scaling" not in config and "rope_theta" not in config
     assert config["num_nextn_predict_layers"] == 1 and config["q_lora_rank"] == 96
-    assert convert.config_from_hf(config).replace(dtype="float32", init_std=0.05) == TINY32
+    assert convert.config_from_hf(config).replace(
+        dtype="float32", init_std=0.05, moe_capacity_factor=TINY32.moe_capacity_factor) == TINY32
 
 
 # ------------------------------------------------------------------------------------ config mapping
@@ -346,7 +349,8 @@ def test_norm_topk_prob_false_maps_both_ways():
     assert convert.config_to_hf(TINY32)["norm_topk_prob"] is True
     # Softmax routers never renormalise: written as false whatever the (ignored) field holds.
     assert convert.config_to_hf(V2_STYLE)["norm_topk_prob"] is False
-    assert convert.config_from_hf(convert.config_to_hf(V2_STYLE)) == V2_STYLE.replace(dtype="bfloat16", init_std=0.006)
+    assert convert.config_from_hf(convert.config_to_hf(V2_STYLE)) == V2_STYLE.replace(
+        dtype="bfloat16", init_std=0.006, moe_capacity_factor=ds.ModelConfig().moe_capacity_factor)
 
 
 def test_export_then_import_keeps_norm_topk_prob_false(tmp_path):
@@ -509,7 +513,8 @@ def test_orbax_to_hf_reads_the_newest_training_checkpoint(tmp_path):
     cli.orbax_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
     cfg2, params2 = load_hf_checkpoint(tmp_path / "hf")
     _assert_same_params(params, params2)
-    assert cfg2.replace(dtype="float32", init_std=0.05) == cfg
+    assert cfg2.replace(dtype="float32", init_std=0.05,
+                        moe_capacity_factor=cfg.moe_capacity_factor) == cfg
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"tok"
 
 
