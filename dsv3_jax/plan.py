@@ -245,15 +245,10 @@ def parse_mesh(text: str, default) -> ml_collections.ConfigDict:
     """'expert=64,fsdp=-1' -> a mesh config (unnamed axes 1); '' -> `default`."""
     if not text:
         return default
-    sizes = dict(data=1, fsdp=1, expert=1, tensor=1)
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        name, value = name.strip(), value.strip()
-        if name not in sizes or not (value.isdigit() or value == "-1") or int(value) == 0:
-            raise cli.UsageError(f"--mesh: {part!r} is not axis=size with axis in {list(sizes)} "
-                                 "and size a positive int or -1, e.g. --mesh=expert=64,fsdp=-1.")
-        sizes[name] = int(value)
-    return ml_collections.ConfigDict(sizes)
+    try:
+        return ml_collections.ConfigDict(mesh_lib.parse_mesh_sizes(text))
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
 
 
 def compiled_bytes(config: ml_collections.ConfigDict, p: Plan) -> int:

@@ -58,17 +58,15 @@ def main(argv):
     import ml_collections
 
     from configs import tiny
+    from dsv3_jax.parallel.mesh import parse_mesh_sizes
     from dsv3_jax.train.loop import train_and_evaluate
 
     factors = [float(f) for f in _FACTORS.value]
     root = _WORKDIR.value or tempfile.mkdtemp(prefix="moe_capacity_")
-    sizes = dict(data=1, fsdp=1, expert=1, tensor=1)
-    for part in _MESH.value.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in sizes or not value.strip().isdigit():
-            raise app.UsageError(f"--mesh: {part!r} is not axis=size with axis in {list(sizes)}.")
-        sizes[name.strip()] = int(value)
-    mesh = ml_collections.ConfigDict(sizes)
+    try:
+        mesh = ml_collections.ConfigDict(parse_mesh_sizes(_MESH.value))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     tokenizer, results = "", {}
     for factor in factors:
         config = tiny.get_config()

@@ -77,6 +77,20 @@ def batch_ways(sizes) -> int:
     return int(np.prod([sizes[a] for a in mesh_axes("activation_batch")]))
 
 
+def parse_mesh_sizes(text: str) -> dict[str, int]:
+    """'expert=64,fsdp=-1' -> {data: 1, fsdp: -1, expert: 64, tensor: 1} (unnamed axes 1); a
+    part that is not axis=size (a MESH_AXES name, a positive int or -1) raises ValueError."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in sizes or not (value.isdigit() or value == "-1") or int(value) == 0:
+            raise ValueError(f"--mesh: {part!r} is not axis=size with axis in {list(sizes)} "
+                             "and size a positive int or -1, e.g. --mesh=expert=64,fsdp=-1.")
+        sizes[name] = int(value)
+    return sizes
+
+
 def check_mesh_fits(sizes: dict[str, int], cfg, global_batch: int,
                     grad_accum_steps: int = 1) -> None:
     """Refuses a mesh the model or the batch cannot be split over, naming the axis and the fix.
