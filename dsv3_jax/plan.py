@@ -260,8 +260,7 @@ def compiled_bytes(config: ml_collections.ConfigDict, p: Plan) -> int:
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     config.data.batch_size = p.global_batch
     config.model.moe_capacity_factor = p.capacity_factor
-    if p.grad_accum_steps > 1 or "grad_accum_steps" in config.train:
-        config.train.grad_accum_steps = p.grad_accum_steps
+    config.train.grad_accum_steps = p.grad_accum_steps
     config.mesh = ml_collections.ConfigDict(p.mesh)
     cpus = jax.devices("cpu")
     if len(cpus) < p.devices:

@@ -59,7 +59,6 @@ def provenance(args) -> str:
     return text + ("; SMOKE: CPU interpret mode, times meaningless" if args.smoke else "")
 
 
-
 def int_pairs(text: str, script: str, flag: str, form: str, example: str) -> list[tuple[int, int]]:
     """A flag's "AxB,AxB" value -> [(A, B), ...] ([] when empty); anything else exits with one
     line naming the script, the flag, its value, the form (e.g. "TxH") and an example."""

@@ -5,8 +5,9 @@ bias balancing settles: the tiny model (`configs/tiny.py`, 8 experts, top-2) tra
 simulated CPU devices once per capacity factor (0 = dropless, the baseline), on the built-in
 corpus, reading `moe_dropped_fraction` from each run's metrics.jsonl. Prints one row per factor:
 the dropped share (mean over routers) over the first tenth of the steps, over the last 100 steps
-(mean and worst logged step), the final training loss and tokens/s. The default
-`ModelConfig.moe_capacity_factor` is chosen from this table (experiments/RESULTS.md).
+(mean and worst logged step), the final training loss and tokens/s. Rows are logged every 5
+steps (every step in runs under 50 steps). The default `ModelConfig.moe_capacity_factor` is
+chosen from this table (experiments/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -44,30 +45,27 @@ def _rows(workdir: str) -> list[dict]:
 
 
 def summarize(rows: list[dict], steps: int) -> dict:
-    """The dropped share (mean over routers) early, late (mean, worst) and the last loss."""
+    """The dropped share (mean over routers) over the first tenth of the steps (at least the first
+    logged row) and the last 100 (mean, worst), the last loss, the median tokens/s."""
     step = np.array([r["step"] for r in rows])
     dropped = np.array([np.mean(r["moe_dropped_fraction"]) for r in rows])
-    early, late = step <= max(steps // 10, 1), step > steps - 100
+    early, late = step <= max(steps // 10, step[0]), step > steps - 100
+    speeds = [r["tokens_per_sec"] for r in rows[1:]] or [rows[0]["tokens_per_sec"]]
     return {"early": float(dropped[early].mean()), "late": float(dropped[late].mean()),
             "late_max": float(dropped[late].max()), "loss": rows[-1]["loss"],
-            "tokens_per_sec": float(np.median([r["tokens_per_sec"] for r in rows[1:]] or [0]))}
+            "tokens_per_sec": float(np.median(speeds))}
 
 
-def main(argv):
-    del argv
+def _configs(factors: list[float]) -> list:
+    """One run config per capacity factor, each checked as a run would check it."""
     import ml_collections
 
     from configs import tiny
     from dsv3_jax.parallel.mesh import parse_mesh_sizes
-    from dsv3_jax.train.loop import train_and_evaluate
+    from dsv3_jax.train.run_config import check_run_config, model_config
 
-    factors = [float(f) for f in _FACTORS.value]
-    root = _WORKDIR.value or tempfile.mkdtemp(prefix="moe_capacity_")
-    try:
-        mesh = ml_collections.ConfigDict(parse_mesh_sizes(_MESH.value))
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    tokenizer, results = "", {}
+    mesh = ml_collections.ConfigDict(parse_mesh_sizes(_MESH.value))
+    configs = []
     for factor in factors:
         config = tiny.get_config()
         config.model.moe_capacity_factor = factor
@@ -76,15 +74,38 @@ def main(argv):
             config.train.bias_gamma = _GAMMA.value
         config.train.eval_batches = 0
         config.train.checkpoint_every = _STEPS.value
-        config.train.log_every = 5
-        config.data.tokenizer = tokenizer  # the first run trains it, the others reuse it
+        config.train.log_every = max(1, min(5, _STEPS.value // 10))
         config.mesh = mesh
+        check_run_config(config)
+        model_config(config)  # refuses a bad moe_capacity_factor
+        configs.append(config)
+    return configs
+
+
+def main(argv):
+    del argv
+    import shutil
+
+    from dsv3_jax.train.loop import train_and_evaluate
+
+    # Every setting is checked before the first run: a mistake ends in one line, not a traceback.
+    try:
+        factors = [float(f) for f in _FACTORS.value]
+        configs = _configs(factors)
+    except ValueError as e:
+        raise SystemExit(f"moe_capacity.py: {e}") from None
+    root = _WORKDIR.value or tempfile.mkdtemp(prefix="moe_capacity_")
+    tokenizer, results = "", {}
+    for factor, config in zip(factors, configs):
+        config.data.tokenizer = tokenizer  # the first run trains it, the others reuse it
         workdir = os.path.join(root, f"factor_{factor:g}")
         logging.info("capacity factor %g -> %s", factor, workdir)
         train_and_evaluate(config, workdir)
         tokenizer = tokenizer or str(next(pathlib.Path(workdir).rglob("*.model")))
         results[factor] = summarize(_rows(workdir), _STEPS.value)
-    gamma = _GAMMA.value if _GAMMA.value >= 0 else tiny.get_config().train.bias_gamma
+    if not _WORKDIR.value:
+        shutil.rmtree(root)  # the temporary runs; the table below is what they were for
+    gamma = configs[0].train.bias_gamma
     print(f"\ntiny model, {_STEPS.value} steps, bias_gamma {gamma:g}, 8 simulated CPU devices, "
           f"mesh {_MESH.value}; moe_dropped_fraction as % of token-expert pairs (mean over "
           "routers)\n")

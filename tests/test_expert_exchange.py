@@ -95,7 +95,8 @@ def _kept(indices: np.ndarray, shards: int, peers: int, cap: int) -> np.ndarray:
 
 
 def _dense(x, weights, w1, w2, w3, indices, kept):
-    """sum over kept pairs of weight x SwiGLU_expert(x), per token, by gathering each pair's weights."""
+    """Per token, the sum over its kept pairs of weight x SwiGLU_expert(x), each pair's expert
+    weights gathered."""
     mask = jnp.asarray(kept, jnp.float32)
     h = (jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, w1[indices]))
          * jnp.einsum("nd,nkdf->nkf", x, w3[indices]))
@@ -135,7 +136,7 @@ def test_bounded_exchange_with_enough_capacity_equals_dropless_bit_for_bit(sizes
 @pytest.mark.parametrize("sizes", MESHES[:2], ids=["expert8", "data2-expert4"])
 def test_skewed_router_drops_exactly_the_documented_pairs(sizes):
     """A router that sends 3/4 of the pairs to one peer, capacity factor 1.25: the output and the
-    gradients are those of the kept pairs alone (float64-free dense reference, fp32; the sums run
+    gradients are those of the kept pairs alone (a dense fp32 reference over the kept pairs; the sums run
     in another order, bound 1e-5 of each array's scale), and the count of dropped pairs is exact."""
     mesh = _mesh(**sizes)
     ways, peers = batch_ways(mesh.shape), mesh.shape["expert"]

@@ -165,8 +165,8 @@ def _settings(corpus: str, steps: int) -> dict:
     break differently can move a pair across its peer's capacity, a larger change than rounding."""
     return {"data.corpus": corpus, "data.seq_len": 32, "data.batch_size": 8,
             "data.validation_fraction": 0.2, "model.vocab_size": 512, "model.dtype": "float32",
-            "model.n_layers": 2, "model.moe_capacity_factor": 0.0, "train.steps": steps, "train.checkpoint_every": 2,
-            "train.log_every": 1, "train.eval_batches": 0, "train.lr": 3e-3,
+            "model.n_layers": 2, "model.moe_capacity_factor": 0.0, "train.steps": steps,
+            "train.checkpoint_every": 2, "train.log_every": 1, "train.eval_batches": 0, "train.lr": 3e-3,
             "train.warmup_steps": 1, "train.async_checkpoint": False,
             "mesh.data": 1, "mesh.fsdp": 1, "mesh.expert": 4, "mesh.tensor": 2}
 

@@ -15,10 +15,10 @@ training loop updates it from `expert_load`.
 
 Experts (`MoE`): token-expert pairs are sorted by expert, pushed through `ops.grouped_matmul`
 (w1, w3, SwiGLU, w2; `ops.fp8.fp8_grouped_matmul` when cfg.fp8), unsorted and summed with their
-weights; no token is dropped. Under a device mesh the same runs expert-parallel
+weights; on one device no token is dropped. Under a device mesh the same runs expert-parallel
 (`dsv3_jax/parallel/expert_parallel.py`), whose exchange drops the pairs past each peer's capacity
-when cfg.moe_capacity_factor is set (their share is Routing.dropped_fraction). The shared experts form one SwiGLU MLP of width
-n_shared_experts * moe_inter_dim, added to every token.
+when cfg.moe_capacity_factor is set (their share is Routing.dropped_fraction). The shared experts
+form one SwiGLU MLP of width n_shared_experts * moe_inter_dim, added to every token.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 
 # Model fields that may change between a checkpoint and its restart (they change the numerics'
-# precision or the memory/speed trade-off, never the parameter tree): remat, compute dtype, FP8.
+# precision or the memory/speed trade-off, never the parameter tree): remat, compute dtype, FP8,
+# and the expert exchange's capacity (how many pairs it may drop).
 _RESTART_MAY_CHANGE = ("remat_policy", "dtype", "fp8", "moe_capacity_factor")
 
 

@@ -418,7 +418,6 @@ class Run:
         self.writer.progress(step, train["loss"], tokens_per_sec)
         return train
 
-
     def _warn_dropped(self, step: int, dropped: np.ndarray) -> None:
         """A warning when an MoE layer's exchange dropped more than
         config.train.moe_dropped_warn_fraction of its token-expert pairs (at logged steps)."""

@@ -17,8 +17,9 @@ over two `lax.scan`s; the forward keeps one log-sum-exp per token), so neither p
 8192 tokens, for the main head and again for each MTP depth.
 The numerics are the head's own: inputs cast to the compute dtype, float32 accumulation, float32
 logits and log-sum-exp, so the loss and its gradients equal the full-logits path's up to float32
-rounding (the sums are taken in another order; in a bfloat16 compute dtype the kernel gradient is
-rounded to bfloat16 per chunk, as autodiff of the head rounds it, and summed over chunks in float32).
+rounding (the sums are taken in another order; in a bfloat16 compute dtype the kernel gradient
+is rounded to bfloat16 per chunk, as autodiff of the head rounds it, and summed over chunks in
+float32).
 """
 
 from __future__ import annotations

@@ -58,8 +58,9 @@ the register budget.
 The plain-jnp reference it is tested against is `dsv3_jax.ops.attention.mla_decode_reference`
 (tests/test_mla_kernels.py: interpret mode against it with per-sequence positions, several splits
 and blocks, and the model's prefill + decode against its forward; the sm_90a lowering at V3 and
-small-config shapes; tests/test_mla_decode_sm90.py: the dims and register refusals, interpret mode on fresh inputs with
-positions in the first block, several splits of several blocks, two row tiles, R 128).
+small-config shapes; tests/test_mla_decode_sm90.py: the dims and register refusals, interpret
+mode on fresh inputs with positions in the first block, several splits of several blocks, two row
+tiles, R 128).
 `experiments/bench_mla_decode.py` measures GB/s of cache read on an H100.
 
 Registers and spills (measured 2026-12-01: jax 0.11.2, ptxas 13.0, through Mosaic GPU's own
