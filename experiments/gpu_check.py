@@ -52,6 +52,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
+# --dry-run's overall seconds: it checks the wiring, not the speed, so its limits only catch a
+# hang; a cold compilation cache on a busy 2-core machine takes several times the ~1.5 min.
+DRY_BUDGET_S = 1800.0
 TAIL_CHARS = 4000  # of each stage's output kept in the JSON
 TRAIN_MODULES = ("grain", "ml_collections", "tensorboardX", "array_record", "sentencepiece",
                  "orbax.checkpoint")
@@ -63,8 +66,8 @@ class Stage:
     (summary, extra fields) for the report."""
 
     name: str
-    limit_s: float  # on the GPU
-    dry_limit_s: float  # with --dry-run
+    limit_s: float  # on the GPU: sized to the loan's minutes
+    dry_limit_s: float  # with --dry-run: a hang guard only, wide enough for a loaded 2-core CPU
     argv: object  # callable(ctx) -> list[str], or None (the stage is skipped; ctx.skip_reason)
     parse: object = None  # callable(text, ctx) -> (summary: str, extra: dict)
 
@@ -334,21 +337,21 @@ def _train_parse(text, ctx):
 
 
 STAGES = (
-    Stage("env", 15, 30, _env_argv, _env_parse),
-    Stage("pytest", 130, 60, _pytest_argv, _pytest_summary),
-    Stage("safety_net", 40, 60, _safety_argv, _safety_parse),
-    Stage("bench_fp8_gemm", 50, 45, _bench_argv("bench_fp8_gemm.py", _TIMING), _bench_summary),
-    Stage("bench_grouped_matmul", 50, 45,
+    Stage("env", 15, 120, _env_argv, _env_parse),
+    Stage("pytest", 130, 300, _pytest_argv, _pytest_summary),
+    Stage("safety_net", 40, 300, _safety_argv, _safety_parse),
+    Stage("bench_fp8_gemm", 50, 240, _bench_argv("bench_fp8_gemm.py", _TIMING), _bench_summary),
+    Stage("bench_grouped_matmul", 50, 240,
           _bench_argv("bench_grouped_matmul.py", ["--shapes=V3", "--warmup=1", "--runs=3",
                                                   "--inner=3"]), _bench_summary),
-    Stage("bench_mla_attention", 35, 45,
+    Stage("bench_mla_attention", 35, 240,
           _bench_argv("bench_mla_attention.py", ["--shapes=4096x16,4096x128", *_TIMING]),
           _bench_summary),
-    Stage("bench_mla_decode", 25, 45,
+    Stage("bench_mla_decode", 25, 240,
           _bench_argv("bench_mla_decode.py", ["--grid=64x4096,8x32768", *_TIMING]),
           _bench_summary),
-    Stage("train", 95, 90, _train_argv, _train_parse),
-    Stage("bench_decode", 40, 60,
+    Stage("train", 95, 300, _train_argv, _train_parse),
+    Stage("bench_decode", 40, 240,
           _bench_argv("bench_decode.py", ["--preset=small", "--batch_sizes=1,8",
                                           "--prompt_len=128", "--new_tokens=64"]),
           _bench_summary),
@@ -476,7 +479,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, interpret mode, tiny shapes")
     ap.add_argument("--only", default="", help="comma-separated stage names (default: all)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="overall seconds (default 480 on the GPU, 240 with --dry-run)")
+                    help=f"overall seconds (default 480 on the GPU, {DRY_BUDGET_S:.0f} with --dry-run)")
     ap.add_argument("--train_steps", type=int, default=4)
     args = ap.parse_args(argv)
     names = [s.name for s in STAGES]
@@ -489,7 +492,7 @@ def main(argv=None) -> int:
                  "unset for the default)")
     if args.train_steps < 1:
         ap.error(f"--train_steps={args.train_steps}: must be >= 1")
-    budget = args.budget or (240.0 if args.dry_run else 480.0)
+    budget = args.budget or (DRY_BUDGET_S if args.dry_run else 480.0)
     deadline = time.monotonic() + budget
     out = pathlib.Path(args.out)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -143,7 +143,8 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path):
     gc = _experiment("gpu_check")
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "--dry-run",
-                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=gc.DRY_BUDGET_S + 120)
     report = json.loads((out / "gpu_check.json").read_text())
     md = (out / "gpu_check.md").read_text()
     stages = {s["stage"]: s for s in report["stages"]}
