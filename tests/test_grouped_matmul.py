@@ -249,6 +249,93 @@ def test_sm90_kernels_lower_for_h100(k_dim, n_dim):
 
 
 # ------------------------------------------------------------------------------------------------
+# megablox: the tile table and the Mosaic TPU lowering at DeepSeek-V3 expert shapes
+# ------------------------------------------------------------------------------------------------
+V3_EXPERT_DIMS = [(7168, 2048), (2048, 7168)]  # (I, J) of w1 / w3 and of w2
+VMEM_SCOPED_DEFAULT = 16 * 2 ** 20  # the smallest default scoped VMEM of a TPU generation (v5e)
+
+
+def _megablox_vmem_bytes(tm, tk, tn):
+    """VMEM of one megablox call at these tiles, bf16 operands, inputs and outputs
+    double-buffered, fp32 accumulator: (gmm with a bf16 output, tgmm with an fp32 dw tile)."""
+    gmm = 2 * 2 * (tm * tk + tk * tn + tm * tn) + 4 * tm * tn
+    tgmm = 2 * (2 * tk * tm + 2 * tm * tn + 4 * tk * tn) + 4 * tk * tn
+    return gmm, tgmm
+
+
+def test_megablox_tiling_table_entries_are_valid():
+    """Every class's tiles are whole TPU tiles (tm of 16 sublanes, tk / tn of 128 lanes) and fit
+    the default scoped VMEM; V3's expert calls (forward, dx with I and J swapped, tgmm) take the
+    "v3_experts" class with tiles dividing every dim; small or odd dims keep the 128-capped rule
+    (M rounded up to 16, I and J as they are below 128, a partial edge tile above)."""
+    table = gm.MEGABLOX_TILING_TABLE
+    assert list(table)[-1] == "small"  # the catch-all comes last
+    for name, (tm, tk, tn) in table.items():
+        assert tm % 16 == 0 and tk % 128 == 0 and tn % 128 == 0, name
+        assert max(_megablox_vmem_bytes(tm, tk, tn)) <= VMEM_SCOPED_DEFAULT, name
+    m = 8192
+    for i, j in V3_EXPERT_DIMS:
+        tiling = gm.megablox_tiling(m, i, j)
+        assert tiling == table["v3_experts"]
+        assert m % tiling[0] == 0 and i % tiling[1] == 0 and j % tiling[2] == 0
+    old_rule = lambda m, k, n: (min(128, -(-m // 16) * 16), min(128, k), min(128, n))
+    for m, k, n in [(176, 96, 64), (8, 16, 8), (32, 128, 64), (1000, 7168, 1408), (300, 1408, 2048),
+                    (4096, 512, 640), (130, 200, 300)]:
+        assert gm.megablox_tiling(m, k, n) == old_rule(m, k, n), (m, k, n)
+    assert gm.megablox_tiling(100, 7168, 2048) == (112, 512, 1024)  # tm capped at M rounded to 16
+
+
+def _megablox_kernels():
+    import importlib
+
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _tpu_text(fn, *args):
+    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+
+@pytest.mark.parametrize("i_dim,j_dim", V3_EXPERT_DIMS, ids=["w1", "w2"])
+def test_megablox_exports_for_tpu_at_v3_expert_shapes(i_dim, j_dim):
+    """jax's megablox gmm (forward and the transposed-w dx form) and tgmm (dw) with our tiling,
+    lowered to Mosaic TPU (interpret off) at V3 expert shapes: 8192 rows over 8 local experts."""
+    mb = _megablox_kernels()
+    m, e = 8192, 8
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((e,), jnp.int32)
+    fwd = functools.partial(mb.gmm, tiling=gm.megablox_tiling(m, i_dim, j_dim),
+                            preferred_element_type=jnp.bfloat16)
+    assert "tpu_custom_call" in _tpu_text(fwd, bf16(m, i_dim), bf16(e, i_dim, j_dim), sizes)
+    dx = functools.partial(mb.gmm, tiling=gm.megablox_tiling(m, j_dim, i_dim), transpose_rhs=True,
+                           preferred_element_type=jnp.bfloat16)
+    assert "tpu_custom_call" in _tpu_text(dx, bf16(m, j_dim), bf16(e, i_dim, j_dim), sizes)
+    dw = lambda x, dy, s: mb.tgmm(x.T, dy, s, tiling=gm.megablox_tiling(m, i_dim, j_dim),
+                                  preferred_element_type=jnp.float32)
+    assert "tpu_custom_call" in _tpu_text(dw, bf16(m, i_dim), bf16(m, j_dim), sizes)
+
+
+@pytest.mark.parametrize("i_dim,j_dim", V3_EXPERT_DIMS, ids=["w1", "w2"])
+def test_grouped_matmul_vjp_exports_for_tpu_through_megablox(i_dim, j_dim, monkeypatch):
+    """The whole custom_vjp (forward, dx, dw) with DSV3_GROUPED_MATMUL=megablox, traced as on a
+    TPU (ops/grouped_matmul.py runs megablox with interpret=not on_tpu(); patched to True here),
+    an expert-parallel shard (8 of 256 experts, a traced group offset), lowered to Mosaic TPU:
+    three kernels, at V3 expert shapes."""
+    monkeypatch.setenv("DSV3_GROUPED_MATMUL", "megablox")
+    monkeypatch.setattr(gm, "on_tpu", lambda: True)
+    m, e_loc, e = 8192, 8, 256
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+
+    def out_and_grads(x, w, sizes, offset, dy):
+        y, pullback = jax.vjp(lambda x, w: gm.grouped_matmul(x, w, sizes, offset), x, w)
+        return y, *pullback(dy)
+
+    text = _tpu_text(out_and_grads, bf16(m, i_dim), bf16(e_loc, i_dim, j_dim),
+                     jax.ShapeDtypeStruct((e,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                     bf16(m, j_dim))
+    assert text.count("tpu_custom_call") == 3  # gmm, gmm with w transposed, tgmm
+
+
+# ------------------------------------------------------------------------------------------------
 # The MoE layer through every backend
 # ------------------------------------------------------------------------------------------------
 def test_moe_layer_same_through_every_backend(monkeypatch):

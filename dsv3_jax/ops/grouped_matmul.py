@@ -357,10 +357,36 @@ def _megablox():
     return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
 
+# megablox tile sizes (tm, tk, tn), one entry per shape class of a call's (I, J): I the dim that
+# `megablox_tiling` gets as k, J the one it gets as n (gmm: contracted and output dims, so the dx
+# call of w [E, I, J] comes as (J, I); tgmm: the [I, J] of dw, contracting over M). The first
+# class whose tk divides I and whose tn divides J wins; "small" takes everything else.
+#   "v3_experts"  I, J multiples of 512 / 1024: DeepSeek-V3's routed experts (D 7168, F 2048):
+#                 w1 / w3 (I 7168, J 2048), w2 (I 2048, J 7168), their dx calls (2048, 7168) and
+#                 (7168, 2048) and the tgmm of each. VMEM, bf16 operands, double-buffered: gmm
+#                 lhs 512x512 + rhs 512x1024 + out 512x1024, plus the fp32 512x1024 accumulator,
+#                 ~7 MiB; tgmm with an fp32 dw tile ~9 MiB: inside the 16 MiB default scoped VMEM
+#                 of every TPU generation (megablox sets no vmem limit).
+#   "small"       small or odd dims (tests, tiny presets): 128 capped at the dim, the edge tile
+#                 partial (megablox masks it).
+# tm is capped at M rounded up to 16 (bf16's sublane tile); the caller pads M to tm. All entries
+# are multiples of 128 lanes (tk, tn) and of 16 sublanes (tm). UNTUNED: chosen from the VMEM budget
+# and MaxText's megablox defaults, not timed on a real TPU (none was lent).
+MEGABLOX_TILING_TABLE: dict[str, tuple[int, int, int]] = {
+    "v3_experts": (512, 512, 1024),
+    "small": (128, 128, 128),
+}
+
+
 def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """(tm, tk, tn) for M, I, J: 128 where the dim allows (to be tuned on a TPU); M is padded to
-    tm (a multiple of 16, bf16's sublane tile) by the caller, I and J may end in a partial tile."""
-    return min(128, -(-m // 16) * 16), min(128, k), min(128, n)
+    """(tm, tk, tn) for a megablox call on M rows and dims (I, J) = (k, n), from the first class of
+    `MEGABLOX_TILING_TABLE` that takes them (its table comment); M is padded to tm (a multiple of
+    16) by the caller; in the "small" class I and J may end in a partial tile."""
+    tm_cap = -(-m // 16) * 16
+    for name, (tm, tk, tn) in MEGABLOX_TILING_TABLE.items():
+        if name == "small" or (k % tk == 0 and n % tn == 0):
+            return min(tm, tm_cap), min(tk, k), min(tn, n)
+    raise AssertionError("MEGABLOX_TILING_TABLE has no 'small' class")
 
 
 def _pad_rows(a, multiple):
