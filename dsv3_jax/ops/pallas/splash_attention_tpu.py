@@ -77,7 +77,7 @@ _DIM_MULTIPLE = 64  # head dims in whole half-vregs of lanes (V3: 192 and 128)
 _MAX_DIM = 256  # the largest head dim the table's VMEM budget covers
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
-# (smallest T, largest head dim) -> BlockSizes fields; the first matching class wins (largest first).
+# (smallest T, largest head dim) -> BlockSizes fields; the first class that takes a call wins.
 BLOCK_TABLE: dict[tuple[int, int], dict[str, int]] = {
     # long sequences (V3 pretraining at T 4096): 512-row q blocks, 1024-row kv blocks in 512 steps
     (2048, _MAX_DIM): dict(block_q=512, block_kv=1024, block_kv_compute=512,
@@ -153,7 +153,7 @@ def check_dims(q_shape, k_shape, v_shape, dtypes, *, segment_ids_shape=None,
 
 
 def supports(q_shape, k_shape, v_shape, dtypes) -> bool:
-    """Whether the wrapper takes these inputs with the table's block sizes (the dispatcher's test)."""
+    """Whether the wrapper takes these inputs at the table's block sizes (the dispatcher's test)."""
     try:
         check_dims(q_shape, k_shape, v_shape, dtypes)
     except (ValueError, IndexError, TypeError):
@@ -162,7 +162,7 @@ def supports(q_shape, k_shape, v_shape, dtypes) -> bool:
 
 
 def _interpret_arg(interpret):
-    """False (Mosaic TPU), True -> TPU interpret mode `pltpu.InterpretParams()`, or params as given."""
+    """False: Mosaic TPU; True: TPU interpret mode, `pltpu.InterpretParams()`; params as given."""
     if isinstance(interpret, pltpu.InterpretParams):
         return interpret
     return pltpu.InterpretParams() if interpret else False
