@@ -13,9 +13,9 @@ order of fp32 operations (exp of shifted scores, rescaled sums over <= 512 slots
 errors of order 1e-6; we allow 1e-5 of max|reference|, which a bf16 rounding of P (2^-9) would
 break. A wrong mask, block index, split combine or scale is off by order 1.
 
-Junk: every test writes large random values (1e4 x (1 + |N(0, 1)|), either sign, finite) in the cache slots past
-each sequence's largest position, inside the last visible block and in the blocks past it, and
-compares against the reference on the clean cache: a slot leaking into a visible score or value
+Junk: every test writes large random values (1e4 x (1 + |N(0, 1)|), either sign, finite) in the
+cache slots past each sequence's largest position, inside the last visible block and in the blocks
+past it, and compares against the reference on the clean cache: a slot leaking into a visible score or value
 moves the output by orders of magnitude more than the tolerance.
 
 Shapes are small (C 128 or 512, R 64, H 2-4, S of 3-4 blocks of 128) so that each interpret-mode

@@ -325,7 +325,7 @@ def test_model_prefill_and_decode_on_the_kernels_equal_the_forward(monkeypatch):
 
 def test_dispatch(monkeypatch):
     monkeypatch.delenv("DSV3_ATTENTION", raising=False)
-    assert attention.attention_impl() == "reference"  # CPU
+    assert attention.attention_impl() == "chunked"  # CPU: the jnp pair (chunked / reference)
     monkeypatch.setenv("DSV3_ATTENTION", "cuda")
     with pytest.raises(ValueError, match="DSV3_ATTENTION"):
         attention.attention_impl()
@@ -415,10 +415,13 @@ def _bench(name):
 def test_bench_mla_attention_smoke(capsys):
     assert _bench("bench_mla_attention").main(["--smoke"]) == 0
     table = capsys.readouterr().out
-    assert "| pallas flash (ours) |" in table and "MISMATCH" not in table
+    for row in ("pallas flash (ours)", "splash", "chunked jnp", "xla reference"):
+        assert f"| {row} |" in table, row
+    assert "MISMATCH" not in table
 
 
 def test_bench_mla_decode_smoke(capsys):
     assert _bench("bench_mla_decode").main(["--smoke"]) == 0
     table = capsys.readouterr().out
-    assert "| pallas decode (ours) |" in table and "MISMATCH" not in table
+    assert "| pallas decode (ours) |" in table and "| tpu decode (ours) |" in table
+    assert "| chunked jnp |" in table and "MISMATCH" not in table

@@ -15,35 +15,62 @@ functions and never asks which platform it runs on. Which implementation runs is
 trace time (ops/platform.py reads the machine), fastest proven first:
 
   mla_attention (training / prefill), forward and backward:
-    1. Hopper GPU (compute capability 9.x): the Pallas Mosaic GPU kernels
-       `ops/pallas/mla_attention_sm90.py` (causal flash attention, forward and dq / dkv backward
-       kernels), where they take the call (bf16/f16; head dims multiples of 64 up to 256);
-    2. any NVIDIA GPU, without segment ids: cuDNN flash attention,
-       `jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)` with V padded
-       with zeros to the qk dim A and the output sliced back to O (cuDNN wants one head dim; the
-       zero columns add nothing to P V, and their cotangent is dropped by the slice);
-    3. the jnp reference (`mla_attention_reference`; XLA), everywhere else (CPU, TPU) and when
-       nothing above takes the call. On a TPU, splash attention (Pallas Mosaic TPU) is the
-       candidate; not done.
+    Hopper GPU (compute capability 9.x):
+      1. the Pallas Mosaic GPU kernels `ops/pallas/mla_attention_sm90.py` (causal flash attention,
+         forward and dq / dkv backward kernels), where they take the call (bf16/f16; head dims
+         multiples of 64 up to 256), behind the safety net below;
+      then as any other GPU.
+    any NVIDIA GPU:
+      2. without segment ids: cuDNN flash attention,
+         `jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)` with V padded
+         with zeros to the qk dim A and the output sliced back to O (cuDNN wants one head dim; the
+         zero columns add nothing to P V, and their cotangent is dropped by the slice);
+      then as the CPU.
+    TPU:
+      3. splash attention, jax's Pallas Mosaic TPU kernel, through
+         `ops/pallas/splash_attention_tpu.py` (causal, segment ids, the scale folded into q, its
+         block sizes from one table), where it takes the call; then as the CPU.
+    CPU, and whatever nothing above took:
+      4. T >= CHUNKED_MIN_T: the chunked jnp path `ops/chunked_attention.py` (flash attention's
+         online softmax over key blocks, causal block skipping, a custom_vjp recomputing the
+         probabilities block by block): memory O(T x block), never [B, H, T, T];
+      5. shorter: the jnp reference (`mla_attention_reference`; XLA), which materialises the scores.
   mla_decode (latent cache):
     1. Hopper GPU: `ops/pallas/mla_decode_sm90.py` (flash-decoding; latent rank a multiple of 128
-       up to 512, rope dim a multiple of 64 dividing it);
-    2. the jnp reference (`mla_decode_reference`).
+       up to 512, rope dim a multiple of 64 dividing it), behind the safety net;
+    2. TPU: `ops/pallas/mla_decode_tpu.py` (our Pallas Mosaic TPU kernel, split over cache blocks
+       with a log-sum-exp combine), where it takes the call;
+    3. S >= CHUNKED_MIN_SLOTS cache slots: the chunked jnp decode (`ops/chunked_attention.py`,
+       cache blocks with an online softmax): never [B, H, T, S];
+    4. fewer slots: the jnp reference (`mla_decode_reference`).
 
-The safety net (ops/safety_net.py): the first time "auto" dispatch is about to use a GPU path (1
-or 2 above) for a class of calls (attention: dtype, A, O, segments or not; decode: dtype, C, R;
-cuDNN: dtype, A, O), it runs it once at a small shape of the class (B 1, T one kernel tile) on
-fresh random inputs against the reference, forward and gradients, at the kernels' stated
+The thresholds are where the chunked path stops losing to the reference: on a 2-core CPU the
+chunked training core is already as fast at T = 256 and 3x faster at T = 1024, the chunked decode
+2x faster from S = 8192 (experiments/bench_mla_attention.py, bench_mla_decode.py). Short sequences
+keep the reference, one fused XLA program, where the block loops would only add steps on an
+accelerator.
+
+The safety net (ops/safety_net.py): the first time "auto" dispatch is about to use a GPU path (the
+Hopper kernels or cuDNN) for a class of calls (attention: dtype, A, O, segments or not; decode:
+dtype, C, R; cuDNN: dtype, A, O), it runs it once at a small shape of the class (B 1, T one kernel
+tile) on fresh random inputs against the reference, forward and gradients, at the kernels' stated
 tolerance (2^-6 of the largest reference value, tests/test_mla_kernels.py); a path that raises,
 hangs or disagrees is skipped with one warning and the next one runs. Verdicts are cached in the
 process and on disk. Known-bad toolchains are refused before any probe: CUDA 12.8.0 to 12.9.0,
 whose ptxas miscompiles causal masking (jax's own attention_mgpu refuses it too), for both causal
-kernels (platform.causal_ptxas_bug).
+kernels (platform.causal_ptxas_bug). The TPU kernels have no net: no TPU has run them yet (they are
+tested in TPU interpret mode and exported for TPU; tests/test_splash_attention.py,
+tests/test_mla_decode_tpu.py).
 
-DSV3_ATTENTION=sm90|cudnn|reference in the environment forces a path and skips the net ("sm90" on
-a machine without a GPU runs the kernels in GPU interpret mode: slow, for tests and benchmark
-smoke runs; "cudnn" still takes the reference for calls with segment ids, which cuDNN's causal
-mask cannot express). DSV3_KERNEL_CHECK=off keeps "auto" but turns the net off.
+Overrides, read at trace time:
+  DSV3_ATTENTION=sm90|cudnn|splash|chunked|reference forces the training / prefill path and skips
+    the net ("sm90" or "splash" on a machine without that chip runs the kernels in GPU / TPU
+    interpret mode: slow, for tests and benchmark smoke runs; "cudnn" still takes the reference for
+    calls with segment ids, which cuDNN's causal mask cannot express). It also forces the decode
+    path unless DSV3_DECODE is set: sm90 -> sm90, splash -> tpu, chunked -> chunked,
+    reference -> reference (cudnn leaves decode on auto).
+  DSV3_DECODE=sm90|tpu|chunked|reference forces the decode path.
+  DSV3_KERNEL_CHECK=off keeps "auto" but turns the net off.
 """
 
 from __future__ import annotations
@@ -53,10 +80,16 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops import platform, safety_net
-from dsv3_jax.ops.platform import forced_impl, gpu_interpret
+from dsv3_jax.ops import chunked_attention, platform, safety_net
+from dsv3_jax.ops.platform import forced_impl, gpu_interpret, tpu_interpret
 
-_IMPLS = ("auto", "sm90", "cudnn", "reference")
+_IMPLS = ("auto", "sm90", "cudnn", "splash", "chunked", "reference")
+_DECODE_IMPLS = ("auto", "sm90", "tpu", "chunked", "reference")
+# What DSV3_ATTENTION forces on decode when DSV3_DECODE is unset (module docstring).
+_DECODE_FOLLOWS = {"sm90": "sm90", "splash": "tpu", "chunked": "chunked", "reference": "reference"}
+# From these lengths on, "auto" takes the chunked jnp path where no kernel took the call.
+CHUNKED_MIN_T = 1024
+CHUNKED_MIN_SLOTS = 4096
 _PALLAS = pathlib.Path(__file__).resolve().parent / "pallas"
 _FLASH_SOURCES = (str(_PALLAS / "mla_attention_sm90.py"), str(_PALLAS / "hopper.py"))
 _DECODE_SOURCES = (str(_PALLAS / "mla_decode_sm90.py"), str(_PALLAS / "hopper.py"))
@@ -121,10 +154,26 @@ def mla_decode_reference(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
 
 
 def attention_impl() -> str:
-    """"sm90" (the Pallas Mosaic GPU kernels), "cudnn" or "reference": what "auto" tries first
-    here, or what DSV3_ATTENTION forces (module docstring)."""
+    """What "auto" tries first here for training / prefill, or what DSV3_ATTENTION forces: "sm90"
+    (the Pallas Mosaic GPU kernels), "cudnn", "splash", or "chunked" / "reference" (the jnp paths;
+    "chunked" forced takes every length, unforced it names the jnp pair, split at CHUNKED_MIN_T)."""
     return forced_impl("DSV3_ATTENTION", _IMPLS) or (
-        "sm90" if platform.on_hopper() else "cudnn" if platform.on_gpu() else "reference")
+        "sm90" if platform.on_hopper() else "cudnn" if platform.on_gpu()
+        else "splash" if platform.on_tpu() else "chunked")
+
+
+def decode_impl() -> str:
+    """What "auto" tries first here for latent-cache decoding, or what DSV3_DECODE (else
+    DSV3_ATTENTION, module docstring) forces: "sm90", "tpu", "chunked" or "reference"."""
+    return _forced_decode() or ("sm90" if platform.on_hopper() else "tpu" if platform.on_tpu()
+                                else "chunked")
+
+
+def _forced_decode() -> str | None:
+    """The decode path DSV3_DECODE forces, else the one DSV3_ATTENTION implies, else None."""
+    forced = forced_impl("DSV3_DECODE", _DECODE_IMPLS)
+    return forced if forced is not None else _DECODE_FOLLOWS.get(
+        forced_impl("DSV3_ATTENTION", _IMPLS))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +272,14 @@ def _cudnn_covers(q, v, segment_ids) -> bool:
             and v.shape[-1] <= q.shape[-1])
 
 
+def _jnp_attention(q, k, v, scale, segment_ids, forced):
+    """The chunked path (forced, or T >= CHUNKED_MIN_T) or the reference."""
+    if forced == "chunked" or (forced is None and q.shape[1] >= CHUNKED_MIN_T):
+        return chunked_attention.mla_attention_chunked(q, k, v, scale=scale,
+                                                       segment_ids=segment_ids)
+    return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
+
+
 def mla_attention(q, k, v, *, scale, segment_ids=None):
     """Training / prefill attention core; see `mla_attention_reference` for the contract."""
     impl, forced = attention_impl(), forced_impl("DSV3_ATTENTION", _IMPLS)
@@ -235,25 +292,45 @@ def mla_attention(q, k, v, *, scale, segment_ids=None):
                 return mla_attention_sm90.mla_attention(q, k, v, scale=scale,
                                                         segment_ids=segment_ids,
                                                         interpret=gpu_interpret())
+    if impl == "splash":
+        from dsv3_jax.ops.pallas import splash_attention_tpu  # Mosaic TPU only when used
+
+        if splash_attention_tpu.supports(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype)):
+            return splash_attention_tpu.mla_attention(q, k, v, scale=scale,
+                                                      segment_ids=segment_ids,
+                                                      interpret=tpu_interpret())
     if ((forced == "cudnn" or (forced is None and platform.on_gpu()))
             and _cudnn_covers(q, v, segment_ids)
             and (forced == "cudnn" or safety_net.passes(_cudnn_check(q.dtype, q.shape[-1],
                                                                      v.shape[-1])))):
         return _cudnn_attention(q, k, v, scale)
-    return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids)
+    return _jnp_attention(q, k, v, scale, segment_ids,
+                          forced if forced in ("chunked", "reference") else None)
 
 
 def mla_decode(q_latent, q_pe, cache, q_positions, *, scale):
     """Latent-cache attention core; see `mla_decode_reference` for the contract."""
-    if attention_impl() == "sm90":
+    impl, forced = decode_impl(), _forced_decode()
+    dtypes = (q_latent.dtype, q_pe.dtype, cache.dtype)
+    if impl == "sm90":
         from dsv3_jax.ops.pallas import mla_decode_sm90  # Mosaic GPU only when used
 
         if mla_decode_sm90.supports(q_latent.shape, q_pe.shape, cache.shape, q_positions.shape,
-                                    (q_latent.dtype, q_pe.dtype, cache.dtype)):
+                                    dtypes):
             check = _decode_check(q_latent.dtype, q_latent.shape[-1], q_pe.shape[-1])
-            if _kernel_allowed(check, forced_impl("DSV3_ATTENTION", _IMPLS)):
+            if _kernel_allowed(check, forced):
                 return mla_decode_sm90.mla_decode(q_latent, q_pe, cache, q_positions, scale=scale,
                                                   interpret=gpu_interpret())
+    if impl == "tpu":
+        from dsv3_jax.ops.pallas import mla_decode_tpu  # Mosaic TPU only when used
+
+        if mla_decode_tpu.supports(q_latent.shape, q_pe.shape, cache.shape, q_positions.shape,
+                                   dtypes):
+            return mla_decode_tpu.mla_decode(q_latent, q_pe, cache, q_positions, scale=scale,
+                                             interpret=tpu_interpret())
+    if forced == "chunked" or (forced != "reference" and cache.shape[1] >= CHUNKED_MIN_SLOTS):
+        return chunked_attention.mla_decode_chunked(q_latent, q_pe, cache, q_positions,
+                                                    scale=scale)
     return mla_decode_reference(q_latent, q_pe, cache, q_positions, scale=scale)
 
 

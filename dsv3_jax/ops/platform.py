@@ -34,6 +34,11 @@ def gpu_interpret() -> bool:
     return jax.devices()[0].platform != "gpu"
 
 
+def tpu_interpret() -> bool:
+    """Whether a Mosaic TPU kernel runs in TPU interpret mode here: anywhere but on a TPU."""
+    return not on_tpu()
+
+
 def num_sms() -> int | None:
     """The default GPU's SM count (132 on an H100 SXM); None off a GPU or when it does not say."""
     device = jax.devices()[0]
