@@ -7,7 +7,7 @@ rows and bk keys (training), bs cache slots (decode).
 These are the contracts of `ops.attention.mla_attention_reference` and
 `ops.attention.mla_decode_reference` (the same masks, float32 scores, softmax and sums, the query
 dtype out), computed block by block so that the largest temporary is one block's scores
-[B, H, bq, bk] (or [B, H, T, bs]) instead of [B, H, T, S]. They run wherever XLA does (CPU, any GPU,
+[B, H, bq, bk] (or [B, T, H, bs]) instead of [B, H, T, S]. They run wherever XLA does (CPU, any GPU,
 TPU) and are what `ops.attention` picks above a sequence length where no kernel applies.
 
 Training / prefill (`mla_attention_chunked`), flash attention's algorithm in jnp:
@@ -259,18 +259,20 @@ def mla_decode_chunked(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
         start = jnp.minimum(j0, s_len - bs)  # the last block is read overlapping the one before
         rows = _f32(lax.dynamic_slice_in_dim(cache, start, bs, axis=1))
         c, k_pe = rows[..., :c_rank], rows[..., c_rank:]
-        s = (jnp.einsum("bthc,bsc->bhts", ql, c) + jnp.einsum("bthr,bsr->bhts", qp, k_pe)) * scale
+        # [B, T, H, bs]: the (t, h) query rows side by side, one matmul against the shared rows
+        # (2.5x faster on a CPU than a [B, H, T, bs] layout).
+        s = (jnp.einsum("bthc,bsc->bths", ql, c) + jnp.einsum("bthr,bsr->bths", qp, k_pe)) * scale
         slots = start + jnp.arange(bs)
         visible = (slots[None, None, :] <= pos[:, :, None]) & (slots >= j0)[None, None, :]
-        s = jnp.where(visible[:, None], s, -jnp.inf)
+        s = jnp.where(visible[:, :, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         alpha = jnp.exp(m - m_new)
         l = l * alpha + p.sum(-1)
-        acc = acc * jnp.moveaxis(alpha, 1, 2)[..., None] + jnp.einsum("bhts,bsc->bthc", p, c)
+        acc = acc * alpha[..., None] + jnp.einsum("bths,bsc->bthc", p, c)
         return m_new, l, acc
 
-    init = (jnp.full((b, h, t), _NEG, jnp.float32), jnp.zeros((b, h, t), jnp.float32),
+    init = (jnp.full((b, t, h), _NEG, jnp.float32), jnp.zeros((b, t, h), jnp.float32),
             jnp.zeros((b, t, h, c_rank), jnp.float32))
     _, l, acc = lax.fori_loop(0, n_blocks, cache_block, init)
-    return (acc / jnp.moveaxis(l, 1, 2)[..., None]).astype(q_latent.dtype)
+    return (acc / l[..., None]).astype(q_latent.dtype)
