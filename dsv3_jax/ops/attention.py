@@ -44,11 +44,12 @@ trace time (ops/platform.py reads the machine), fastest proven first:
        cache blocks with an online softmax): never [B, H, T, S];
     4. fewer slots: the jnp reference (`mla_decode_reference`).
 
-The thresholds are where the chunked path stops losing to the reference: on a 2-core CPU the
-chunked training core is already as fast at T = 256 and 3x faster at T = 1024, the chunked decode
-2x faster from S = 8192 (experiments/bench_mla_attention.py, bench_mla_decode.py). Short sequences
-keep the reference, one fused XLA program, where the block loops would only add steps on an
-accelerator.
+The thresholds are where the chunked path starts to win on a 2-core CPU (bf16, V3 head dims,
+experiments/RESULTS.md): training fwd+bwd at T = 256 the reference 4.3 ms, chunked 6.0 ms; at
+T = 1024 83 ms against 60 ms; decode at S = 4096 7.4 ms against 8.3 ms, at S = 8192 33 ms against 11
+ms (experiments/bench_mla_attention.py, bench_mla_decode.py). Short sequences keep the
+reference, one fused XLA program; on an accelerator without a kernel the block loops only add
+sequential steps there. Memory decides beyond: the chunked temporaries are O(T x block).
 
 The safety net (ops/safety_net.py): the first time "auto" dispatch is about to use a GPU path (the
 Hopper kernels or cuDNN) for a class of calls (attention: dtype, A, O, segments or not; decode:
@@ -89,7 +90,7 @@ _DECODE_IMPLS = ("auto", "sm90", "tpu", "chunked", "reference")
 _DECODE_FOLLOWS = {"sm90": "sm90", "splash": "tpu", "chunked": "chunked", "reference": "reference"}
 # From these lengths on, "auto" takes the chunked jnp path where no kernel took the call.
 CHUNKED_MIN_T = 1024
-CHUNKED_MIN_SLOTS = 4096
+CHUNKED_MIN_SLOTS = 8192
 _PALLAS = pathlib.Path(__file__).resolve().parent / "pallas"
 _FLASH_SOURCES = (str(_PALLAS / "mla_attention_sm90.py"), str(_PALLAS / "hopper.py"))
 _DECODE_SOURCES = (str(_PALLAS / "mla_decode_sm90.py"), str(_PALLAS / "hopper.py"))
