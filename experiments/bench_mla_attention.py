@@ -42,14 +42,17 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention, chunked_attention
 from dsv3_jax.ops.pallas import mla_attention_sm90, splash_attention_tpu
 
-from benchutil import (add_timing_flags, fill_timing, fmt as _fmt, int_pairs, provenance,
-                       time_median as _time)
+from benchutil import (add_timing_flags, fill_timing, fmt as _fmt, int_pairs, pick_rows,
+                       provenance, time_median as _time)
 
 DK, DV = 192, 128
 FULL_SHAPES = ((4096, 16), (4096, 128), (16384, 16), (16384, 128))  # (T, H)
 SMOKE_SHAPES = ((128, 2),)
 CPU_MEMORY_SHAPES = ((1024, 16), (4096, 16), (8192, 16), (16384, 16))  # (T, H), B 1
 CPU_TIME_SHAPES = ((256, 2), (1024, 2), (2048, 2))
+# --impls keys -> row names (rows of other platforms are never there).
+IMPL_KEYS = {"ours": "pallas flash (ours)", "cudnn": "cudnn, v padded", "tokamax": "tokamax",
+             "splash": "splash", "chunked": "chunked jnp", "reference": "xla reference"}
 TOLERANCE = 2.0 ** -6
 
 
@@ -128,12 +131,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16384, help="B x T per shape")
     ap.add_argument("--shapes", default="", help="comma-separated TxH (e.g. 4096x16,4096x128); "
                     "default: all of FULL_SHAPES")
+    ap.add_argument("--impls", default="", help="comma-separated rows to time, of "
+                    f"{','.join(IMPL_KEYS)} (default: every row of the platform)")
     add_timing_flags(ap)
     args = ap.parse_args(argv)
     shapes = SMOKE_SHAPES if args.smoke else (
         int_pairs(args.shapes, "bench_mla_attention", "--shapes", "TxH", "4096x16,4096x128")
         or FULL_SHAPES)
     device = jax.devices()[0]
+    impls = pick_rows(_impls(args, device.platform), args.impls, IMPL_KEYS, "bench_mla_attention")
     if not args.smoke and device.platform not in ("gpu", "tpu"):
         return _cpu_tables(args, fill_timing(args, full=(1, 3, 1)))
     timing = fill_timing(args, full=(3, 10, 5))
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
         f_fwd = mla_attention_sm90.flops(b, t, h, DK, DV)
         f_bwd = mla_attention_sm90.flops(b, t, h, DK, DV, backward=True)
         label = f"B={b} T={t} H={h}"
-        for name, fn, note in _impls(args, device.platform):
+        for name, fn, note in impls:
             if fn is None:
                 rows.append((label, name, *(float("nan"),) * 5, note))
                 continue

@@ -32,14 +32,17 @@ import jax.numpy as jnp
 from dsv3_jax.ops import attention, chunked_attention
 from dsv3_jax.ops.pallas import mla_decode_sm90, mla_decode_tpu
 
-from benchutil import (add_timing_flags, fill_timing, fmt as _fmt, int_pairs, provenance,
-                       time_median as _time)
+from benchutil import (add_timing_flags, fill_timing, fmt as _fmt, int_pairs, pick_rows,
+                       provenance, time_median as _time)
 
 H, C, R = 128, 512, 64
 FULL_GRID = ((1, 1024), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (64, 4096),
              (64, 16384), (128, 1024), (128, 4096))
 SMOKE_GRID = ((2, 128),)
 CPU_MEMORY_GRID = ((1, 32768), (1, 131072), (8, 32768))  # (B, S), T 1, V3 dims
+# --impls keys -> row names (rows of other platforms are never there).
+IMPL_KEYS = {"ours": "pallas decode (ours)", "tpu": "tpu decode (ours)", "chunked": "chunked jnp",
+             "reference": "xla reference", "copy": "device copy"}
 CPU_TIME_GRID = ((1, 1024), (1, 4096), (1, 8192), (1, 16384))  # H 16
 
 
@@ -84,11 +87,14 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, kernel interpreted")
     ap.add_argument("--grid", default="", help="comma-separated BxS (e.g. 64x4096,8x32768); "
                     "default: all of FULL_GRID")
+    ap.add_argument("--impls", default="", help="comma-separated rows to time, of "
+                    f"{','.join(IMPL_KEYS)} (default: every row of the platform)")
     add_timing_flags(ap)
     args = ap.parse_args(argv)
     grid = SMOKE_GRID if args.smoke else (
         int_pairs(args.grid, "bench_mla_decode", "--grid", "BxS", "64x4096,8x32768") or FULL_GRID)
     device = jax.devices()[0]
+    pick_rows([], args.impls, IMPL_KEYS, "bench_mla_decode")  # a bad value: one line, first
     if not args.smoke and device.platform not in ("gpu", "tpu"):
         return _cpu_tables(args, fill_timing(args, full=(1, 5, 2)))
     timing = fill_timing(args, full=(3, 10, 10))
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
                       a, p, cc, ps, scale=scale))),
                   ("xla reference", ref_fn),
                   ("device copy", jax.jit(lambda a, p, cc, ps: jnp.copy(cc)))]
-        for name, fn in impls:
+        for name, fn in pick_rows(impls, args.impls, IMPL_KEYS, "bench_mla_decode"):
             try:
                 out = jax.block_until_ready(fn(q_lat, q_pe, cache, pos))
                 sec = _time(fn, (q_lat, q_pe, cache, pos), **timing)

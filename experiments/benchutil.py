@@ -68,3 +68,16 @@ def int_pairs(text: str, script: str, flag: str, form: str, example: str) -> lis
     except ValueError:
         raise SystemExit(f"{script}: {flag}={text!r}; expected {form},{form},... "
                          f"(e.g. {example})") from None
+
+
+def pick_rows(rows: list, text: str, keys: dict[str, str], script: str) -> list:
+    """The rows (tuples whose first item is a row name) that the --impls value `text` names, by
+    the short keys of `keys` (key -> row name); all of them when `text` is empty. An unknown key
+    exits with one line naming the script, the value and the valid keys."""
+    wanted = [k for k in text.split(",") if k]
+    unknown = sorted(set(wanted) - set(keys))
+    if unknown:
+        raise SystemExit(f"{script}: --impls={text!r}: unknown {unknown}; use some of "
+                         f"{','.join(keys)}")
+    names = {keys[k] for k in wanted}
+    return [row for row in rows if not names or row[0] in names]

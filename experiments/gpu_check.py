@@ -18,8 +18,8 @@ timeout is recorded and the next stage runs), in this order:
                     on), then its verdicts() and disk_verdicts()
   bench_fp8_gemm    8192^3 and the V3 projection shapes
   bench_grouped_matmul   the V3 expert shapes, fwd and fwd+bwd
-  bench_mla_attention    T = 4096, H = 16 and 128
-  bench_mla_decode       B = 64 S = 4K and B = 8 S = 32K
+  bench_mla_attention    T = 4096, H = 16 and 128 (the Hopper rows: ours, cuDNN, tokamax, XLA)
+  bench_mla_decode       B = 64 S = 4K and B = 8 S = 32K (ours, XLA, a copy)
   train             a few steps of configs/small.py (python -m dsv3_jax.train): loss, tokens/s, MFU
                     from its metrics.jsonl
   bench_decode      experiments/bench_decode.py, the small preset with random weights
@@ -345,10 +345,12 @@ STAGES = (
           _bench_argv("bench_grouped_matmul.py", ["--shapes=V3", "--warmup=1", "--runs=3",
                                                   "--inner=3"]), _bench_summary),
     Stage("bench_mla_attention", 35, 240,
-          _bench_argv("bench_mla_attention.py", ["--shapes=4096x16,4096x128", *_TIMING]),
+          _bench_argv("bench_mla_attention.py", ["--shapes=4096x16,4096x128",
+                                                 "--impls=ours,cudnn,tokamax,reference", *_TIMING]),
           _bench_summary),
     Stage("bench_mla_decode", 25, 240,
-          _bench_argv("bench_mla_decode.py", ["--grid=64x4096,8x32768", *_TIMING]),
+          _bench_argv("bench_mla_decode.py", ["--grid=64x4096,8x32768",
+                                              "--impls=ours,reference,copy", *_TIMING]),
           _bench_summary),
     Stage("train", 95, 300, _train_argv, _train_parse),
     Stage("bench_decode", 40, 240,

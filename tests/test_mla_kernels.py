@@ -425,3 +425,9 @@ def test_bench_mla_decode_smoke(capsys):
     table = capsys.readouterr().out
     assert "| pallas decode (ours) |" in table and "| tpu decode (ours) |" in table
     assert "| chunked jnp |" in table and "MISMATCH" not in table
+
+
+@pytest.mark.parametrize("name", ["bench_mla_attention", "bench_mla_decode"])
+def test_bench_impls_refuses_an_unknown_row(name):
+    with pytest.raises(SystemExit, match=rf"{name}: --impls='ours,foo': unknown \['foo'\]"):
+        _bench(name).main(["--impls=ours,foo"])
