@@ -3,12 +3,13 @@
 These tests need 8 devices: `make test` runs them in a second pytest with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (elsewhere they are skipped).
 
-Each wrapped op (here the ops function picks the jnp reference, as on every CPU) is compared with
-the same ops function called on one device without a mesh: outputs and the gradients w.r.t. every
-float input (a vjp with a random cotangent). Inputs are float32 ~ N(0, 1); a shard computes the
-same sums as one device, so the differences are fp32 rounding of a different summation order
-(measured <= 5.4e-7 of each output's scale, attention's dk; <= 1.5e-7 for the FP8 linear): the
-bound is 2e-6 x max|reference|. For the FP8 linear the shapes are chosen so that every FP8 tile lands on one device's boundaries (module docstring of
+Each wrapped op (here the ops function picks a jnp path: the reference, or the chunked one, as
+on a CPU) is compared with the same ops function called on one device without a mesh: outputs
+and the gradients w.r.t. every float input (a vjp with a random cotangent). Inputs are float32
+~ N(0, 1); a shard computes the same sums as one device, so the differences are fp32 rounding of
+a different summation order (measured <= 5.4e-7 of each output's scale, attention's dk; <= 1.5e-7
+for the FP8 linear): the bound is 2e-6 x max|reference|. For the FP8 linear the shapes are chosen
+so that every FP8 tile lands on one device's boundaries (module docstring of
 kernel_shards): 128 rows per device (the Wgrad 128x1 tiles) and 128-wide tensor shards (the
 128x128 weight blocks and the 1x128 tiles of a split dim); a tile on other boundaries changes its
 scale and moves results by FP8 steps (2^-4 relative per element; the control test below sees it).
@@ -81,10 +82,24 @@ def _compare(f_sharded, f_single, args, cotangent, mesh, what):
 
 # ------------------------------------------------------------------------------------ attention
 
+def _force_jnp_path(monkeypatch, impl):
+    """DSV3_ATTENTION / DSV3_DECODE = impl; for "chunked", blocks of 8 (several per shard)."""
+    monkeypatch.setenv("DSV3_ATTENTION", impl)
+    monkeypatch.setenv("DSV3_DECODE", impl)
+    if impl == "chunked":
+        from dsv3_jax.ops import chunked_attention
+
+        for name in ("BLOCK_Q", "BLOCK_K", "BLOCK_S"):
+            monkeypatch.setattr(chunked_attention, name, 8)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
 @pytest.mark.parametrize("name", MESHES)
-def test_attention_per_shard_equals_one_device(name, monkeypatch):
+def test_attention_per_shard_equals_one_device(name, impl, monkeypatch):
     """q, k, v [B=8, T=16, H=4, *] with packed segments: the body gets [B/4, T, H/2, *] (batch
-    over data x fsdp x expert, heads over tensor); output, dq, dk, dv equal one device's."""
+    over data x fsdp x expert, heads over tensor); output, dq, dk, dv equal one device's. Both jnp
+    paths: the reference, and the chunked one (its custom_vjp and block loops inside shard_map)."""
+    _force_jnp_path(monkeypatch, impl)
     mesh = _mesh(**MESHES[name])
     b, t, h, a, o = 8, 16, 4, 24, 16
     q, k, v = _normal(1, b, t, h, a), _normal(2, b, t, h, a), _normal(3, b, t, h, o)
@@ -109,10 +124,13 @@ def test_attention_without_a_mesh_or_dividing_dims_calls_the_op_directly(monkeyp
     assert set(seen) == {((3, 8, 3, 16),) * 3 + (None,)}, seen
 
 
-def test_decode_per_shard_equals_one_device(monkeypatch):
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_decode_per_shard_equals_one_device(impl, monkeypatch):
     """q_latent [B=4, T=2, H=4, C], q_pe [.., R], cache [B, S, C + R], positions [B, T] on
     expert2 x fsdp2 x tensor2: the body gets [1, 2, 2, *] and [1, S, C + R]; equal to one device.
-    With B=2 (batch not divisible by 4) the batch stays whole and the heads are still split."""
+    With B=2 (batch not divisible by 4) the batch stays whole and the heads are still split. Both
+    jnp paths (the chunked decode, in blocks of 8 slots, has no gradient: outputs only)."""
+    _force_jnp_path(monkeypatch, impl)
     mesh = _mesh(**MESHES["expert2-fsdp2-tensor2"])
     t, h, c, r, s = 2, 4, 32, 8, 24
     for b in (4, 2):
@@ -121,11 +139,18 @@ def test_decode_per_shard_equals_one_device(monkeypatch):
         run = lambda core: (lambda ql, qp, cache: core(ql, qp, cache, pos, scale=0.3))
         single = run(attention.mla_decode)
         seen = _record(monkeypatch, attention, "mla_decode")
-        _compare(run(kernel_shards.mla_decode), single, (ql, qp, cache), _normal(9, b, t, h, c),
-                 mesh, f"decode B={b}")
+        if impl == "reference":
+            _compare(run(kernel_shards.mla_decode), single, (ql, qp, cache),
+                     _normal(9, b, t, h, c), mesh, f"decode B={b}")
+        else:  # the chunked decode is inference only (no gradient): outputs
+            want = jax.jit(single)(ql, qp, cache)
+            with jax.set_mesh(mesh):
+                got = jax.jit(run(kernel_shards.mla_decode))(ql, qp, cache)
+            assert_close(got, want, RTOL, f"chunked decode B={b}")
         b_loc = 1 if b == 4 else b
         assert set(seen) == {((b_loc, t, 2, c), (b_loc, t, 2, r), (b_loc, s, c + r), (b_loc, t))}, seen
         monkeypatch.undo()
+        _force_jnp_path(monkeypatch, impl)
 
 
 # ------------------------------------------------------------------------------------ FP8 linear

@@ -198,18 +198,21 @@ def _check_blocks(**blocks):
 
 
 def mla_attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                          segment_ids: jax.Array | None = None, block_q: int = BLOCK_Q,
-                          block_k: int = BLOCK_K) -> jax.Array:
+                          segment_ids: jax.Array | None = None, block_q: int | None = None,
+                          block_k: int | None = None) -> jax.Array:
     """Causal attention, qk head dim A, v head dim O, block by block (module docstring).
 
     Args:
       q: [B, T, H, A]; k: [B, T, H, A]; v: [B, T, H, O].
       scale: softmax scale.
       segment_ids: optional int [B, T]; a query attends only to keys of its own segment.
-      block_q, block_k: query rows and keys per block (each capped at T rounded up to 8).
+      block_q, block_k: query rows and keys per block (default BLOCK_Q, BLOCK_K; each capped at T
+        rounded up to 8).
     Returns:
       [B, T, H, O] in q's dtype; differentiable in q, k and v (custom_vjp).
     """
+    block_q = BLOCK_Q if block_q is None else block_q
+    block_k = BLOCK_K if block_k is None else block_k
     _check_blocks(block_q=block_q, block_k=block_k)
     if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"chunked attention: q {q.shape}, k {k.shape}, v {v.shape}; expected q "
@@ -232,7 +235,7 @@ def _gcd(a: int, b: int) -> int:
 
 def mla_decode_chunked(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
                        q_positions: jax.Array, *, scale: float,
-                       block_s: int = BLOCK_S) -> jax.Array:
+                       block_s: int | None = None) -> jax.Array:
     """Absorbed MLA attention over the latent cache, cache block by block (module docstring).
 
     Args:
@@ -240,10 +243,11 @@ def mla_decode_chunked(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
       cache: [B, S, C + R], rows `[kv_norm(c_kv) | rope'd k_pe]`; slot s holds position s.
       q_positions: int [B, T]; a query sees the slots <= its position.
       scale: softmax scale.
-      block_s: cache slots per block (capped at S).
+      block_s: cache slots per block (default BLOCK_S; capped at S).
     Returns:
       [B, T, H, C] in q_latent's dtype. Not differentiable (inference).
     """
+    block_s = BLOCK_S if block_s is None else block_s
     _check_blocks(block_s=block_s)
     b, t, h, c_rank = q_latent.shape
     s_len = cache.shape[1]
