@@ -322,3 +322,24 @@ def test_check_model_kernels_lists_the_classes_of_a_config(monkeypatch):
     checks = fp8.model_checks(fp8_tiny)
     assert {c.dims for c in checks} == want and len(checks) == len(want)
     assert {c.kernel for c in checks} == {"fp8_gemm_sm90"}
+
+
+def test_elementwise_compare_has_a_floor_for_outputs_near_zero():
+    """The FP8 probe once failed on one bf16 ulp (9.5e-7) at an output of 1.2e-4 beside outputs of
+    45, against 2^-8 of |reference|: one ulp is up to 2^-7. Closer to zero, cancellation makes the
+    fp32 summation order a larger relative change (4 ulps here), which the floor covers; a 1%
+    error anywhere still fails."""
+    want = np.array([45.2, -3.0, 2.0 ** -13])
+    one_ulp = want + np.array([0.0, 0.0, 2.0 ** -20])
+    safety_net.compare("x", one_ulp, want, fp8.KERNEL_ULP, elementwise=True)
+    four_ulps = want + np.array([0.0, 0.0, 2.0 ** -18])
+    with pytest.raises(safety_net.Mismatch, match=r"exceeds 0.00781 x \|reference\| \+ 0 x"):
+        safety_net.compare("x", four_ulps, want, fp8.KERNEL_ULP, elementwise=True)
+    safety_net.compare("x", four_ulps, want, fp8.KERNEL_ULP, elementwise=True,
+                       floor=fp8.KERNEL_FLOOR)
+    for i in range(3):
+        wrong = want.copy()
+        wrong[i] += 0.01 * 45.2
+        with pytest.raises(safety_net.Mismatch, match=r"max \|kernel - reference\|"):
+            safety_net.compare("x", wrong, want, fp8.KERNEL_ULP, elementwise=True,
+                               floor=fp8.KERNEL_FLOOR)
