@@ -47,6 +47,7 @@ they agree to about 1e-6 relative (tests/test_chunked_attention.py).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -220,17 +221,11 @@ def mla_attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     t = q.shape[1]
     cap = -(-t // 8) * 8
     bq, bk = min(block_q, cap), min(block_k, cap)
-    multiple = bq * bk // _gcd(bq, bk)
+    multiple = math.lcm(bq, bk)
     q_p, k_p, v_p = (_pad_time(x, multiple) for x in (q, k, v))
     seg = None if segment_ids is None else _pad_time(segment_ids.astype(jnp.int32), multiple)
     out = _flash(q_p, k_p, v_p, seg, float(scale), bq, bk)
     return out[:, :t].astype(q.dtype)
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def mla_decode_chunked(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
