@@ -1,6 +1,7 @@
 """The grouped matmul of the routed experts (ops/grouped_matmul.py): forward and both gradients
 against a float64 per-group loop, with empty groups, ragged sizes, padding rows and an expert-
-parallel group offset; the Hopper kernels in GPU interpret mode and lowered for an H100; megablox
+parallel group offset, for the portable tiled backend (the CPU default) and ragged_dot; the tiled
+backend's tile plan at every tile height; the Hopper kernels in GPU interpret mode and lowered for an H100; megablox
 in interpret mode; the MoE layer through every backend; the benchmark's smoke mode.
 
 Tolerances (all scale-aware: max error <= rtol x max|expected|, `assert_close`):
@@ -90,15 +91,16 @@ def _check_zero_rows(arrays, sizes, offset, held):
 
 
 # ------------------------------------------------------------------------------------------------
-# The ragged_dot backend (CPU) and the reference functions against float64
+# The jnp backends (tiled: the CPU default; ragged_dot) and the reference functions vs float64
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("offset,held", [(None, None), (1, 4)], ids=["all-groups", "offset"])
-def test_ragged_dot_backend_forward_and_gradients(dtype, offset, held):
+def test_jnp_backend_forward_and_gradients(impl, dtype, offset, held):
     x, w, dy, sizes = _case(1, 48, 40, dtype)
     if offset is not None:
         w = w[offset:offset + held]  # this shard holds groups 1..4 (37 rows, 1, empty, 64)
-    y, dx, dw = jax.jit(functools.partial(_vjp, "ragged_dot"))(
+    y, dx, dw = jax.jit(functools.partial(_vjp, impl))(
         x, w, dy, sizes, None if offset is None else jnp.int32(offset))
     assert y.dtype == dx.dtype == dw.dtype == dtype
     assert y.shape == (M_ROWS, 40) and dx.shape == x.shape and dw.shape == w.shape
@@ -117,11 +119,51 @@ def test_ragged_dot_backend_forward_and_gradients(dtype, offset, held):
                  rtol, "transposed reference")
 
 
+@pytest.mark.parametrize("m", [8, 16, 32, 64, 256])
+@pytest.mark.parametrize("offset,held", [(None, None), (2, 5)], ids=["all-groups", "offset"])
+def test_tiled_every_tile_height_vs_float64(m, offset, held):
+    """The tiled kernels at tile heights below, across and above the group sizes (1..64 rows):
+    tiles that end inside a group, a group of one row, a last tile that reaches past the rows
+    (m = 256 > M), and the masked tail of one group's last tile overwritten by the next group; fp32
+    operands (1e-5) against float64, zeros outside the held groups, zero dw for empty groups."""
+    from dsv3_jax.ops import tiled_grouped_matmul as tiled
+
+    x, w, dy, sizes = _case(7, 40, 24, jnp.float32)
+    w = w if offset is None else w[offset:offset + held]  # groups 2..6: 1, empty, 64, 49, empty
+    starts = gm.local_starts(sizes, None if offset is None else jnp.int32(offset), w.shape[0])
+    y = jax.jit(functools.partial(tiled.gmm, m=m))(x, w, starts)
+    dx = jax.jit(functools.partial(tiled.gmm, m=m, transpose_rhs=True))(dy, w, starts)
+    dw = jax.jit(functools.partial(tiled.tgmm, m=m))(x, dy, starts)
+    ey, edx, edw = _np_reference(x, w, dy, SIZES, offset or 0, held)
+    assert_close(y, ey, FP32_RTOL, "y")
+    assert_close(dx, edx, FP32_RTOL, "dx")
+    assert_close(dw, edw, FP32_RTOL, "dw")
+    _check_zero_rows([y, dx], SIZES, offset or 0, held or len(SIZES))
+    for j in range(w.shape[0]):
+        if SIZES[(offset or 0) + j] == 0:
+            assert np.all(_f64(dw[j]) == 0)
+
+
+def test_tiled_rows_follow_the_rows_per_group():
+    """The tile height: TILED_ROWS caps it; fewer rows per group take the power of two at or below
+    M / E_loc, never under TILED_MIN_ROWS (so the padding stays under the routed rows)."""
+    cap = gm.TILED_ROWS["cpu"]
+    assert gm.tiled_rows(4096, 16) == min(cap, 256)
+    assert gm.tiled_rows(4096, 4) == cap
+    assert gm.tiled_rows(300, 16) == 16  # 18.75 rows per group
+    assert gm.tiled_rows(32, 16) == gm.TILED_MIN_ROWS  # decode: 2 rows per group
+    assert gm.tiled_rows(1, 1) == gm.TILED_MIN_ROWS
+    for rows, groups in ((4096, 16), (300, 16), (1000, 3), (64, 64)):
+        m = gm.tiled_rows(rows, groups)
+        assert m & (m - 1) == 0
+        assert groups * (m - 1) < max(rows, groups * gm.TILED_MIN_ROWS)
+
+
 def test_model_call_signature_and_auto_backend():
-    """grouped_matmul(x, w, group_sizes) as the model calls it; auto = ragged_dot on a CPU; under
-    jit and grad together with other ops."""
+    """grouped_matmul(x, w, group_sizes) as the model calls it; auto = tiled on a CPU; under jit
+    and grad together with other ops, against autodiff of lax.ragged_dot."""
     x, w, dy, sizes = _case(2, 16, 24, jnp.float32, m=60, sizes=np.array([20, 0, 30], np.int32))
-    assert gm.grouped_matmul_impl() == "ragged_dot"
+    assert gm.grouped_matmul_impl() == "tiled"
     loss = lambda x, w: jnp.sum(jnp.sin(gm.grouped_matmul(x, w, sizes)) * dy)
     gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
     ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.ragged_dot(x, w, sizes)) * dy)
@@ -340,8 +382,8 @@ def test_grouped_matmul_vjp_exports_for_tpu_through_megablox(i_dim, j_dim, monke
 # ------------------------------------------------------------------------------------------------
 def test_moe_layer_same_through_every_backend(monkeypatch):
     """Tiny MoE (4 experts, top-2, D 128, F 64; 32 token-expert rows), bf16 compute: output and
-    gradients (x and the three expert weights) through sm90 (interpret) and megablox (interpret)
-    equal those through ragged_dot up to summation order (2^-6 of the max: module docstring).
+    gradients (x and the three expert weights) through tiled (the CPU default), sm90 (interpret)
+    and megablox (interpret) equal those through ragged_dot up to summation order (2^-6 of the max: module docstring).
     Four experts rather than the tiny preset's eight: interpret mode runs one K loop per expert
     in a row tile, and this test is the file's slowest."""
     cfg = ds.get_model_config("tiny", dtype="bfloat16", init_std=0.05, n_shared_experts=0,
@@ -357,12 +399,12 @@ def test_moe_layer_same_through_every_backend(monkeypatch):
         return jnp.sum(y.astype(jnp.float32) * jnp.cos(jnp.arange(cfg.dim)))
 
     results = {}
-    for impl in ("ragged_dot", "sm90", "megablox"):
+    for impl in ("ragged_dot", "tiled", "sm90", "megablox"):
         monkeypatch.setenv("DSV3_GROUPED_MATMUL", impl)
         fn = lambda p, x: jax.value_and_grad(loss, argnums=(0, 1))(p, x)  # a new trace per impl
         results[impl] = jax.jit(fn)(params, x)
     (l_ref, (gp_ref, gx_ref)) = results["ragged_dot"]
-    for impl in ("sm90", "megablox"):
+    for impl in ("tiled", "sm90", "megablox"):
         l_got, (gp_got, gx_got) = results[impl]
         assert_close(l_got, l_ref, 2.0 ** -6, f"{impl} loss")
         assert_close(gx_got, gx_ref, 2.0 ** -6, f"{impl} dx")

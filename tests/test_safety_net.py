@@ -126,7 +126,7 @@ def test_wrong_values_fall_back_with_one_warning(monkeypatch):
         np.testing.assert_array_equal(out, ref)
 
 
-def test_wrong_grouped_matmul_falls_back_to_ragged_dot(monkeypatch):
+def test_wrong_grouped_matmul_falls_back_to_tiled(monkeypatch):
     monkeypatch.setattr(grouped_matmul_sm90, "gmm",
                         lambda x, w, starts, **kw: _ragged_gmm(x, w, starts, **kw) + 1)
     x, w = _bf16(4, (40, 64)), _bf16(5, (2, 64, 64))
@@ -136,8 +136,8 @@ def test_wrong_grouped_matmul_falls_back_to_ragged_dot(monkeypatch):
         out = gm.grouped_matmul(x, w, sizes)
     (message,) = _net_warnings(record)
     assert "gmm_sm90 [bfloat16 K=64 N=64 out=bfloat16]" in message
-    assert "DSV3_GROUPED_MATMUL=sm90" in message and "ragged_dot" in message
-    np.testing.assert_array_equal(out, gm.grouped_matmul(x, w, sizes, impl="ragged_dot"))
+    assert "DSV3_GROUPED_MATMUL=sm90" in message and "tiled" in message
+    np.testing.assert_array_equal(out, gm.grouped_matmul(x, w, sizes, impl="tiled"))
 
 
 # ------------------------------------------------------------------------------------------------

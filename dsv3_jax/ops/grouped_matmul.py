@@ -25,14 +25,19 @@ Gradients (a custom_vjp, the same structure on every backend):
 Backends (chosen once here, at trace time; model code never asks):
   sm90        a Hopper GPU (compute capability 9.x): our Pallas Mosaic GPU kernels
               `ops/pallas/grouped_matmul_sm90.py` (gmm and tgmm) for bf16/fp16 operands; other
-              dtypes (fp32) go to ragged_dot. Off a GPU it runs in GPU interpret mode (tests).
+              dtypes (fp32) go to tiled. Off a GPU it runs in GPU interpret mode (tests).
   megablox    a TPU: `jax.experimental.pallas.ops.tpu.megablox` gmm / tgmm; elsewhere in
               interpret mode (tests).
-  ragged_dot  the CPU and any other GPU: XLA's `jax.lax.ragged_dot` / `ragged_dot_general`; also
-              the reference, `grouped_matmul_reference` / `transposed_grouped_matmul_reference`.
-DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox in the environment forces a backend (read at trace
-time), e.g. for benchmarks and for tests of every backend on the CPU; a forced backend runs as it
-is, with nothing in between.
+  tiled       the CPU and any other GPU (Colab's T4 / L4 / A100): `ops/tiled_grouped_matmul.py`,
+              plain jnp, a loop over row tiles of each held group (`TILED_ROWS`), FLOPs for the
+              routed rows plus under one tile per group.
+  ragged_dot  XLA's `jax.lax.ragged_dot` / `ragged_dot_general`: the reference
+              (`grouped_matmul_reference` / `transposed_grouped_matmul_reference`). XLA:CPU
+              expands it into a dense masked product over every group (cost E_loc x M) and other
+              GPUs reach a few percent of a dense matmul, so it is never chosen by "auto".
+DSV3_GROUPED_MATMUL=tiled|ragged_dot|sm90|megablox in the environment forces a backend (read at
+trace time), e.g. for benchmarks and for tests of every backend on the CPU; a forced backend runs
+as it is, with nothing in between.
 
 The safety net (ops/safety_net.py) stands behind sm90 where "auto" chose it. The first time a
 class of calls comes (gmm: dtype, K, N, transpose_rhs, out dtype; tgmm: dtype, K, N, out dtype),
@@ -43,11 +48,11 @@ skipped with one warning; then, fastest proven first:
   gmm   1. our gmm kernel; 2. on a Hopper GPU, jax's own Mosaic GPU kernel
         `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` (K and N multiples of 64, no group
         offset; rows past the groups, which it leaves unwritten, masked to zero), itself checked
-        by the net; 3. lax.ragged_dot.
+        by the net; 3. tiled.
   tgmm  1. our tgmm kernel; 2. on a Hopper GPU, `transposed_ragged_dot_mgpu` (I and J multiples
         of 64, output in the operands' dtype, so only where w's dtype is x's; no group offset),
-        checked by the net; 3. lax.ragged_dot_general.
-(jax's kernels have no interpret mode: off a GPU the chain is our kernel, then ragged_dot.)
+        checked by the net; 3. tiled.
+(jax's kernels have no interpret mode: off a GPU the chain is our kernel, then tiled.)
 
 Not done: SwiGLU's w1 and w3 are two calls (a fused call would read x once and write one [M, 2F]
 result; a later step).
@@ -62,10 +67,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.ops import platform, safety_net
+from dsv3_jax.ops import platform, safety_net, tiled_grouped_matmul
 from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms, on_tpu
 
-IMPLS = ("auto", "ragged_dot", "sm90", "megablox")
+IMPLS = ("auto", "tiled", "ragged_dot", "sm90", "megablox")
 _TRANSPOSED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((0,), (0,)), ((), ())),  # contract over the (ragged) rows
     lhs_ragged_dimensions=[0],
@@ -144,6 +149,37 @@ def transposed_grouped_matmul_reference(x: jax.Array, dy: jax.Array, group_sizes
 
 
 # ------------------------------------------------------------------------------------------------
+# tiled backend (the portable default)
+# ------------------------------------------------------------------------------------------------
+# Rows per tile of the tiled backend, per platform: the most a tile takes. A call with fewer rows
+# per held group on average (M / E_loc) takes the power of two at or below that (at least 8), so
+# the padding, under one tile per group, stays below the routed rows. CPU: 128 measured fastest
+# of 32..256 at the "mid" config's shapes (experiments/RESULTS.md); GPU: 512 keeps the loop's
+# per-tile launches small against a tile's FLOPs (not yet timed on a GPU).
+TILED_ROWS = {"cpu": 128, "gpu": 512}
+TILED_MIN_ROWS = 8
+
+
+def tiled_rows(rows: int, num_local: int) -> int:
+    """The tile height m for a call on `rows` rows over `num_local` held groups (TILED_ROWS)."""
+    cap = TILED_ROWS.get(jax.devices()[0].platform, TILED_ROWS["cpu"])
+    per_group = max(rows // max(num_local, 1), 1)
+    return max(TILED_MIN_ROWS, min(cap, 1 << (per_group.bit_length() - 1)))
+
+
+def _tiled_forward(x, w, group_sizes, group_offset=None, transpose_rhs=False):
+    starts = local_starts(group_sizes, group_offset, w.shape[0])
+    return tiled_grouped_matmul.gmm(x, w, starts, m=tiled_rows(x.shape[0], w.shape[0]),
+                                    transpose_rhs=transpose_rhs)
+
+
+def _tiled_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype=jnp.float32):
+    starts = local_starts(group_sizes, group_offset, num_local)
+    return tiled_grouped_matmul.tgmm(x, dy, starts, m=tiled_rows(x.shape[0], num_local),
+                                     out_dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
 # Pallas backends
 # ------------------------------------------------------------------------------------------------
 def _sm90_gmm(x, w, group_sizes, group_offset, transpose_rhs):
@@ -172,34 +208,34 @@ def _sm90_tgmm(x, dy, group_sizes, group_offset, num_local, out_dtype):
 
 def _sm90_forward(x, w, group_sizes, group_offset, transpose_rhs, checked=False):
     """Our gmm kernel; with `checked` ("auto" on a Hopper GPU) through the safety net, then jax's
-    Mosaic GPU ragged_dot where it takes the call, then lax.ragged_dot (module docstring)."""
+    Mosaic GPU ragged_dot where it takes the call, then tiled (module docstring)."""
     from dsv3_jax.ops.pallas import grouped_matmul_sm90
 
     if jnp.dtype(x.dtype) not in grouped_matmul_sm90.IN_DTYPES:
-        return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
+        return _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs)
     k, n = x.shape[1], (w.shape[1] if transpose_rhs else w.shape[2])
     if not checked or safety_net.passes(_gmm_check(x.dtype, k, n, transpose_rhs)):
         return _sm90_gmm(x, w, group_sizes, group_offset, transpose_rhs)
     if (group_offset is None and _mgpu_gmm_covers(x.dtype, k, n)
             and safety_net.passes(_mgpu_gmm_check(x.dtype, k, n, transpose_rhs))):
         return _mgpu_gmm(x, w, group_sizes, transpose_rhs)
-    return _ragged_forward(x, w, group_sizes, group_offset, transpose_rhs)
+    return _tiled_forward(x, w, group_sizes, group_offset, transpose_rhs)
 
 
 def _sm90_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype, checked=False):
     """Our tgmm kernel; with `checked` through the safety net, then jax's Mosaic GPU transposed
-    ragged_dot where it takes the call, then lax.ragged_dot_general."""
+    ragged_dot where it takes the call, then tiled."""
     from dsv3_jax.ops.pallas import grouped_matmul_sm90
 
     if jnp.dtype(x.dtype) not in grouped_matmul_sm90.IN_DTYPES:
-        return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
+        return _tiled_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
     k, n = x.shape[1], dy.shape[1]
     if not checked or safety_net.passes(_tgmm_check(x.dtype, k, n, out_dtype)):
         return _sm90_tgmm(x, dy, group_sizes, group_offset, num_local, out_dtype)
     if (group_offset is None and _mgpu_tgmm_covers(x.dtype, k, n, out_dtype)
             and safety_net.passes(_mgpu_tgmm_check(x.dtype, k, n))):
         return _mgpu_tgmm(x, dy, group_sizes)
-    return _ragged_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
+    return _tiled_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +337,7 @@ def _gmm_dims(dtype, k, n, transpose_rhs):
 def _gmm_check(dtype, k: int, n: int, transpose_rhs: bool) -> safety_net.Check:
     probe = lambda: _probe_gmm(lambda x, w, s: _sm90_gmm(x, w, s, None, transpose_rhs),
                                dtype, k, n, transpose_rhs)
-    fallback = "ragged_dot_mgpu" if _mgpu_gmm_covers(dtype, k, n) else "ragged_dot"
+    fallback = "ragged_dot_mgpu" if _mgpu_gmm_covers(dtype, k, n) else "tiled"
     return safety_net.Check("gmm_sm90", _gmm_dims(dtype, k, n, transpose_rhs), probe, _SOURCES,
                             "DSV3_GROUPED_MATMUL", "sm90", fallback)
 
@@ -311,7 +347,7 @@ def _tgmm_check(dtype, k: int, n: int, out_dtype) -> safety_net.Check:
     probe = lambda: _probe_tgmm(
         lambda x, dy, s: _sm90_tgmm(x, dy, s, None, len(PROBE_SIZES), out), dtype, k, n)
     fallback = ("transposed_ragged_dot_mgpu" if _mgpu_tgmm_covers(dtype, k, n, out_dtype)
-                else "ragged_dot")
+                else "tiled")
     return safety_net.Check("tgmm_sm90", f"{jnp.dtype(dtype).name} K={k} N={n} out={out.name}",
                             probe, _SOURCES, "DSV3_GROUPED_MATMUL", "sm90", fallback)
 
@@ -320,14 +356,14 @@ def _mgpu_gmm_check(dtype, k: int, n: int, transpose_rhs: bool) -> safety_net.Ch
     probe = lambda: _probe_gmm(lambda x, w, s: _mgpu_gmm(x, w, s, transpose_rhs), dtype, k, n,
                                transpose_rhs)
     return safety_net.Check("ragged_dot_mgpu", _gmm_dims(dtype, k, n, transpose_rhs), probe, (),
-                            "DSV3_GROUPED_MATMUL", "sm90", "ragged_dot")
+                            "DSV3_GROUPED_MATMUL", "sm90", "tiled")
 
 
 def _mgpu_tgmm_check(dtype, k: int, n: int) -> safety_net.Check:
     name = jnp.dtype(dtype).name
     return safety_net.Check("transposed_ragged_dot_mgpu", f"{name} K={k} N={n} out={name}",
                             lambda: _probe_tgmm(_mgpu_tgmm, dtype, k, n), (),
-                            "DSV3_GROUPED_MATMUL", "sm90", "ragged_dot")
+                            "DSV3_GROUPED_MATMUL", "sm90", "tiled")
 
 
 def model_checks(cfg) -> list[safety_net.Check]:
@@ -417,9 +453,11 @@ def _megablox_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype):
 
 
 # "sm90_checked": what "auto" picks on a Hopper GPU, the kernels behind the safety net.
-_FORWARD = {"ragged_dot": _ragged_forward, "sm90": _sm90_forward, "megablox": _megablox_forward,
+_FORWARD = {"tiled": _tiled_forward, "ragged_dot": _ragged_forward, "sm90": _sm90_forward,
+            "megablox": _megablox_forward,
             "sm90_checked": functools.partial(_sm90_forward, checked=True)}
-_WGRAD = {"ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad, "megablox": _megablox_wgrad,
+_WGRAD = {"tiled": _tiled_wgrad, "ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad,
+          "megablox": _megablox_wgrad,
           "sm90_checked": functools.partial(_sm90_wgrad, checked=True)}
 
 
@@ -428,9 +466,9 @@ _WGRAD = {"ragged_dot": _ragged_wgrad, "sm90": _sm90_wgrad, "megablox": _megablo
 # ------------------------------------------------------------------------------------------------
 def grouped_matmul_impl() -> str:
     """The backend `grouped_matmul(impl="auto")` uses here: "sm90" on a Hopper GPU, "megablox" on
-    a TPU, "ragged_dot" elsewhere; DSV3_GROUPED_MATMUL=ragged_dot|sm90|megablox overrides it."""
+    a TPU, "tiled" elsewhere; DSV3_GROUPED_MATMUL=tiled|ragged_dot|sm90|megablox overrides it."""
     return forced_impl("DSV3_GROUPED_MATMUL", IMPLS) or (
-        "sm90" if platform.on_hopper() else "megablox" if on_tpu() else "ragged_dot")
+        "sm90" if platform.on_hopper() else "megablox" if on_tpu() else "tiled")
 
 
 def _varying_axes(a) -> frozenset:
@@ -457,7 +495,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, group_off
     """x [M, I], w [E_loc, I, J], group_sizes int [E] -> [M, J] in x's dtype.
 
     group_offset: None (w holds every group, E_loc = E) or an int32 scalar, the index in
-    group_sizes of w[0] (module docstring). impl: "auto" or one of ragged_dot, sm90, megablox.
+    group_sizes of w[0] (module docstring). impl: "auto" or one of tiled, ragged_dot, sm90,
+    megablox.
     """
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul: impl={impl!r}; use one of {IMPLS}.")
@@ -510,4 +549,4 @@ _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 __all__ = ["IMPLS", "grouped_matmul", "grouped_matmul_impl", "grouped_matmul_reference",
-           "local_starts", "megablox_tiling", "transposed_grouped_matmul_reference"]
+           "local_starts", "megablox_tiling", "tiled_rows", "transposed_grouped_matmul_reference"]
