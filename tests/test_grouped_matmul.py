@@ -144,6 +144,22 @@ def test_tiled_every_tile_height_vs_float64(m, offset, held):
             assert np.all(_f64(dw[j]) == 0)
 
 
+@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+def test_grouped_dot_products_vs_float64(impl, monkeypatch):
+    """grouped_dot / transposed_grouped_dot (the FP8 grouped path's fp32 products, no custom_vjp)
+    through either jnp backend: fp32 results, zero padding rows, zero dw for empty groups."""
+    monkeypatch.setenv("DSV3_GROUPED_MATMUL", impl)
+    x, w, dy, sizes = _case(8, 32, 24, jnp.float32)
+    y = jax.jit(gm.grouped_dot)(x, w, sizes)
+    dw = jax.jit(gm.transposed_grouped_dot)(x, dy, sizes)
+    ey, _, edw = _np_reference(x, w, dy, SIZES)
+    assert y.dtype == dw.dtype == jnp.float32
+    assert_close(y, ey, FP32_RTOL, "y")
+    assert_close(dw, edw, FP32_RTOL, "dw")
+    _check_zero_rows([y], SIZES, 0, len(SIZES))
+    assert np.all(_f64(dw[SIZES == 0]) == 0)
+
+
 def test_tiled_rows_follow_the_rows_per_group():
     """The tile height: TILED_ROWS caps it; fewer rows per group take the power of two at or below
     M / E_loc, never under TILED_MIN_ROWS (so the padding stays under the routed rows)."""

@@ -36,7 +36,8 @@ kernel runs once at 128 rows on fresh random operands against `fp8_gemm_referenc
 ulp of the output (|kernel - reference| <= 2^-8 |reference|, tests/test_fp8.py); a kernel that
 raises, hangs or disagrees is skipped with one warning and the reference runs.
 The grouped product has only a plain-jnp path for now (`fp8_grouped_gemm_reference`: the tiles
-dequantized to fp32 and one fp32 ragged_dot, the same sums up to fp32 rounding); a grouped FP8
+dequantized to fp32 and one fp32 grouped product, `ops.grouped_matmul.grouped_dot`, the same sums
+up to fp32 rounding); a grouped FP8
 kernel for Hopper is still to be written, so on a GPU FP8 routed experts cost more than bf16 ones
 today.
 
@@ -62,7 +63,7 @@ import numpy as np
 import pathlib
 
 from dsv3_jax.ops import platform, safety_net
-from dsv3_jax.ops.grouped_matmul import same_varying_axes, transposed_grouped_matmul_reference
+from dsv3_jax.ops.grouped_matmul import grouped_dot, same_varying_axes, transposed_grouped_dot
 from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms
 
 E4M3 = jnp.float8_e4m3fn
@@ -434,17 +435,17 @@ def fp8_grouped_gemm_reference(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b
     Rows past sum(group_sizes) come back as zeros.
 
     Both operands are dequantized to fp32 (q * s: exact up to one fp32 rounding) and multiplied by
-    one fp32 ragged_dot. The scales are constant within each 128-wide I block, so this is the same
-    sum as promoting each block's e4m3 partial product with a_s * b_s, up to fp32 rounding. (A loop
-    over I blocks, as `fp8_gemm_reference` has, crashed XLA:CPU's compiler once inside a scanned
-    layer under shard_map.)
+    one fp32 grouped product (`grouped_dot`: the tiled backend, XLA's ragged_dot on a TPU). The
+    scales are constant within each 128-wide I block, so this is the same sum as promoting each
+    block's e4m3 partial product with a_s * b_s, up to fp32 rounding. (A loop over I blocks, as
+    `fp8_gemm_reference` has, crashed XLA:CPU's compiler once inside a scanned layer under
+    shard_map.)
     """
     _check_grouped_args(a_q, a_s, b_q, b_s, group_sizes)
     k = a_q.shape[1]
     a = a_q.astype(jnp.float32) * jnp.repeat(a_s.astype(jnp.float32), BLOCK, axis=1)[:, :k]
     b = jax.vmap(weight_dequant)(b_q, b_s)  # each group's [I, J] in its 128x128 blocks
-    out = jax.lax.ragged_dot(a, b, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
-    return out.astype(out_dtype)
+    return grouped_dot(a, b, group_sizes).astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "pow2_scale"))
@@ -523,7 +524,7 @@ def _fp8_grouped_bwd(static, residuals, dy):
         # product (the scales are constant within a tile), exact up to fp32 rounding.
         x_hat = xq.astype(jnp.float32) * xs[tile]
         dy_hat = gq.astype(jnp.float32) * gs[tile]
-        dw = transposed_grouped_matmul_reference(x_hat, dy_hat, group_sizes)  # [E, I, J] fp32
+        dw = transposed_grouped_dot(x_hat, dy_hat, group_sizes)  # [E, I, J] fp32
     return dx, dw.astype(w_dtype), None
 
 

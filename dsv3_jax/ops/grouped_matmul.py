@@ -179,6 +179,35 @@ def _tiled_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype=jnp.floa
                                      out_dtype=out_dtype)
 
 
+def _plain_impl() -> str:
+    """The jnp backend for grouped products outside the custom_vjp: ragged_dot on a TPU (XLA
+    lowers it to a grouped kernel there), tiled elsewhere; DSV3_GROUPED_MATMUL=ragged_dot|tiled
+    forces one (the kernel backends name none of these products)."""
+    forced = forced_impl("DSV3_GROUPED_MATMUL", IMPLS)
+    if forced in ("tiled", "ragged_dot"):
+        return forced
+    return "ragged_dot" if on_tpu() else "tiled"
+
+
+def grouped_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, I], w [E, I, J], group_sizes int [E] -> [M, J] float32, no custom gradient: the
+    product of `grouped_matmul` on x's dtype (ops/fp8.py's grouped FP8 path, on fp32 operands)."""
+    gs = group_sizes.astype(jnp.int32)
+    if _plain_impl() == "ragged_dot":
+        return _ragged_forward(x, w, gs)
+    starts = local_starts(gs, None, w.shape[0])
+    return tiled_grouped_matmul.gmm(x, w, starts, m=tiled_rows(x.shape[0], w.shape[0]),
+                                    out_dtype=jnp.float32)
+
+
+def transposed_grouped_dot(x: jax.Array, dy: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, I], dy [M, J], group_sizes int [E] -> [E, I, J] float32: x_e^T dy_e per group (zeros
+    for an empty group), through the same backend as `grouped_dot`."""
+    gs = group_sizes.astype(jnp.int32)
+    impl = _WGRAD["ragged_dot" if _plain_impl() == "ragged_dot" else "tiled"]
+    return impl(x, dy, gs, None, gs.shape[0], jnp.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # Pallas backends
 # ------------------------------------------------------------------------------------------------
@@ -548,5 +577,6 @@ def _grouped_matmul_bwd(static, residuals, dy):
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
-__all__ = ["IMPLS", "grouped_matmul", "grouped_matmul_impl", "grouped_matmul_reference",
-           "local_starts", "megablox_tiling", "tiled_rows", "transposed_grouped_matmul_reference"]
+__all__ = ["IMPLS", "grouped_dot", "grouped_matmul", "grouped_matmul_impl",
+           "grouped_matmul_reference", "local_starts", "megablox_tiling", "tiled_rows", "transposed_grouped_dot",
+           "transposed_grouped_matmul_reference"]
