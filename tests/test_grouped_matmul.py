@@ -121,14 +121,16 @@ def test_jnp_backend_forward_and_gradients(impl, dtype, offset, held):
 
 @pytest.mark.parametrize("m", [8, 16, 32, 64, 256])
 @pytest.mark.parametrize("offset,held", [(None, None), (2, 5)], ids=["all-groups", "offset"])
-def test_tiled_every_tile_height_vs_float64(m, offset, held):
+@pytest.mark.parametrize("rows", [M_ROWS, int(SIZES.sum())], ids=["padded", "no-padding"])
+def test_tiled_every_tile_height_vs_float64(m, offset, held, rows):
     """The tiled kernels at tile heights below, across and above the group sizes (1..64 rows):
-    tiles that end inside a group, a group of one row, a last tile that reaches past the rows
-    (m = 256 > M), and the masked tail of one group's last tile overwritten by the next group; fp32
-    operands (1e-5) against float64, zeros outside the held groups, zero dw for empty groups."""
+    tiles that end inside a group, a group of one row, fewer rows than one tile (m = 256), and,
+    without padding rows, a last tile whose window would run past the rows (it reads the last m
+    rows, and the earlier rows in it must keep the previous tile's products); fp32 operands (1e-5)
+    against float64, zeros outside the held groups, zero dw for empty groups."""
     from dsv3_jax.ops import tiled_grouped_matmul as tiled
 
-    x, w, dy, sizes = _case(7, 40, 24, jnp.float32)
+    x, w, dy, sizes = _case(7, 40, 24, jnp.float32, m=rows)
     w = w if offset is None else w[offset:offset + held]  # groups 2..6: 1, empty, 64, 49, empty
     starts = gm.local_starts(sizes, None if offset is None else jnp.int32(offset), w.shape[0])
     y = jax.jit(functools.partial(tiled.gmm, m=m))(x, w, starts)
