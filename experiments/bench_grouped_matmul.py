@@ -1,7 +1,7 @@
 """MoE grouped matmul: our kernels and the portable tiled backend against XLA's ragged_dot and a
 dense matmul, in one run.
 
-  python experiments/bench_grouped_matmul.py            # H100 (or TPU): DeepSeek-V3 and small shapes
+  python experiments/bench_grouped_matmul.py            # H100 / TPU: V3 and small shapes
   python experiments/bench_grouped_matmul.py --shapes=V3 --runs=20
   python experiments/bench_grouped_matmul.py            # CPU / other GPU: the expert-count sweep
   python experiments/bench_grouped_matmul.py --smoke    # CPU, tiny shapes, kernels interpreted

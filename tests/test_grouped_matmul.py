@@ -1,8 +1,9 @@
 """The grouped matmul of the routed experts (ops/grouped_matmul.py): forward and both gradients
 against a float64 per-group loop, with empty groups, ragged sizes, padding rows and an expert-
 parallel group offset, for the portable tiled backend (the CPU default) and ragged_dot; the tiled
-backend's tile plan at every tile height; the Hopper kernels in GPU interpret mode and lowered for an H100; megablox
-in interpret mode; the MoE layer through every backend; the benchmark's smoke mode.
+backend's tile plan at every tile height; the Hopper kernels in GPU interpret mode and lowered
+for an H100; megablox in interpret mode; the MoE layer through every backend; the benchmark's
+smoke mode.
 
 Tolerances (all scale-aware: max error <= rtol x max|expected|, `assert_close`):
   fp32 operands      1e-5: fp32 sums of at most a few hundred products (relative error ~1e-6).
@@ -401,7 +402,8 @@ def test_grouped_matmul_vjp_exports_for_tpu_through_megablox(i_dim, j_dim, monke
 def test_moe_layer_same_through_every_backend(monkeypatch):
     """Tiny MoE (4 experts, top-2, D 128, F 64; 32 token-expert rows), bf16 compute: output and
     gradients (x and the three expert weights) through tiled (the CPU default), sm90 (interpret)
-    and megablox (interpret) equal those through ragged_dot up to summation order (2^-6 of the max: module docstring).
+    and megablox (interpret) equal those through ragged_dot up to summation order (2^-6 of the
+    max: module docstring).
     Four experts rather than the tiny preset's eight: interpret mode runs one K loop per expert
     in a row tile, and this test is the file's slowest."""
     cfg = ds.get_model_config("tiny", dtype="bfloat16", init_std=0.05, n_shared_experts=0,

@@ -578,5 +578,5 @@ _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 __all__ = ["IMPLS", "grouped_dot", "grouped_matmul", "grouped_matmul_impl",
-           "grouped_matmul_reference", "local_starts", "megablox_tiling", "tiled_rows", "transposed_grouped_dot",
-           "transposed_grouped_matmul_reference"]
+           "grouped_matmul_reference", "local_starts", "megablox_tiling", "tiled_rows",
+           "transposed_grouped_dot", "transposed_grouped_matmul_reference"]
