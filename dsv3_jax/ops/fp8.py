@@ -63,7 +63,8 @@ import numpy as np
 import pathlib
 
 from dsv3_jax.ops import platform, safety_net
-from dsv3_jax.ops.grouped_matmul import grouped_dot, same_varying_axes, transposed_grouped_dot
+from dsv3_jax.ops.grouped_matmul import grouped_dot, transposed_grouped_dot
+from dsv3_jax.ops.varying import same_varying_axes
 from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms
 
 E4M3 = jnp.float8_e4m3fn
@@ -492,7 +493,7 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: x {x.shape} [M, K] does not match w {w.shape} "
                          "[G, K, N].")
-    x, w = same_varying_axes(x, w)  # inside shard_map: see ops/grouped_matmul
+    x, w = same_varying_axes(x, w)  # inside shard_map: see ops/varying
     return _fp8_grouped(x, w, group_sizes.astype(jnp.int32), (bool(pow2_scale), jnp.dtype(w.dtype).name))
 
 

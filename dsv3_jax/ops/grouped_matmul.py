@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.ops import platform, safety_net, tiled_grouped_matmul
+from dsv3_jax.ops.varying import same_varying_axes
 from dsv3_jax.ops.platform import forced_impl, gpu_interpret, num_sms, on_tpu
 
 IMPLS = ("auto", "tiled", "ragged_dot", "sm90", "megablox")
@@ -498,25 +499,6 @@ def grouped_matmul_impl() -> str:
     a TPU, "tiled" elsewhere; DSV3_GROUPED_MATMUL=tiled|ragged_dot|sm90|megablox overrides it."""
     return forced_impl("DSV3_GROUPED_MATMUL", IMPLS) or (
         "sm90" if platform.on_hopper() else "megablox" if on_tpu() else "tiled")
-
-
-def _varying_axes(a) -> frozenset:
-    """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)  # jax 0.11: aval.mat.varying; earlier releases: aval.vma
-    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
-
-
-def same_varying_axes(*arrays):
-    """Inside shard_map: casts every array to vary over the union of the mesh axes any of them
-    varies over. A custom_vjp must return each cotangent with its input's varying axes, and dw,
-    made from x and dy, varies wherever x does (e.g. over the batch axes, where the weights are
-    replicated); with w cast up front, autodiff transposes the cast, i.e. sums dw over those axes.
-    Outside shard_map there are none and this returns the arrays unchanged."""
-    vmas = [_varying_axes(a) for a in arrays]
-    union = frozenset().union(*vmas)
-    return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
-            for a, v in zip(arrays, vmas)]
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, group_offset=None, *,

@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.ops.varying import same_varying_axes
+
 
 def _plan(starts: jax.Array, rows: int, m: int):
     """(group [T], first row [T], tiles present) for the static bound of T tiles, and the tile
@@ -65,8 +67,6 @@ def _small(a, m):
 def _like(init, *arrays):
     """init cast to vary over the shard_map axes any of `arrays` varies over (a fori_loop carry
     must keep one type; outside shard_map this returns init)."""
-    from dsv3_jax.ops.grouped_matmul import same_varying_axes
-
     return same_varying_axes(init, *arrays)[0]
 
 
