@@ -124,8 +124,11 @@ def test_bounded_exchange_with_enough_capacity_equals_dropless_bit_for_bit(sizes
     y1, d1, g1 = _sharded_fn(mesh, factor)(*placed)
     assert int(d0) == int(d1) == 0
     np.testing.assert_array_equal(y1, y0)
+    # The gradients: the same rows and products, but the tiled grouped matmul's dw tiles (their
+    # height and the last tile's window follow the buffer's size) sum them in another order, so
+    # fp32 rounding (measured <= 4.8e-7 absolute at values up to 15): 2^-20 of the max.
     for a, b in zip(g1[:2], g0[:2]):  # d/dx, d/dweights
-        np.testing.assert_array_equal(a, b)
+        assert_close(a, b, 2.0 ** -20, "gradient")
     # The expert weights' gradients sum over the buffer's rows, whose count differs; XLA may block
     # that reduction differently (measured: bit-equal on two meshes, 7e-8 of the scale on the
     # tensor-parallel one, a last-bit change). Bound: 1e-6 of each gradient's scale.
