@@ -168,10 +168,10 @@ def tiled_rows(rows: int, num_local: int) -> int:
     return max(TILED_MIN_ROWS, min(cap, 1 << (per_group.bit_length() - 1)))
 
 
-def _tiled_forward(x, w, group_sizes, group_offset=None, transpose_rhs=False):
+def _tiled_forward(x, w, group_sizes, group_offset=None, transpose_rhs=False, out_dtype=None):
     starts = local_starts(group_sizes, group_offset, w.shape[0])
     return tiled_grouped_matmul.gmm(x, w, starts, m=tiled_rows(x.shape[0], w.shape[0]),
-                                    transpose_rhs=transpose_rhs)
+                                    transpose_rhs=transpose_rhs, out_dtype=out_dtype)
 
 
 def _tiled_wgrad(x, dy, group_sizes, group_offset, num_local, out_dtype=jnp.float32):
@@ -196,17 +196,14 @@ def grouped_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array
     gs = group_sizes.astype(jnp.int32)
     if _plain_impl() == "ragged_dot":
         return _ragged_forward(x, w, gs)
-    starts = local_starts(gs, None, w.shape[0])
-    return tiled_grouped_matmul.gmm(x, w, starts, m=tiled_rows(x.shape[0], w.shape[0]),
-                                    out_dtype=jnp.float32)
+    return _tiled_forward(x, w, gs, out_dtype=jnp.float32)
 
 
 def transposed_grouped_dot(x: jax.Array, dy: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """x [M, I], dy [M, J], group_sizes int [E] -> [E, I, J] float32: x_e^T dy_e per group (zeros
     for an empty group), through the same backend as `grouped_dot`."""
     gs = group_sizes.astype(jnp.int32)
-    impl = _WGRAD["ragged_dot" if _plain_impl() == "ragged_dot" else "tiled"]
-    return impl(x, dy, gs, None, gs.shape[0], jnp.float32)
+    return _WGRAD[_plain_impl()](x, dy, gs, None, gs.shape[0], jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -48,9 +48,9 @@ def _plan(starts: jax.Array, rows: int, m: int):
 
 
 def _window(first, rows: int, m: int):
-    """The m-row window a tile reads: it starts at the tile's first row, or earlier for a tile
-    that would run past the last row (dynamic_slice would shift it anyway); with the mask of the
-    window's rows that belong to the tile [first, end)."""
+    """The first row of the m-row window a tile reads: the tile's first row, or earlier for a tile
+    that would run past the last row (dynamic_slice would shift it anyway); `_rows_in` masks the
+    window's rows that belong to the tile."""
     return jnp.minimum(first, rows - m)
 
 
