@@ -15,20 +15,30 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.train.checkpoint import (MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE,
                                        CheckpointNotFoundError, read_params)
 
-__all__ = ["CheckpointNotFoundError", "load_for_inference"]
+__all__ = ["CheckpointNotFoundError", "load_for_inference", "load_weights"]
 
 
-def load_for_inference(path: str) -> tuple[ModelConfig, dict, str | None]:
-    """(ModelConfig, params, tokenizer path or None) from `path` (see the module docstring)."""
+def load_for_inference(path: str, mesh=None) -> tuple[ModelConfig, dict, str | None]:
+    """(ModelConfig, params, tokenizer path or None) from `path` (see the module docstring). With
+    a `mesh`, each parameter is read straight into its sharding there (else onto the first local
+    device)."""
+    cfg, params, tokenizer, _ = load_weights(path, mesh)
+    return cfg, params, tokenizer
+
+
+def load_weights(path: str, mesh=None) -> tuple[ModelConfig, dict, str | None, dict]:
+    """load_for_inference's (cfg, params, tokenizer path or None) and where they came from:
+    {"path": the absolute path, "kind": "workdir" | "orbax" | "hf", "step": the workdir
+    checkpoint's step, else None}."""
     path = os.path.abspath(os.path.expanduser(path))
     local_tokenizer = os.path.join(path, TOKENIZER_FILE)
     if os.path.isfile(os.path.join(path, "config.json")):
         from dsv3_jax.convert import load_hf_checkpoint
 
-        cfg, params = load_hf_checkpoint(path)
-        return cfg, params, _existing(local_tokenizer)
+        cfg, params = load_hf_checkpoint(path, mesh=mesh)
+        return cfg, params, _existing(local_tokenizer), {"path": path, "kind": "hf", "step": None}
     try:
-        cfg, params, meta = read_params(path)
+        cfg, params, meta = read_params(path, mesh)
     except CheckpointNotFoundError as e:
         converted = (os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
                      and os.path.isdir(os.path.join(path, PARAMS_DIR)))
@@ -38,7 +48,10 @@ def load_for_inference(path: str) -> tuple[ModelConfig, dict, str | None]:
             f"{path} is not a checkpoint: expected a training workdir (checkpoints/), a converted "
             f"Orbax folder ({PARAMS_DIR}/ + {MODEL_CONFIG_FILE}) or a Hugging Face folder "
             "(config.json + *.safetensors).") from e
-    return cfg, params, _existing(meta.get("tokenizer_path")) or _existing(local_tokenizer)
+    source = {"path": path, "kind": "workdir" if "step" in meta else "orbax",
+              "step": meta.get("step")}
+    tokenizer = _existing(meta.get("tokenizer_path")) or _existing(local_tokenizer)
+    return cfg, params, tokenizer, source
 
 
 def _existing(path: str | None) -> str | None:

@@ -61,3 +61,19 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, freqs: np.ndarray) -> jnp
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def yarn_summary(cfg: ModelConfig) -> dict:
+    """The RoPE/YaRN constants a model runs with, as plain numbers (logged at a run's start and
+    kept in its checkpoints' meta): the report's scale s (rope_factor), alpha (beta_slow), beta
+    (beta_fast), sqrt(t) = 0.1 mscale ln s + 1 (the attention-logit factor, applied squared in
+    ModelConfig.softmax_scale), the ramp's pair range, and whether YaRN is on at all."""
+    summary = {"use_yarn": cfg.use_yarn, "max_seq_len": cfg.max_seq_len,
+               "original_seq_len": cfg.original_seq_len, "rope_theta": cfg.rope_theta,
+               "softmax_scale": cfg.softmax_scale}
+    if cfg.use_yarn:
+        low, high = yarn_correction_range(cfg)
+        summary.update(scale=cfg.rope_factor, alpha=cfg.beta_slow, beta=cfg.beta_fast,
+                       mscale=cfg.mscale, sqrt_t=0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1,
+                       ramp_pairs=[low, high])
+    return summary

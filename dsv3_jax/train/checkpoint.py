@@ -139,16 +139,20 @@ class CheckpointNotFoundError(ValueError):
     """A path holds none of our checkpoint layouts."""
 
 
-def _params_target(cfg: ModelConfig):
-    """Abstract params of cfg on the first local device (a restore target)."""
-    from dsv3_jax.model.tree import abstract_params
+def _params_target(cfg: ModelConfig, mesh=None):
+    """Abstract params of cfg (a restore target): on the first local device, or with a `mesh` in
+    each parameter's NamedSharding there (its logical axes through LOGICAL_AXIS_RULES)."""
+    from dsv3_jax.model import tree
+    from dsv3_jax.parallel.mesh import abstract_with_shardings
 
+    if mesh is not None:
+        return abstract_with_shardings(tree.boxed_init(cfg), mesh)[0]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        abstract_params(cfg))
+                        tree.abstract_params(cfg))
 
 
-def _read_workdir_params(checkpoints: str) -> tuple[ModelConfig, dict, dict]:
+def _read_workdir_params(checkpoints: str, mesh=None) -> tuple[ModelConfig, dict, dict]:
     """The newest checkpoint under `checkpoints` whose meta and params read back (training's rule,
     except that a damaged checkpoint is only skipped, not moved: readers never change a run)."""
     try:
@@ -160,7 +164,7 @@ def _read_workdir_params(checkpoints: str) -> tuple[ModelConfig, dict, dict]:
         with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
             meta = _meta_of(json.load(f))
         cfg = ModelConfig(**meta["model"])
-        target = _params_target(cfg)
+        target = _params_target(cfg, mesh)
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
         restored = ocp.PyTreeCheckpointer().restore(
             os.path.join(step_dir, "state"),
@@ -189,12 +193,13 @@ def _read_workdir_params(checkpoints: str) -> tuple[ModelConfig, dict, dict]:
     return cfg, params, dict(meta, step=step)
 
 
-def read_params(path: str) -> tuple[ModelConfig, dict, dict]:
+def read_params(path: str, mesh=None) -> tuple[ModelConfig, dict, dict]:
     """(ModelConfig, params, meta) from a converted-parameters folder or a training workdir.
 
     A workdir gives its newest checkpoint that reads back: only the `params` of its state are read
     (a partial restore: no optimizer moments). `meta` is the checkpoint's meta (`tokenizer_path`,
-    ...) with the `step` used, or {} for a converted folder.
+    ...) with the `step` used, or {} for a converted folder. With a `mesh`, each parameter is
+    restored straight into its sharding there (else onto the first local device).
     """
     path = os.path.abspath(os.path.expanduser(path))
     config_file, params_dir = os.path.join(path, MODEL_CONFIG_FILE), os.path.join(path, PARAMS_DIR)
@@ -212,13 +217,13 @@ def read_params(path: str) -> tuple[ModelConfig, dict, dict]:
         except TypeError as e:
             raise CheckpointNotFoundError(f"{config_file} does not hold ModelConfig fields ({e}).") from e
         try:
-            params = ocp.StandardCheckpointer().restore(params_dir, _params_target(cfg))
+            params = ocp.StandardCheckpointer().restore(params_dir, _params_target(cfg, mesh))
         except Exception as e:  # noqa: BLE001
             raise CheckpointNotFoundError(f"{params_dir} does not read back as the parameters of "
                                           f"{config_file} ({_brief(e)}).") from e
         return cfg, params, {}
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        return _read_workdir_params(os.path.join(path, "checkpoints"))
+        return _read_workdir_params(os.path.join(path, "checkpoints"), mesh)
     raise CheckpointNotFoundError(
         f"{path} is neither a converted Orbax folder ({PARAMS_DIR}/ + {MODEL_CONFIG_FILE}) nor a "
         "training workdir (checkpoints/<step>/state).")

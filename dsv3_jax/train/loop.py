@@ -28,12 +28,12 @@ import orbax.checkpoint as ocp
 
 from dsv3_jax.data import pipeline
 from dsv3_jax.files import writable_workdir
-from dsv3_jax.model import tree
+from dsv3_jax.model import rope, tree
 from dsv3_jax.model.stats import model_stats
 from dsv3_jax.model.transformer import DeepSeekV3
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.parallel.mesh import LOGICAL_AXIS_RULES
-from dsv3_jax.train import losses, metrics as metrics_lib, optimizer as optim
+from dsv3_jax.train import init_from, losses, metrics as metrics_lib, optimizer as optim
 from dsv3_jax.train.checkpoint import Checkpointer
 from dsv3_jax.train.run_config import check_run_config, model_config
 
@@ -292,6 +292,20 @@ class TrainSteps:
             return jax.jit(lambda: nn.unbox(self.init_boxed()),
                            out_shardings=self.state_shardings).lower()
 
+    def lower_init_from(self):
+        """(params) -> the initial state around them: step 0, a fresh optimizer, the seed's RNG;
+        the params are donated."""
+        seed = self.train_cfg.seed
+
+        def init(params):
+            return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                              opt_state=self.tx.init(params),
+                              rng=jax.random.key_data(jax.random.key(seed + 1)))
+
+        with self._context():
+            return jax.jit(init, out_shardings=self.state_shardings, donate_argnums=0).lower(
+                self.abstract_state.params)
+
 
 class Run:
     """The run of `config` in `workdir`: the mesh, the data, the compiled steps, the checkpointer,
@@ -312,6 +326,22 @@ class Run:
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         is_main = jax.process_index() == 0
 
+        steps = TrainSteps(config, mesh)
+        abstract_state = steps.abstract_state
+        logging.info("rope: %s", rope.yarn_summary(cfg))
+
+        # ------------------------------------------------------------ weights to start from
+        # (config.train.init_from) when the workdir holds no run yet: read before the data, whose
+        # tokenizer must be the source's.
+        init, resumes = None, init_from.workdir_has_checkpoints(self.workdir)
+        if tc.init_from and not resumes:
+            init = self._load_init(cfg, abstract_state)
+            if is_main:
+                init_from.adopt_tokenizer(init, dc, self.workdir)
+        elif tc.init_from:
+            logging.info("the workdir holds checkpoints: resuming its run (config.train.init_from "
+                         "is only read by a new run)")
+
         # ------------------------------------------------------------ data
         # Process 0 tokenizes first; the others then find its token stores and reuse them.
         if not is_main:
@@ -326,26 +356,37 @@ class Run:
         self.eval_set = pipeline.eval_batches(data, dc, tc.eval_batches) if tc.eval_batches else []
 
         # ------------------------------------------------------------ model, optimizer, state
-        steps = TrainSteps(config, mesh)
-        abstract_state = steps.abstract_state
-        # Saved with each checkpoint: the model config and the tokenizer.
+        # Saved with each checkpoint: the model config, the tokenizer, the RoPE/YaRN constants
+        # and the weights the run started from.
         self.meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
-                     "tokenizer_path": os.path.abspath(data.tokenizer.path)}
+                     "tokenizer_path": os.path.abspath(data.tokenizer.path),
+                     "rope": rope.yarn_summary(cfg)}
 
         # ------------------------------------------------------------ restore or initialise
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                  keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
         resources.callback(_close_quietly, self.ckpt)
         restored = self.ckpt.restore_latest(abstract_state, self.meta)
+        if restored is None and tc.init_from and init is None:  # its checkpoints were unreadable
+            init = self._load_init(cfg, abstract_state)
+        if init is not None:
+            self.meta["init_from"] = init_from.describe(init)
 
         # ------------------------------------------------------------ compiled steps
         # Compiled ahead of time, then a barrier: processes enter their first collectives together
         # (a process still compiling would make the others' collective setup time out).
         self.train_step = steps.lower_train_step().compile()
         self.eval_step = steps.lower_eval_step().compile() if self.eval_set else None
-        init_state = steps.lower_init().compile() if restored is None else None
-        _barrier("compiled")
+        init_state = None
         if restored is None:
+            init_state = (steps.lower_init() if init is None else steps.lower_init_from()).compile()
+        _barrier("compiled")
+        if restored is None and init is not None:
+            self.state, self.start_step = init_state(init.params), 0
+            init.params = None  # donated to the state
+            logging.info("initialised the parameters from %s (fresh optimizer, step 0)",
+                         self.meta["init_from"])
+        elif restored is None:
             self.state, self.start_step = init_state(), 0
             logging.info("initialised %s from seed %d", config.model.preset, tc.seed)
         else:
@@ -360,6 +401,12 @@ class Run:
         self.flops_per_token = model_stats(cfg, dc.seq_len).train_flops_per_token  # training's
         self.peak = metrics_lib.peak_flops_per_device(  # a device's FLOP/s, for MFU; None: unknown
             jax.devices()[0].device_kind, tc.peak_tflops_per_device)
+
+    def _load_init(self, cfg, abstract_state) -> init_from.InitSource:
+        source = init_from.load(self.config.train.init_from, cfg, self.mesh,
+                                abstract_state.params)
+        logging.info("init_from: %s", init_from.describe(source))
+        return source
 
     def next_batch(self) -> dict:
         """This process's rows of the next batch -> global int32 [B, T] arrays on the mesh."""

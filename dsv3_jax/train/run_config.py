@@ -74,6 +74,10 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # token-expert pairs (config.model.moe_capacity_factor).
         moe_dropped_warn_fraction=0.01,
         seed=0,
+        # Weights to start a new run from (fresh optimizer, step 0, new data stream): a training
+        # workdir, a converted Orbax folder or a Hugging Face folder (dsv3_jax/train/init_from.py).
+        # "" trains from a random initialisation. A workdir with checkpoints resumes its own run.
+        init_from="",
         checkpoint_every=200,
         keep_checkpoints=3,
         async_checkpoint=True,
@@ -205,6 +209,9 @@ _TRAIN_RULES = {
                                           "hundred MB of [chunk, vocab] float32 logits at V3 "
                                           "scale with 512"),
     "seed": _int_at_least(0, "the initialisation and shuffle seed"),
+    "init_from": lambda v: (isinstance(v, str), "a string: the path of a training workdir, a "
+                                                "converted Orbax folder or a Hugging Face folder, "
+                                                "or '' to start from a random initialisation"),
     "checkpoint_every": _int_at_least(1, "steps between checkpoints"),
     "keep_checkpoints": _int_at_least(1, "checkpoints kept; fewer would delete every checkpoint"),
     "async_checkpoint": _bool,
