@@ -1,5 +1,6 @@
 # make train: set up .venv (Python >= 3.12) and train the tiny model on the built-in corpus (CPU).
 # make test:  set up .venv and run the whole test suite.
+# make extend: continue the make train run from 128 to 1,024 positions with YaRN (a few minutes).
 VENV := .venv
 PY := $(VENV)/bin/python
 # Two pytest workers: compile time dominates the suite, and XLA compiles on one core.
@@ -7,8 +8,10 @@ PYTEST_ARGS ?= -n 2
 
 # Where `make train` writes (checkpoints, metrics, TensorBoard); a second `make train` resumes.
 WORKDIR ?= runs/tiny
+# Where `make extend` writes; it starts from $(WORKDIR)'s newest checkpoint.
+EXTEND_WORKDIR ?= runs/tiny_1k
 
-.PHONY: setup train test clean
+.PHONY: setup train extend test clean
 
 setup: $(VENV)/.installed
 
@@ -32,11 +35,15 @@ $(VENV)/.installed: setup.py constraints.txt
 	echo "creating $(VENV) with $$py ($$($$py -V))"; \
 	rm -rf $(VENV) && $$py -m venv $(VENV) && \
 	$(PY) -m pip install -q --upgrade pip && \
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,notebooks]' && \
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,notebooks,eval]' && \
 	touch $@
 
 train: setup
 	$(PY) -m dsv3_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
+
+extend: setup
+	$(PY) -m dsv3_jax.train --config=configs/extend.py:tiny --workdir=$(EXTEND_WORKDIR) \
+	  --config.train.init_from=$(WORKDIR)
 
 # The second run gives the mesh tests 8 simulated CPU devices (tests marked multidevice).
 # --durations: the slowest tests in the log, to keep the suite's time in view.

@@ -30,5 +30,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.9"],
+        "eval": ["matplotlib>=3.9"],  # the needle evaluation's heatmap
     },
 )

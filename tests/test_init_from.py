@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -227,10 +228,13 @@ def test_extension_then_needle_through_the_clis(sources, tmp_path):
     out = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "initialised the parameters from" in out.stderr and "'use_yarn': True" in out.stderr
+    # Past the run's 96 positions with --max_seq_len (YaRN is on either way).
     needle = [sys.executable, "-m", "dsv3_jax.eval", "needle", f"--checkpoint={workdir}",
-              "--lengths=48,80", "--depths=0,0.5,1", "--trials=1",
+              "--lengths=48,112", "--depths=0,0.5,1", "--trials=1", "--max_seq_len=128",
               f"--output_dir={tmp_path / 'needle'}"]
     out = subprocess.run(needle, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "needle" / "needle.json").is_file()
+    result = json.loads((tmp_path / "needle" / "needle.json").read_text())
+    assert result["lengths"] == [48, 112] and result["model"]["max_seq_len"] == 128
+    assert result["model"]["use_yarn"] and len(result["cells"]) == 6
     assert (tmp_path / "needle" / "needle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -297,13 +297,15 @@ def _assert_refused(out, status: int, pattern: str) -> None:
      r"--depths: 1\.5 is not a fraction in \[0, 1\]"),
     (["needle", "--checkpoint={tmp}/missing", "--lengths=64"], 1, r"missing is not a checkpoint"),
     (["needle", "{ckpt}", "--lengths=64", "--trials=0"], 2, r"--trials=0 must be an integer >= 1"),
+    (["needle", "{ckpt}", "--lengths=64", "--max_seq_len=-1"], 2,
+     r"--max_seq_len=-1 must be a positive number"),
     (["needle", "--checkpoint={bare}", "--lengths=64"], 2,
      r"no_tokenizer has no tokenizer.model; pass --tokenizer="),
     (["needle", "{ckpt}", "--lengths=64", "--output_dir={tmp}/a_file"], 1,
      r"--output_dir .*a_file is not writable"),
     (["bogus"], 2, r"give a command first, one of needle; got 'bogus'"),
     ([], 2, r"give a command first, one of needle; got no command"),
-], ids=["length>max_seq_len", "depth 1.5", "missing checkpoint", "trials 0", "no tokenizer",
+], ids=["length>max_seq_len", "depth 1.5", "missing checkpoint", "trials 0", "max_seq_len -1", "no tokenizer",
         "output_dir a file", "unknown command", "no command"])
 def test_cli_refusals_are_one_line(args, status, pattern, checkpoint, bare_checkpoint, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")

@@ -4,6 +4,7 @@
              python -m dsv3_jax.eval needle --checkpoint=runs/tiny --lengths=128,256,384
                  [--depths=0,0.25,0.5,0.75,1] [--trials=4] [--corpus=builtin] [--seed=0]
                  [--batch_size=8] [--output_dir=needle] [--tokenizer=<a .model>]
+                 [--max_seq_len=<positions, to evaluate past the checkpoint's context>]
            prints a table per score (rows: depth, columns: length) and writes
            <output_dir>/needle.json and needle.png; progress goes to stderr.
 
@@ -50,6 +51,10 @@ def _needle_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "Cases per generation / scoring call.")
     flags.DEFINE_string("tokenizer", "", "A sentencepiece .model, when the checkpoint has none "
                         "(or to override it).")
+    flags.DEFINE_integer("max_seq_len", 0, "Evaluate past the checkpoint's context: its "
+                         "ModelConfig.max_seq_len for this evaluation (0 keeps it). YaRN "
+                         "switches on above original_seq_len, as in a run of that length; the "
+                         "command says when it does.")
 
 
 def _depths(values) -> list[float]:
@@ -93,7 +98,17 @@ def _needle_main(argv) -> None:
     data_cfg.corpus = f.corpus
     corpus = open_corpus(data_cfg)
 
+    if f.max_seq_len < 0:
+        raise cli.UsageError(f"--max_seq_len={f.max_seq_len} must be a positive number of "
+                             "positions, or 0 to keep the checkpoint's.")
     cfg, params, tokenizer_path = load_for_inference(f.checkpoint)
+    if f.max_seq_len:
+        was_yarn = cfg.use_yarn
+        cfg = cfg.replace(max_seq_len=f.max_seq_len)
+        if cfg.use_yarn != was_yarn:
+            print(f"--max_seq_len={f.max_seq_len}: YaRN is now {'on' if cfg.use_yarn else 'off'} "
+                  f"(original_seq_len={cfg.original_seq_len}), so the model's rope differs from "
+                  "the checkpoint's.", file=sys.stderr)
     tokenizer_path = f.tokenizer or tokenizer_path
     if not tokenizer_path:
         raise cli.UsageError(f"{f.checkpoint} has no tokenizer.model; pass --tokenizer=<a "

@@ -221,7 +221,8 @@ def check_fits(cfg: ModelConfig, lengths: Sequence[int], needles: dict) -> None:
                 f"{EXTRA_NEW_TOKENS} more generated token), more than the model's "
                 f"max_seq_len={cfg.max_seq_len}; use lengths <= "
                 f"{cfg.max_seq_len - need + length}, or raise max_seq_len with a context "
-                "extension run (YaRN) first.", "lengths")
+                "extension run (YaRN) first (the CLI's --max_seq_len evaluates past it).",
+                "lengths")
 
 
 # ------------------------------------------------------------------------------ the haystack
