@@ -1,4 +1,4 @@
-"""What the command-line entry points (train, generate, convert, plan) share.
+"""What the command-line entry points (train, generate, convert, plan, eval) share.
 
 `run(main)` replaces `absl.app.run(main)` and gives every entry point the same contract:
 - a mistake in the command line (an unknown flag, a flag value that does not parse, a misspelt
@@ -190,3 +190,21 @@ def positive_ints(flag: str, values) -> list[int]:
         if not v.isdigit() or int(v) < 1:
             raise UsageError(f"{flag}: {v!r} is not a positive integer; e.g. {flag}=256,2048.")
     return [int(v) for v in values]
+
+
+def checkpoint_tokenizer(checkpoint: str, found: str | None, override: str, model_vocab_size: int):
+    """The tokenizer an entry point reads a checkpoint's text with: `override` (its --tokenizer
+    flag) if given, else `found` (the checkpoint's own); a UsageError when there is neither, or
+    when it has more pieces than the model's vocabulary."""
+    from dsv3_jax.data.tokenizer import load_tokenizer
+
+    path = override or found
+    if not path:
+        raise UsageError(f"{checkpoint} has no tokenizer.model; pass --tokenizer=<a sentencepiece "
+                         ".model matching the checkpoint>.")
+    tokenizer = load_tokenizer(path, setting="--tokenizer" if override
+                               else f"the tokenizer of {checkpoint}")
+    if tokenizer.vocab_size > model_vocab_size:
+        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                         f"{model_vocab_size}; pass the tokenizer the model was trained with.")
+    return tokenizer

@@ -10,7 +10,6 @@ import sys
 from absl import flags
 
 from dsv3_jax import cli
-from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.infer.generate import check_max_new_tokens, check_prompts, generate_tokens
 from dsv3_jax.infer.load import load_for_inference
 from dsv3_jax.infer.sampling import Sampling
@@ -46,15 +45,8 @@ def main(argv):
     except ValueError as e:
         raise cli.UsageError(f"--{e}") from e
     cfg, params, tokenizer_path = load_for_inference(_CHECKPOINT.value)
-    tokenizer_path = _TOKENIZER.value or tokenizer_path
-    if not tokenizer_path:
-        raise cli.UsageError(f"{_CHECKPOINT.value} has no tokenizer.model; pass --tokenizer=<a "
-                             "sentencepiece .model matching the checkpoint>.")
-    tokenizer = load_tokenizer(tokenizer_path, setting="--tokenizer" if _TOKENIZER.value
-                               else f"the tokenizer of {_CHECKPOINT.value}")
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise cli.UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
-                             f"{cfg.vocab_size}; pass the tokenizer the model was trained with.")
+    tokenizer = cli.checkpoint_tokenizer(_CHECKPOINT.value, tokenizer_path, _TOKENIZER.value,
+                                         cfg.vocab_size)
     prompt = tokenizer.encode(_PROMPT.value)
     if not prompt:
         raise cli.UsageError(f"--prompt={_PROMPT.value!r} encodes to no tokens; give some text.")

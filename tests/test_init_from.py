@@ -238,3 +238,13 @@ def test_extension_then_needle_through_the_clis(sources, tmp_path):
     assert result["lengths"] == [48, 112] and result["model"]["max_seq_len"] == 128
     assert result["model"]["use_yarn"] and len(result["cells"]) == 6
     assert (tmp_path / "needle" / "needle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The loss-by-position comparison of experiments/long_context.py, source against extension.
+    compare = [sys.executable, "experiments/long_context.py", "--length=80", "--documents=2",
+               f"--checkpoints={sources['workdir']},{workdir}", "--max_seq_len=96",
+               f"--corpus={sources['corpus']}"]
+    out = subprocess.run(compare, cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| /")]
+    assert len(rows) == 2 and "| 0-127 |" not in out.stdout and "| 0-79 |" in out.stdout
+    assert "s=2 from 32" in rows[1]

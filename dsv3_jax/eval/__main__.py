@@ -70,7 +70,6 @@ def _depths(values) -> list[float]:
 
 def _needle_main(argv) -> None:
     from dsv3_jax.data.corpus import open_corpus
-    from dsv3_jax.data.tokenizer import load_tokenizer
     from dsv3_jax.eval.needle import NeedleError, check_settings, run_needle
     from dsv3_jax.eval.needle_report import format_tables, write_results
     from dsv3_jax.files import writable_workdir
@@ -109,12 +108,8 @@ def _needle_main(argv) -> None:
             print(f"--max_seq_len={f.max_seq_len}: YaRN is now {'on' if cfg.use_yarn else 'off'} "
                   f"(original_seq_len={cfg.original_seq_len}), so the model's rope differs from "
                   "the checkpoint's.", file=sys.stderr)
-    tokenizer_path = f.tokenizer or tokenizer_path
-    if not tokenizer_path:
-        raise cli.UsageError(f"{f.checkpoint} has no tokenizer.model; pass --tokenizer=<a "
-                             "sentencepiece .model matching the checkpoint>.")
-    tokenizer = load_tokenizer(tokenizer_path, setting="--tokenizer" if f.tokenizer
-                               else f"the tokenizer of {f.checkpoint}")
+    tokenizer = cli.checkpoint_tokenizer(f.checkpoint, tokenizer_path, f.tokenizer,
+                                         cfg.vocab_size)
     try:
         result = run_needle(cfg, params, tokenizer, corpus=corpus,
                             checkpoint=os.path.abspath(f.checkpoint), **settings)
