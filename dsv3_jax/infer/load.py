@@ -3,8 +3,11 @@
 - a training workdir (`<dir>/checkpoints/<step>/{state,meta}`): the newest step's parameters (only
   those are read), the model config saved with them, and the run's tokenizer;
 - a converted Orbax folder (`<dir>/params/` + `<dir>/model_config.json`, written by
-  `python -m dsv3_jax.convert hf-to-orbax`), with `<dir>/tokenizer.model` when present;
+  `python -m dsv3_jax.convert hf-to-orbax`), with its tokenizer when present;
 - a Hugging Face folder (`config.json` + safetensors), through `dsv3_jax.convert`.
+
+A folder's tokenizer is its `tokenizer.json` (a release's), else its `tokenizer.model`
+(data.tokenizer.find_tokenizer).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import os
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.train.checkpoint import (MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE,
-                                       CheckpointNotFoundError, read_params)
+from dsv3_jax.data.tokenizer import find_tokenizer
+from dsv3_jax.train.checkpoint import (MODEL_CONFIG_FILE, PARAMS_DIR, CheckpointNotFoundError,
+                                       read_params)
 
 __all__ = ["CheckpointNotFoundError", "load_for_inference", "load_weights"]
 
@@ -31,12 +35,11 @@ def load_weights(path: str, mesh=None) -> tuple[ModelConfig, dict, str | None, d
     {"path": the absolute path, "kind": "workdir" | "orbax" | "hf", "step": the workdir
     checkpoint's step, else None}."""
     path = os.path.abspath(os.path.expanduser(path))
-    local_tokenizer = os.path.join(path, TOKENIZER_FILE)
     if os.path.isfile(os.path.join(path, "config.json")):
         from dsv3_jax.convert import load_hf_checkpoint
 
         cfg, params = load_hf_checkpoint(path, mesh=mesh)
-        return cfg, params, _existing(local_tokenizer), {"path": path, "kind": "hf", "step": None}
+        return cfg, params, find_tokenizer(path), {"path": path, "kind": "hf", "step": None}
     try:
         cfg, params, meta = read_params(path, mesh)
     except CheckpointNotFoundError as e:
@@ -50,7 +53,7 @@ def load_weights(path: str, mesh=None) -> tuple[ModelConfig, dict, str | None, d
             "(config.json + *.safetensors).") from e
     source = {"path": path, "kind": "workdir" if "step" in meta else "orbax",
               "step": meta.get("step")}
-    tokenizer = _existing(meta.get("tokenizer_path")) or _existing(local_tokenizer)
+    tokenizer = _existing(meta.get("tokenizer_path")) or find_tokenizer(path)
     return cfg, params, tokenizer, source
 
 
