@@ -179,6 +179,24 @@ def test_prepare_data_with_an_hf_tokenizer_folder(hf, tmp_path):
     assert stored == sorted(tok.encode(t) + [tok.eos_id] for t in texts.values())
 
 
+def test_an_init_from_source_hands_its_tokenizer_json_and_config_to_the_new_workdir(hf, tmp_path):
+    """init_from copies a tokenizer.json with the tokenizer_config.json that holds its ids, and
+    the workdir's tokenizer is then found (as prepare_data looks) and tokenizes as the source's."""
+    from dsv3_jax.train.init_from import InitSource, adopt_tokenizer
+
+    tok, path, _ = hf
+    source = InitSource(cfg=None, params={}, tokenizer=str(path),
+                        origin={"path": str(path.parent), "kind": "hf", "step": None})
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    adopt_tokenizer(source, ml_collections.ConfigDict(dict(tokenizer="")), str(workdir))
+    assert (workdir / "tokenizer.json").read_bytes() == path.read_bytes()
+    assert ((workdir / "tokenizer_config.json").read_bytes()
+            == (path.parent / "tokenizer_config.json").read_bytes())
+    adopted = load_tokenizer(find_tokenizer(str(workdir)))
+    assert (adopted.sha256, adopted.eos_id, adopted.bos_id) == (tok.sha256, tok.eos_id, tok.bos_id)
+
+
 # ---- load_tokenizer: inputs and refusals -------------------------------------------------------
 
 def test_a_folder_prefers_tokenizer_json(tmp_path, sp_tokenizer):

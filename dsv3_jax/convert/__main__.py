@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 from absl import flags
 
 from dsv3_jax import cli
 from dsv3_jax.convert.layout import PARAM_DTYPES
 from dsv3_jax.files import atomic_dir, writable_workdir
-from dsv3_jax.train.checkpoint import MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE
+from dsv3_jax.data.tokenizer import copy_tokenizer, find_tokenizer
+from dsv3_jax.train.checkpoint import MODEL_CONFIG_FILE, PARAMS_DIR
 
 _COMMANDS = ("hf-to-orbax", "orbax-to-hf")
 
@@ -48,9 +48,9 @@ def _check_out(out: str) -> str:
 
 
 def _copy_tokenizer(source_dir: str, out: str) -> None:
-    tokenizer = os.path.join(source_dir, TOKENIZER_FILE)
-    if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))
+    """The source folder's tokenizer (tokenizer.json with its config, or tokenizer.model), if any."""
+    if (tokenizer := find_tokenizer(source_dir)) is not None:
+        copy_tokenizer(tokenizer, out)
 
 
 def hf_to_orbax(hf_dir: str, out: str, *, dtype: str = "float32", progress: bool = True):

@@ -52,7 +52,8 @@ import tensorstore as ts
 from absl import logging
 
 from dsv3_jax.data.corpus import SPLITS, Corpus, DataError, open_corpus
-from dsv3_jax.data.tokenizer import Tokenizer, check_fits, load_tokenizer, train_tokenizer
+from dsv3_jax.data.tokenizer import (Tokenizer, check_fits, find_tokenizer, load_tokenizer,
+                                     train_tokenizer)
 from dsv3_jax.files import atomic_dir, writable_workdir
 
 __all__ = ["Data", "DataError", "TokenStore", "eval_batches", "prepare_data", "train_iterator"]
@@ -184,7 +185,7 @@ def _get_tokenizer(data_cfg, workdir: str, corpus: Corpus, model_vocab_size: int
     if data_cfg.tokenizer:
         tokenizer = load_tokenizer(os.path.expanduser(data_cfg.tokenizer))
         logging.info("data: tokenizer %s (%d pieces)", tokenizer.path, tokenizer.vocab_size)
-    elif os.path.exists(path := os.path.join(workdir, TOKENIZER_FILE)):
+    elif (path := find_tokenizer(workdir)) is not None:
         tokenizer = load_tokenizer(path, setting="the workdir's tokenizer")
         logging.info("data: reusing tokenizer %s (%d pieces)", path, tokenizer.vocab_size)
     else:
@@ -192,6 +193,7 @@ def _get_tokenizer(data_cfg, workdir: str, corpus: Corpus, model_vocab_size: int
         texts = _tokenizer_sample(corpus, data_cfg.tokenizer_train_bytes)
         logging.info("data: training a %d-piece tokenizer on at most %d bytes of the training "
                      "split", model_vocab_size, data_cfg.tokenizer_train_bytes)
+        path = os.path.join(workdir, TOKENIZER_FILE)
         tokenizer = train_tokenizer(texts, path, vocab_size=model_vocab_size)
         logging.info("data: tokenizer trained in %.1f s", time.perf_counter() - start)
     check_fits(tokenizer, model_vocab_size)

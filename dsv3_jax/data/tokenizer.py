@@ -157,6 +157,24 @@ def find_tokenizer(folder: str) -> str | None:
     return None
 
 
+def copy_tokenizer(path: str, folder: str) -> str:
+    """Copies the tokenizer file at `path` into `folder` under the name find_tokenizer looks for
+    (a .json as tokenizer.json, with the tokenizer_config.json beside it that holds its special
+    ids; anything else as tokenizer.model), each file atomically. Returns the copy's path."""
+    import shutil
+
+    from dsv3_jax.data.hf_tokenizer import CONFIG_FILE
+
+    is_json = path.endswith(".json")
+    copies = [(path, TOKENIZER_FILES[0] if is_json else TOKENIZER_FILES[1])]
+    if is_json and os.path.isfile(config := os.path.join(os.path.dirname(path), CONFIG_FILE)):
+        copies.append((config, CONFIG_FILE))
+    for source, name in reversed(copies):  # the config first: a tokenizer.json never lacks it
+        with atomic_file(os.path.join(folder, name), "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+    return os.path.join(folder, copies[0][1])
+
+
 def load_tokenizer(path: str, *, setting: str = "data.tokenizer") -> Tokenizer:
     """The tokenizer at `path`: a sentencepiece model file, a Hugging Face tokenizer.json (any
     name ending .json), or a folder holding tokenizer.json or tokenizer.model (find_tokenizer).

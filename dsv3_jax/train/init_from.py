@@ -14,7 +14,8 @@ differing field named.
 
 The run's token ids must mean what the source's meant, so the source's tokenizer comes with it:
 with `config.data.tokenizer` empty it is copied into the new workdir (kept there for the run's
-life, as a trained one would be). A source without one needs `config.data.tokenizer`.
+life, as a trained one would be; a Hugging Face tokenizer.json with its tokenizer_config.json). A
+source without one needs `config.data.tokenizer`.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 
 from absl import logging
 import jax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.data.pipeline import TOKENIZER_FILE
-from dsv3_jax.files import atomic_file
+from dsv3_jax.data.tokenizer import copy_tokenizer, find_tokenizer
 
 CONTEXT_FIELDS = ("max_seq_len", "original_seq_len", "rope_theta", "rope_factor", "beta_fast",
                   "beta_slow", "mscale")
@@ -100,25 +99,22 @@ def describe(source: InitSource) -> str:
 
 def adopt_tokenizer(source: InitSource, data_cfg, workdir: str) -> None:
     """Makes the run tokenize as the source did: with config.data.tokenizer empty and no
-    tokenizer in the workdir yet, copies the source's into `<workdir>/tokenizer.model` (where
-    prepare_data looks). Refuses a source without one unless config.data.tokenizer is set; warns
-    when the run's tokenizer is another file than the source's."""
+    tokenizer in the workdir yet, copies the source's there (data.tokenizer.copy_tokenizer:
+    where prepare_data looks). Refuses a source without one unless config.data.tokenizer is set;
+    warns when the run's tokenizer is another file than the source's."""
     mine = (os.path.expanduser(data_cfg.tokenizer) if data_cfg.tokenizer
-            else os.path.join(workdir, TOKENIZER_FILE))
+            else find_tokenizer(workdir))
     if source.tokenizer is None:
         if not data_cfg.tokenizer:
             raise InitFromError(
-                f"config.train.init_from={source.origin['path']!r} has no tokenizer.model, and a "
-                "new one would give its token ids other meanings; set config.data.tokenizer to "
-                "the sentencepiece model these weights were trained with.")
+                f"config.train.init_from={source.origin['path']!r} has no tokenizer (tokenizer.json "
+                "or tokenizer.model), and a new one would give its token ids other meanings; set "
+                "config.data.tokenizer to the tokenizer these weights were trained with.")
         return
-    if not os.path.exists(mine):
-        if data_cfg.tokenizer:
-            return  # prepare_data refuses a missing configured tokenizer in its own words
-        with atomic_file(mine, "wb") as out, open(source.tokenizer, "rb") as src:
-            shutil.copyfileobj(src, out)
+    if mine is None:
+        copy_tokenizer(source.tokenizer, workdir)
         logging.info("init_from: using the source's tokenizer %s", source.tokenizer)
-    elif _sha256(mine) != _sha256(source.tokenizer):
+    elif os.path.isfile(mine) and _sha256(mine) != _sha256(source.tokenizer):
         logging.warning("init_from: this run's tokenizer %s is not the source's %s; token ids may "
                         "mean other text than the weights learned.", mine, source.tokenizer)
 
