@@ -200,8 +200,8 @@ def checkpoint_tokenizer(checkpoint: str, found: str | None, override: str, mode
 
     path = override or found
     if not path:
-        raise UsageError(f"{checkpoint} has no tokenizer.model; pass --tokenizer=<a sentencepiece "
-                         ".model matching the checkpoint>.")
+        raise UsageError(f"{checkpoint} has no tokenizer (tokenizer.json or tokenizer.model); pass "
+                         "--tokenizer=<the tokenizer file matching the checkpoint>.")
     tokenizer = load_tokenizer(path, setting="--tokenizer" if override
                                else f"the tokenizer of {checkpoint}")
     if tokenizer.vocab_size > model_vocab_size:

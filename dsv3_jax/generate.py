@@ -23,8 +23,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Draft with the MTP module, verify with "
                                  "the main model (same output distribution, fewer steps).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A sentencepiece .model, when the checkpoint "
-                                 "has none (or to override it).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A tokenizer (a .model, a tokenizer.json or "
+                                 "its folder), when the checkpoint has none (or to override it).")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the tokenizer's end-of-document.")
 flags.mark_flags_as_required(["checkpoint", "prompt"])
 

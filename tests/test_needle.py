@@ -300,7 +300,7 @@ def _assert_refused(out, status: int, pattern: str) -> None:
     (["needle", "{ckpt}", "--lengths=64", "--max_seq_len=-1"], 2,
      r"--max_seq_len=-1 must be a positive number"),
     (["needle", "--checkpoint={bare}", "--lengths=64"], 2,
-     r"no_tokenizer has no tokenizer.model; pass --tokenizer="),
+     r"no_tokenizer has no tokenizer \(tokenizer.json or tokenizer.model\); pass --tokenizer="),
     (["needle", "{ckpt}", "--lengths=64", "--output_dir={tmp}/a_file"], 1,
      r"--output_dir .*a_file is not writable"),
     (["bogus"], 2, r"give a command first, one of needle; got 'bogus'"),

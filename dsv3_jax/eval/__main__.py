@@ -49,8 +49,8 @@ def _needle_flags() -> None:
     flags.DEFINE_string("output_dir", "needle", "Folder for needle.json and needle.png.")
     flags.DEFINE_integer("seed", 0, "Draws the needles and where each haystack starts.")
     flags.DEFINE_integer("batch_size", 8, "Cases per generation / scoring call.")
-    flags.DEFINE_string("tokenizer", "", "A sentencepiece .model, when the checkpoint has none "
-                        "(or to override it).")
+    flags.DEFINE_string("tokenizer", "", "A tokenizer (a .model, a tokenizer.json or its "
+                        "folder), when the checkpoint has none (or to override it).")
     flags.DEFINE_integer("max_seq_len", 0, "Evaluate past the checkpoint's context: its "
                          "ModelConfig.max_seq_len for this evaluation (0 keeps it). YaRN "
                          "switches on above original_seq_len, as in a run of that length; the "

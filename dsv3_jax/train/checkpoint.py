@@ -27,10 +27,9 @@ from dsv3_jax.config import ModelConfig
 # The converted-parameters layout (`python -m dsv3_jax.convert hf-to-orbax` writes it):
 #   <dir>/params/            StandardCheckpointer().save of the plain parameter arrays
 #   <dir>/model_config.json  json of ModelConfig.to_dict()
-#   <dir>/tokenizer.model    when the source had one
+#   <dir>/tokenizer.json + tokenizer_config.json, or <dir>/tokenizer.model, when the source had one
 PARAMS_DIR = "params"
 MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.model"
 
 # Model fields that may change between a checkpoint and its restart (they change the numerics'
 # precision or the memory/speed trade-off, never the parameter tree): remat, compute dtype, FP8,
