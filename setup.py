@@ -26,6 +26,8 @@ setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "tokenizers>=0.23,<0.24",  # Hugging Face tokenizer.json (DeepSeek's releases)
+        "jinja2>=3.1",  # a checkpoint's own chat_template
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6"],

@@ -14,7 +14,7 @@ import pathlib
 
 import pytest
 
-from dsv3_jax.chat import (ASSISTANT, BOS, EOS, SPECIAL_TOKENS, THINK_CLOSE, USER,
+from dsv3_jax.chat import (ASSISTANT, BOS, EOS, SPECIAL_TOKENS, THINK_END, USER,
                            ChatTemplateError, answer_of, parse_assistant, render_chat,
                            render_with_assistant_spans)
 
@@ -110,7 +110,7 @@ def test_special_tokens_are_the_full_width_spellings():
     assert BOS == "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
     assert EOS == "<\uff5cend\u2581of\u2581sentence\uff5c>"
     assert (USER, ASSISTANT) == ("<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>")
-    assert all(token in V3 for token in (USER, ASSISTANT, EOS, THINK_CLOSE))
+    assert all(token in V3 for token in (USER, ASSISTANT, EOS, THINK_END))
     assert SPECIAL_TOKENS[:4] == (BOS, EOS, USER, ASSISTANT)
 
 
@@ -126,7 +126,7 @@ def test_first_v3_template_differs_only_by_keeping_reasoning(case, add_generatio
     messages = CASES[case]
     first = reference(V3_FIRST, messages, add_generation_prompt)
     ours = render_chat(messages, add_generation_prompt=add_generation_prompt)
-    if not any(THINK_CLOSE in m["content"] for m in messages):
+    if not any(THINK_END in m["content"] for m in messages):
         assert ours == first
     else:
         kept = [dict(m, content=answer_of(m["content"])) if m["role"] == "assistant" else m
@@ -172,7 +172,7 @@ def test_spans_cut_each_answer_where_generation_starts(case, add_generation_prom
     for (start, end), (i, message) in zip(spans, answers):
         assert text[start:end] == answer_of(message["content"]) + EOS
         assert text[:start] == reference(V3, messages[:i], True)  # the prompt for this answer
-        assert THINK_CLOSE not in text[start:end]
+        assert THINK_END not in text[start:end]
 
 
 def test_spans_exclude_the_marker_and_include_eos():
@@ -274,7 +274,7 @@ def test_template_errors(template, pattern):
 ])
 def test_parse_assistant(text, content, reasoning):
     assert parse_assistant(text) == {"content": content, "reasoning_content": reasoning}
-    if THINK_CLOSE in text:
+    if THINK_END in text:
         assert parse_assistant(text)["content"] == answer_of(text.split(EOS)[0]).strip()
 
 

@@ -4,12 +4,12 @@ templates rendered as transformers renders them (jinja.py).
   render_chat(messages, add_generation_prompt=True, template=None)  -> prompt text
   render_with_assistant_spans(messages)  -> (text, [(start, end), ...]) of each answer + EOS
   parse_assistant(text)                  -> {"content": ..., "reasoning_content": ...}
-  BOS, EOS, USER, ASSISTANT, THINK_OPEN, THINK_CLOSE, SPECIAL_TOKENS
+  BOS, EOS, USER, ASSISTANT, THINK_BEGIN, THINK_END, SPECIAL_TOKENS
 """
 
 from dsv3_jax.chat.jinja import ChatTemplateError, render_template
-from dsv3_jax.chat.template import (ASSISTANT, BOS, EOS, ROLES, SPECIAL_TOKENS, THINK_CLOSE,
-                                    THINK_OPEN, USER, answer_of, check_messages, parse_assistant,
+from dsv3_jax.chat.template import (ASSISTANT, BOS, EOS, ROLES, SPECIAL_TOKENS, THINK_END,
+                                    THINK_BEGIN, USER, answer_of, check_messages, parse_assistant,
                                     render_chat, render_with_assistant_spans)
 
 __all__ = [
@@ -19,8 +19,8 @@ __all__ = [
     "EOS",
     "ROLES",
     "SPECIAL_TOKENS",
-    "THINK_CLOSE",
-    "THINK_OPEN",
+    "THINK_END",
+    "THINK_BEGIN",
     "USER",
     "answer_of",
     "check_messages",

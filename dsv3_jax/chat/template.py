@@ -18,12 +18,12 @@ writes for every conversation it accepts (the tests compare the two):
 - Every system message, wherever it stands, is moved to the front, right after BOS; several are
   joined with a blank line. Nothing else separates the turns: no newlines, no role names.
 - An assistant message is written as ASSISTANT + its answer + EOS, where the answer is its content
-  after the last THINK_CLOSE: R1-style reasoning (<think>...</think>) is dropped from every
+  after the last THINK_END: R1-style reasoning (<think>...</think>) is dropped from every
   assistant message given, the whitespace after </think> kept. A model sees the answers of earlier
   turns, never their reasoning; to train on reasoning, render it in the turn being generated.
 - The generation prompt is ASSISTANT alone, written after whatever came last. It opens no <think>
   block: V3 answers directly and an R1-style model opens its own. (R1's later template revision
-  appends "<think>\\n" to force reasoning; a caller who wants that appends THINK_OPEN + "\\n".)
+  appends "<think>\\n" to force reasoning; a caller who wants that appends THINK_BEGIN + "\\n".)
 - Tool messages and tool calls are refused here; the release template has its own tool format,
   which render_chat(template=...) renders.
 
@@ -40,16 +40,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from dsv3_jax.chat.jinja import ChatTemplateError, render_template
+# The markers (U+FF5C FULLWIDTH VERTICAL LINE and U+2581 LOWER ONE EIGHTH BLOCK, which look like |
+# and _ but are not) have one owner, the module the tokenizers reserve them from.
+from dsv3_jax.data.special_tokens import ASSISTANT, BOS, EOS, THINK_BEGIN, THINK_END, USER
 
-# The special tokens, spelled with their code points: U+FF5C FULLWIDTH VERTICAL LINE and U+2581
-# LOWER ONE EIGHTH BLOCK, which look like | and _ but are not.
-BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"  # <｜begin▁of▁sentence｜>
-EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"  # <｜end▁of▁sentence｜>
-USER = "<\uff5cUser\uff5c>"  # <｜User｜>
-ASSISTANT = "<\uff5cAssistant\uff5c>"  # <｜Assistant｜>
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_OPEN, THINK_CLOSE)
+SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_BEGIN, THINK_END)  # what this format writes
 
 ROLES = ("system", "user", "assistant")
 _TO_TEMPLATE = "pass the checkpoint's chat_template as template=... to render it"
@@ -110,7 +105,7 @@ def _check_token(name: str, value: Any) -> None:
 def answer_of(content: str) -> str:
     """The part of an assistant message that the format keeps: what follows its last </think>
     (all of it when there is none), whitespace included."""
-    return content.rsplit(THINK_CLOSE, 1)[-1]
+    return content.rsplit(THINK_END, 1)[-1]
 
 
 def _render(messages: Sequence[dict], add_generation_prompt: bool,
@@ -192,17 +187,17 @@ def parse_assistant(text: str) -> dict[str, str | None]:
         raise ValueError(f"text={_show(text)} is a {type(text).__name__}; give the generated text "
                          f"as a str (decode the tokens first)")
     body = text.split(EOS, 1)[0]
-    if THINK_CLOSE in body:
-        reasoning, content = body.rsplit(THINK_CLOSE, 1)
+    if THINK_END in body:
+        reasoning, content = body.rsplit(THINK_END, 1)
         reasoning = reasoning.strip()
-        reasoning = reasoning[len(THINK_OPEN):] if reasoning.startswith(THINK_OPEN) else reasoning
+        reasoning = reasoning[len(THINK_BEGIN):] if reasoning.startswith(THINK_BEGIN) else reasoning
         return {"content": content.strip(), "reasoning_content": reasoning.strip()}
     body = body.strip()
-    if body.startswith(THINK_OPEN):
-        return {"content": "", "reasoning_content": body[len(THINK_OPEN):].strip()}
+    if body.startswith(THINK_BEGIN):
+        return {"content": "", "reasoning_content": body[len(THINK_BEGIN):].strip()}
     return {"content": body, "reasoning_content": None}
 
 
 __all__ = ["ASSISTANT", "BOS", "ChatTemplateError", "EOS", "ROLES", "SPECIAL_TOKENS",
-           "THINK_CLOSE", "THINK_OPEN", "USER", "answer_of", "check_messages", "parse_assistant",
+           "THINK_END", "THINK_BEGIN", "USER", "answer_of", "check_messages", "parse_assistant",
            "render_chat", "render_with_assistant_spans"]
