@@ -168,11 +168,17 @@ class ModelConfig:
         return self.max_seq_len > self.original_seq_len
 
     @property
+    def yarn_attention_factor(self) -> float:
+        """YaRN's sqrt(t) = 0.1 mscale ln(rope_factor) + 1 (SPEC.md section 2); softmax_scale
+        applies it squared when YaRN is on."""
+        return 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+
+    @property
     def softmax_scale(self) -> float:
         """qk_head_dim^-0.5, times mscale^2 under YaRN (SPEC.md section 2)."""
         scale = self.qk_head_dim ** -0.5
         if self.use_yarn:
-            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            m = self.yarn_attention_factor
             scale *= m * m
         return scale
 

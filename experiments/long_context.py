@@ -84,7 +84,7 @@ def main() -> None:
     if args.length < 2 or args.documents < 1 or args.batch < 1:
         parser.error("--length must be >= 2, --documents and --batch >= 1")
 
-    rows, tokens, tokenizer_path = [], None, None
+    rows, tokens, first_tokenizer = [], None, None
     spans = buckets(args.length)
     for path in args.checkpoints.split(","):
         cfg, params, tok = load_for_inference(path)
@@ -94,10 +94,9 @@ def main() -> None:
             raise SystemExit(f"{path}: max_seq_len={cfg.max_seq_len} < --length={args.length}; "
                              "pass --max_seq_len to score it past its context.")
         if tokens is None:
-            tokenizer_path = tok
-            tokens = long_documents(load_tokenizer(tok), args.corpus, args.length,
-                                    args.documents)
-        elif tok and open(tok, "rb").read() != open(tokenizer_path, "rb").read():
+            first_tokenizer = load_tokenizer(tok)
+            tokens = long_documents(first_tokenizer, args.corpus, args.length, args.documents)
+        elif tok and load_tokenizer(tok).sha256 != first_tokenizer.sha256:
             raise SystemExit(f"{path} has another tokenizer than {args.checkpoints.split(',')[0]}; "
                              "compare checkpoints of one tokenizer.")
         loss = position_losses(cfg, params, tokens, args.batch)

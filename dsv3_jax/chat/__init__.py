@@ -9,14 +9,15 @@ templates rendered as transformers renders them (jinja.py).
 
 from dsv3_jax.chat.jinja import ChatTemplateError, render_template
 from dsv3_jax.chat.template import (ASSISTANT, BOS, EOS, ROLES, SPECIAL_TOKENS, THINK_END,
-                                    THINK_BEGIN, USER, answer_of, check_messages, parse_assistant,
-                                    render_chat, render_with_assistant_spans)
+                                    THINK_BEGIN, USER, MessageError, answer_of, check_messages,
+                                    parse_assistant, render_chat, render_with_assistant_spans)
 
 __all__ = [
     "ASSISTANT",
     "BOS",
     "ChatTemplateError",
     "EOS",
+    "MessageError",
     "ROLES",
     "SPECIAL_TOKENS",
     "THINK_END",

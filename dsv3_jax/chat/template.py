@@ -52,6 +52,15 @@ _TO_TEMPLATE = "pass the checkpoint's chat_template as template=... to render it
 Span = tuple[int, int]
 
 
+class MessageError(ValueError):
+    """check_messages' refusal; `reason` says which rule failed: no_messages (not a non-empty
+    list), bad_message (not a dict), bad_role, tool_calls, bad_content."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def _show(value: Any, limit: int = 60) -> str:
     """repr(value) cut to one short line, for error messages."""
     text = repr(value)
@@ -60,21 +69,24 @@ def _show(value: Any, limit: int = 60) -> str:
 
 def _check_list(messages: Any) -> None:
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages={_show(messages)} is a {type(messages).__name__}; give a list "
-                         f"of {{'role': ..., 'content': ...}} dicts")
+        raise MessageError(f"messages={_show(messages)} is a {type(messages).__name__}; give a "
+                           f"list of {{'role': ..., 'content': ...}} dicts", "no_messages")
     if not messages:
-        raise ValueError("messages is empty; give at least one {'role': 'user', 'content': ...}")
+        raise MessageError("messages is empty; give at least one {'role': 'user', 'content': ...}",
+                           "no_messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}]={_show(message)} is a {type(message).__name__}, not "
-                             f"a dict; give each message as {{'role': ..., 'content': ...}}")
+            raise MessageError(f"messages[{i}]={_show(message)} is a {type(message).__name__}, "
+                               f"not a dict; give each message as {{'role': ..., 'content': ...}}",
+                               "bad_message")
         if not isinstance(message.get("role"), str):
             got = f"={_show(message['role'])} is not a str" if "role" in message else " is missing"
-            raise ValueError(f"messages[{i}].role{got}; give one of {', '.join(ROLES)}")
+            raise MessageError(f"messages[{i}].role{got}; give one of {', '.join(ROLES)}",
+                               "bad_role")
 
 
 def check_messages(messages: Any) -> None:
-    """Refuses, with a one-line ValueError naming the message, anything the built-in renderer
+    """Refuses, with a one-line MessageError naming the message, anything the built-in renderer
     does not write: a non-list, an empty list, a non-dict message, a role other than system, user
     or assistant, a 'tool_calls' key, or content that is not a str. Other keys are ignored (as the
     release template ignores them), 'reasoning_content' and 'name' among them."""
@@ -84,16 +96,19 @@ def check_messages(messages: Any) -> None:
         if role not in ROLES:
             fix = (f"the built-in renderer writes no tool messages; {_TO_TEMPLATE}"
                    if role == "tool" else "use one of them")
-            raise ValueError(f"messages[{i}].role={role!r} is not one of {', '.join(ROLES)}; {fix}")
+            raise MessageError(f"messages[{i}].role={role!r} is not one of {', '.join(ROLES)}; "
+                               f"{fix}", "bad_role")
         if "tool_calls" in message:
-            raise ValueError(f"messages[{i}] has 'tool_calls', which the built-in renderer does "
-                             f"not write; drop the key, or {_TO_TEMPLATE}")
+            raise MessageError(f"messages[{i}] has 'tool_calls', which the built-in renderer does "
+                               f"not write; drop the key, or {_TO_TEMPLATE}", "tool_calls")
         if "content" not in message:
-            raise ValueError(f"messages[{i}] ({role}) has no 'content'; give its text as a str")
+            raise MessageError(f"messages[{i}] ({role}) has no 'content'; give its text as a str",
+                               "bad_content")
         content = message["content"]
         if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content={_show(content)} is a "
-                             f"{type(content).__name__}, not a str; give the text as one str")
+            raise MessageError(f"messages[{i}].content={_show(content)} is a "
+                               f"{type(content).__name__}, not a str; give the text as one str",
+                               "bad_content")
 
 
 def _check_token(name: str, value: Any) -> None:
@@ -198,6 +213,6 @@ def parse_assistant(text: str) -> dict[str, str | None]:
     return {"content": body, "reasoning_content": None}
 
 
-__all__ = ["ASSISTANT", "BOS", "ChatTemplateError", "EOS", "ROLES", "SPECIAL_TOKENS",
-           "THINK_END", "THINK_BEGIN", "USER", "answer_of", "check_messages", "parse_assistant",
-           "render_chat", "render_with_assistant_spans"]
+__all__ = ["ASSISTANT", "BOS", "ChatTemplateError", "EOS", "MessageError", "ROLES",
+           "SPECIAL_TOKENS", "THINK_END", "THINK_BEGIN", "USER", "answer_of", "check_messages",
+           "parse_assistant", "render_chat", "render_with_assistant_spans"]

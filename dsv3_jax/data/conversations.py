@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from dsv3_jax.chat.template import (ROLES, SPECIAL_TOKENS, answer_of, check_messages,
+from dsv3_jax.chat.template import (SPECIAL_TOKENS, MessageError, answer_of, check_messages,
                                     render_with_assistant_spans)
 from dsv3_jax.data.corpus import BUILTIN, SPLITS, Corpus, DataError, builtin_files
 from dsv3_jax.data.special_tokens import CHAT_SPECIAL_TOKENS, THINK_BEGIN, THINK_END
@@ -88,8 +88,9 @@ def read_conversations(path_or_paths: str | os.PathLike | Sequence[str | os.Path
     (not only whitespace) str spelling no chat marker other than <think> / </think>, and at least
     one assistant message has an answer (text after its reasoning). Any other record is skipped
     and counted under one reason, the first check it fails (REASONS, in the order checked;
-    check_messages' checks go message by message). With strict=True the first such record is
-    refused instead: DataError naming the file, the line and the reason.
+    check_messages' checks go message by message, its MessageError naming the reason). With
+    strict=True the first such record is refused instead: DataError naming the file, the line
+    and the reason.
 
     Returns (conversations, counts): counts has "kept" and every reason (0 when none), so
     kept + the reasons' sum is the number of non-blank lines. DataError for a path that is not a
@@ -153,8 +154,8 @@ def _parse_record(line: str) -> tuple[Conversation | None, str | None, str]:
         return None, "no_messages", f"no non-empty list 'messages' ({got})"
     try:
         check_messages(messages)
-    except ValueError as e:
-        return None, _check_messages_reason(messages), str(e)
+    except MessageError as e:
+        return None, e.reason, str(e)
     for i, message in enumerate(messages):
         if not message["content"].strip():
             return None, "empty_content", (f"messages[{i}] ({message['role']}) content "
@@ -169,26 +170,6 @@ def _parse_record(line: str) -> tuple[Conversation | None, str | None, str]:
     if not any(a.strip() for a in answers):
         return None, "empty_answer", "every assistant message is reasoning with no answer after it"
     return [{"role": m["role"], "content": m["content"]} for m in messages], None, ""
-
-
-def _check_messages_reason(messages: list) -> str:
-    """The reason check_messages refused `messages`, found from the messages themselves (not
-    from its wording), checking in its order: every message's type and role type, then each
-    message's role, tool_calls and content in turn."""
-    for message in messages:
-        if not isinstance(message, dict):
-            return "bad_message"
-        if not isinstance(message.get("role"), str):
-            return "bad_role"
-    for message in messages:
-        if message["role"] not in ROLES:
-            return "bad_role"
-        if "tool_calls" in message:
-            return "tool_calls"
-        if not isinstance(message.get("content"), str):
-            return "bad_content"
-    raise AssertionError(f"check_messages refused {_show(messages)} for none of the reasons "
-                         f"known here; add its reason to REASONS")
 
 
 # ---- encoding --------------------------------------------------------------------------------

@@ -74,6 +74,6 @@ def yarn_summary(cfg: ModelConfig) -> dict:
     if cfg.use_yarn:
         low, high = yarn_correction_range(cfg)
         summary.update(scale=cfg.rope_factor, alpha=cfg.beta_slow, beta=cfg.beta_fast,
-                       mscale=cfg.mscale, sqrt_t=0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1,
+                       mscale=cfg.mscale, sqrt_t=cfg.yarn_attention_factor,
                        ramp_pairs=[low, high])
     return summary

@@ -151,13 +151,21 @@ def _params_target(cfg: ModelConfig, mesh=None):
                         tree.abstract_params(cfg))
 
 
+def step_folders(checkpoints: str) -> list[int]:
+    """The steps of the `<step>/` folders under a checkpoints directory (any order; moved-aside
+    `<step>.unreadable-*` folders are not steps). OSError when it cannot be listed."""
+    return [int(n) for n in os.listdir(checkpoints)
+            if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n))]
+
+
 def _read_workdir_params(checkpoints: str, mesh=None) -> tuple[ModelConfig, dict, dict]:
     """The newest checkpoint under `checkpoints` whose meta and params read back (training's rule,
     except that a damaged checkpoint is only skipped, not moved: readers never change a run)."""
     try:
-        names = os.listdir(checkpoints)
+        steps = step_folders(checkpoints)
     except OSError as e:
         raise CheckpointNotFoundError(f"{checkpoints} cannot be read ({e.strerror or e}).") from e
+
     def read(step):
         step_dir = os.path.join(checkpoints, str(step))
         with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
@@ -178,7 +186,6 @@ def _read_workdir_params(checkpoints: str, mesh=None) -> tuple[ModelConfig, dict
         skipped.append(step)
 
     skipped = []
-    steps = [int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n))]
     found = _newest_readable(steps, read, skip)
     if found is None:
         what = (f"none of its checkpoints (steps {skipped}) reads back" if skipped

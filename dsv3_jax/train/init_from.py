@@ -21,14 +21,14 @@ source without one needs `config.data.tokenizer`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 
 from absl import logging
 import jax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.data.tokenizer import copy_tokenizer, find_tokenizer
+from dsv3_jax.data.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
+from dsv3_jax.train.checkpoint import step_folders
 
 CONTEXT_FIELDS = ("max_seq_len", "original_seq_len", "rope_theta", "rope_factor", "beta_fast",
                   "beta_slow", "mscale")
@@ -114,18 +114,13 @@ def adopt_tokenizer(source: InitSource, data_cfg, workdir: str) -> None:
     if mine is None:
         copy_tokenizer(source.tokenizer, workdir)
         logging.info("init_from: using the source's tokenizer %s", source.tokenizer)
-    elif os.path.isfile(mine) and _sha256(mine) != _sha256(source.tokenizer):
+    elif (os.path.exists(mine)
+          and load_tokenizer(mine).sha256 != load_tokenizer(source.tokenizer).sha256):
         logging.warning("init_from: this run's tokenizer %s is not the source's %s; token ids may "
                         "mean other text than the weights learned.", mine, source.tokenizer)
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def workdir_has_checkpoints(workdir: str) -> bool:
     """True when `<workdir>/checkpoints/` holds a step folder (the run resumes, not inits)."""
     directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(
-        n.isdigit() and os.path.isdir(os.path.join(directory, n)) for n in os.listdir(directory))
+    return os.path.isdir(directory) and bool(step_folders(directory))

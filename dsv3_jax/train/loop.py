@@ -328,7 +328,8 @@ class Run:
 
         steps = TrainSteps(config, mesh)
         abstract_state = steps.abstract_state
-        logging.info("rope: %s", rope.yarn_summary(cfg))
+        rope_summary = rope.yarn_summary(cfg)
+        logging.info("rope: %s", rope_summary)
 
         # ------------------------------------------------------------ weights to start from
         # (config.train.init_from) when the workdir holds no run yet: read before the data, whose
@@ -360,7 +361,7 @@ class Run:
         # and the weights the run started from.
         self.meta = {"model": cfg.to_dict(), "tokenizer_vocab_size": data.tokenizer.vocab_size,
                      "tokenizer_path": os.path.abspath(data.tokenizer.path),
-                     "rope": rope.yarn_summary(cfg)}
+                     "rope": rope_summary}
 
         # ------------------------------------------------------------ restore or initialise
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
