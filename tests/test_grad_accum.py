@@ -109,6 +109,26 @@ def test_accumulation_adds_the_microbatches_own_gradients():
     jax.tree.map(lambda a, b: assert_close(a, b, 1e-6, "grads"), grads_a, total)
 
 
+def test_accumulation_with_a_loss_mask_equals_one_step():
+    """Supervised fine-tuning's batches: a loss mask (answers only) whose counted targets differ
+    between the microbatches; the step's normalizers count only marked targets, so 2
+    microbatches give the whole batch's loss and gradients (the bound of the unmasked test)."""
+    params, batch = init_params(TINY32), mixed_batch(TINY32, 8, 24, seed=5)
+    rng = np.random.default_rng(5)
+    mask = (rng.random((8, 24)) < 0.4) * (np.asarray(batch["segment_ids"]) != 0)
+    batch = dict(batch, loss_mask=jnp.asarray(mask, jnp.int32))
+    (loss1, (terms1, *_)), grads1 = _loss_and_grads(1)(params, batch)
+    (loss_a, (terms_a, *_)), grads_a = _loss_and_grads(2)(params, batch)
+    counts = [float(jnp.sum(loop.losses.counted_targets(s, 1, m))) for s, m in zip(
+        *(loop._microbatches(batch, 2)[k] for k in ("segment_ids", "loss_mask")))]
+    assert len(set(counts)) > 1 and 0 < sum(counts) < float(jnp.sum(
+        loop.losses.same_document(batch["segment_ids"], 1))), counts
+    assert_close(loss_a, loss1, 1e-6, "loss")
+    for k in terms1:
+        assert_close(terms_a[k], terms1[k], 1e-6, k)
+    assert _relative(grads_a, grads1) <= 1e-6
+
+
 def test_microbatches_hold_every_row_once_strided():
     batch = {"tokens": jnp.arange(12 * 3, dtype=jnp.int32).reshape(12, 3)}
     micro = loop._microbatches(batch, 3)["tokens"]

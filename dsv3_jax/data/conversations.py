@@ -4,6 +4,7 @@ loss mask on the answers, and a built-in corpus of them drawn from the Python st
     read_conversations(paths)        JSONL {"messages": [{"role", "content"}, ...]} records ->
                                      (conversations, counts); bad records skipped and counted
                                      by reason (REASONS), or refused with strict=True
+    iter_records(path)               one file's records with their line numbers, one by one
     check_chat_tokenizer(tokenizer)  DataError unless each marker the chat format writes is one id
     encode_conversation(messages, tokenizer)      -> (ids int32 [T], loss_mask bool [T])
     encode_conversations(conversations, tokenizer, max_tokens)
@@ -103,18 +104,26 @@ def read_conversations(path_or_paths: str | os.PathLike | Sequence[str | os.Path
     conversations: list[Conversation] = []
     counts = dict.fromkeys(("kept", *REASONS), 0)
     for path in map(os.fspath, paths):
-        for line_number, line in _lines(path):
-            messages, reason, detail = _parse_record(line)
+        for _, messages, reason in iter_records(path, strict=strict):
             if reason is None:
                 conversations.append(messages)
-                counts["kept"] += 1
-                continue
-            if strict:
-                raise DataError(f"{path}, line {line_number}: {reason}: {detail}; fix or drop "
-                                f"the record, or read without strict=True to skip and count "
-                                f"such records.")
-            counts[reason] += 1
+            counts[reason or "kept"] += 1
     return conversations, counts
+
+
+def iter_records(path: str | os.PathLike, *, strict: bool = False
+                 ) -> Iterator[tuple[int, Conversation | None, str | None]]:
+    """(line number, conversation, None) for each good record of one JSONL file and (line
+    number, None, reason) for each bad one, in file order (blank lines skipped; line numbers
+    1-based). The checks, strict=True and the DataErrors are read_conversations'."""
+    path = os.fspath(path)
+    for line_number, line in _lines(path):
+        messages, reason, detail = _parse_record(line)
+        if reason is not None and strict:
+            raise DataError(f"{path}, line {line_number}: {reason}: {detail}; fix or drop "
+                            f"the record, or read without strict=True to skip and count "
+                            f"such records.")
+        yield line_number, messages, reason
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -395,5 +404,6 @@ def builtin_conversations(split: str = "train", limit: int | None = None, *,
 
 __all__ = ["MAX_BODY_CHARS", "PROMPT", "REASONS", "Conversation", "builtin_conversations",
            "check_chat_tokenizer", "encode_conversation", "encode_conversations",
-           "function_conversations", "iter_builtin_conversations", "read_conversations",
+           "function_conversations", "iter_builtin_conversations", "iter_records",
+           "read_conversations",
            "target_mask"]

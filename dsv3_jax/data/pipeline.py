@@ -44,7 +44,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grain
 import numpy as np
@@ -56,7 +56,8 @@ from dsv3_jax.data.tokenizer import (Tokenizer, check_fits, find_tokenizer, load
                                      train_tokenizer)
 from dsv3_jax.files import atomic_dir, writable_workdir
 
-__all__ = ["Data", "DataError", "TokenStore", "eval_batches", "prepare_data", "train_iterator"]
+__all__ = ["TASKS", "Data", "DataError", "TokenStore", "batch_keys", "eval_batches",
+           "get_tokenizer", "prepare_data", "train_iterator"]
 
 STORE_FORMAT = "dsv3_jax.token_store/1"
 TOKENIZER_FILE = "tokenizer.model"
@@ -74,7 +75,10 @@ _CACHE_BYTES = 64 << 20
 @dataclasses.dataclass
 class Data:
     """The tokenizer and both tokenized splits. Invariant: every token id < tokenizer.vocab_size
-    <= the model's vocab_size, and both splits hold at least one document."""
+    <= the model's vocab_size, and the training split holds at least one document.
+
+    A split is a TokenStore (pre-training) or a sft.ConversationStore (data.task = "sft"): both
+    give num_sequences(seq_len), sequence(index, seq_len), num_tokens and tokens_sha1."""
 
     tokenizer: Tokenizer
     train: TokenStore
@@ -168,20 +172,40 @@ class PackedSequences:
 
 # ---- prepare_data ------------------------------------------------------------------------------
 
+TASKS = ("pretrain", "sft")  # config.data.task: what the documents are, what the loss counts
+
+
+def batch_keys(data_cfg) -> tuple[str, ...]:
+    """The int32 [B, T] arrays of each batch of data.task: 'tokens', 'segment_ids', 'positions'
+    and, for supervised fine-tuning, 'loss_mask' (the targets the loss counts)."""
+    base = ("tokens", "segment_ids", "positions")
+    return base + ("loss_mask",) if data_cfg.get("task") == "sft" else base
+
+
 def prepare_data(data_cfg, workdir: str, *, model_vocab_size: int) -> Data:
     """Loads or trains the tokenizer and tokenizes both splits into token stores under `workdir`,
-    reusing what is present and current. Logs the slow steps (absl.logging)."""
+    reusing what is present and current. Logs the slow steps (absl.logging).
+
+    data.task = "sft": conversations packed with a loss mask instead (dsv3_jax/data/sft.py)."""
     check_data_config(data_cfg)
     workdir = writable_workdir(workdir, error=DataError)
+    if data_cfg.get("task") == "sft":
+        from dsv3_jax.data.sft import prepare_sft_data
+        return prepare_sft_data(data_cfg, workdir, model_vocab_size=model_vocab_size)
     corpus = open_corpus(data_cfg)
     logging.info("data: %s, validation_fraction=%s", corpus.describe(), corpus.validation_fraction)
-    tokenizer = _get_tokenizer(data_cfg, workdir, corpus, model_vocab_size)
+    tokenizer = get_tokenizer(data_cfg, workdir, model_vocab_size,
+                              lambda budget: _tokenizer_sample(corpus, budget))
     stores = {split: _get_store(corpus, tokenizer, split, os.path.join(workdir, STORE_DIR, split))
               for split in SPLITS}
     return Data(tokenizer, stores["train"], stores["validation"])
 
 
-def _get_tokenizer(data_cfg, workdir: str, corpus: Corpus, model_vocab_size: int) -> Tokenizer:
+def get_tokenizer(data_cfg, workdir: str, model_vocab_size: int,
+                  sample: Callable[[int], list[str]]) -> Tokenizer:
+    """data.tokenizer, else the workdir's, else a sentencepiece BPE of the model's vocab_size
+    trained into the workdir on sample(data.tokenizer_train_bytes) (texts of at most that many
+    bytes); checked to fit the model's vocabulary."""
     if data_cfg.tokenizer:
         tokenizer = load_tokenizer(os.path.expanduser(data_cfg.tokenizer))
         logging.info("data: tokenizer %s (%d pieces)", tokenizer.path, tokenizer.vocab_size)
@@ -190,7 +214,7 @@ def _get_tokenizer(data_cfg, workdir: str, corpus: Corpus, model_vocab_size: int
         logging.info("data: reusing tokenizer %s (%d pieces)", path, tokenizer.vocab_size)
     else:
         start = time.perf_counter()
-        texts = _tokenizer_sample(corpus, data_cfg.tokenizer_train_bytes)
+        texts = sample(data_cfg.tokenizer_train_bytes)
         logging.info("data: training a %d-piece tokenizer on at most %d bytes of the training "
                      "split", model_vocab_size, data_cfg.tokenizer_train_bytes)
         path = os.path.join(workdir, TOKENIZER_FILE)
@@ -348,6 +372,10 @@ def check_data_config(data_cfg) -> None:
             raise DataError(f"data.{name}={value!r} must be an int >= {minimum} and <= "
                             f"{INT32_MAX} ({why}).")
 
+    if data_cfg.get("task", "pretrain") not in TASKS:
+        raise DataError(f"data.task={data_cfg.task!r} is not one of {TASKS}: 'pretrain' trains on "
+                        "every token of packed documents, 'sft' on the answers of conversations "
+                        "(JSONL {\"messages\": [...]} records, or data.corpus='builtin').")
     if not isinstance(data_cfg.tokenizer, str):
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} must be a string: the path of a "
                         "sentencepiece .model, or '' to train one on the corpus.")

@@ -67,7 +67,7 @@ def loss_fn(params, batch: dict, *, model, train_cfg, chunk_tokens: int | None =
                                        mtp_lambda=train_cfg.mtp_lambda,
                                        balance_alpha=train_cfg.balance_alpha,
                                        chunk_tokens=chunk_tokens or _chunk_tokens(train_cfg),
-                                       normalizers=normalizers)
+                                       normalizers=normalizers, loss_mask=batch.get("loss_mask"))
     dropped = [x for x in (out.dropped_fraction, out.mtp_dropped_fraction) if x is not None]
     return loss, (terms, out.expert_load, out.mtp_expert_load,
                   jnp.concatenate(dropped) if dropped else None)
@@ -115,7 +115,8 @@ def _loss_and_grads(params, batch: dict, *, model, train_cfg, chunk_tokens):
     accum = train_cfg.get("grad_accum_steps", 1)
     if accum == 1:
         return grad_fn(params, batch)
-    normalizers = losses.loss_normalizers(batch["segment_ids"], model.cfg.mtp_depth)
+    normalizers = losses.loss_normalizers(batch["segment_ids"], model.cfg.mtp_depth,
+                                          batch.get("loss_mask"))
     micro = _microbatches(batch, accum)
     first = jax.tree.map(lambda x: x[0], micro)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
@@ -160,7 +161,7 @@ def _eval_step(params, batch, *, model, chunk_tokens: int):
     out = model.apply({"params": params}, batch["tokens"], batch["positions"],
                       batch["segment_ids"], with_logits=False, method=DeepSeekV3.forward)
     return losses.prediction_stats(out, batch["tokens"], batch["segment_ids"],
-                                   chunk_tokens=chunk_tokens)
+                                   chunk_tokens=chunk_tokens, loss_mask=batch.get("loss_mask"))
 
 
 def _router_biases(params) -> np.ndarray | None:
@@ -261,10 +262,11 @@ class TrainSteps:
         self.abstract_state, self.state_shardings = mesh_lib.abstract_with_shardings(
             self.init_boxed, mesh)
         sharding = mesh_lib.batch_sharding(mesh)
-        # int32 [B, T] 'tokens', 'segment_ids', 'positions', split over the batch axes.
+        # int32 [B, T] arrays split over the batch axes: 'tokens', 'segment_ids', 'positions'
+        # and, in supervised fine-tuning, 'loss_mask' (pipeline.batch_keys).
         self.abstract_batch = {k: jax.ShapeDtypeStruct((dc.batch_size, dc.seq_len), jnp.int32,
                                                        sharding=sharding)
-                               for k in ("tokens", "segment_ids", "positions")}
+                               for k in pipeline.batch_keys(dc)}
         # The loss chunk holds config.train.loss_chunk_tokens tokens of each batch shard.
         self.chunk_tokens = _chunk_tokens(tc, mesh_lib.batch_ways(mesh.shape))
 

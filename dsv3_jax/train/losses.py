@@ -6,7 +6,10 @@ Letters (`dsv3_jax/NOTATION.md`): B, T, V, X MTP depth.
 
 The main head at position t predicts t+1; MTP depth k at position t predicts t+k+1. A target counts
 only when it lies in the same document as the position predicting it (equal, non-zero segment ids:
-segments are contiguous runs, so equal ids at t and t+j mean the whole span is one document).
+segments are contiguous runs, so equal ids at t and t+j mean the whole span is one document), and,
+when the batch carries a `loss_mask` (supervised fine-tuning: True on the assistants' answer
+tokens, dsv3_jax/data/conversations.py), only when the target token is one the mask marks: the
+main head and every MTP depth learn the answers only, from whatever context precedes them.
 
 Two ways to the same sums. With a ModelOutput that holds logits, `token_stats` reduces them. The
 training and eval steps ask the model for no logits (`forward(..., with_logits=False)`) and use
@@ -35,6 +38,14 @@ DEFAULT_CHUNK_TOKENS = 512  # config.train.loss_chunk_tokens' default (train/run
 def same_document(segment_ids: jax.Array, offset: int) -> jax.Array:
     """bool [B, T - offset]: position t and t + offset lie in one (non-padding) document."""
     return (segment_ids[:, :-offset] == segment_ids[:, offset:]) & (segment_ids[:, offset:] != 0)
+
+
+def counted_targets(segment_ids: jax.Array, offset: int,
+                    loss_mask: jax.Array | None = None) -> jax.Array:
+    """bool [B, T - offset]: the prediction made at t of the token at t + offset counts: both in
+    one document and, with a loss_mask [B, T] (bool or 0/1), the token at t + offset marked."""
+    counted = same_document(segment_ids, offset)
+    return counted if loss_mask is None else counted & (loss_mask[:, offset:] != 0)
 
 
 def token_stats(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict:
@@ -140,26 +151,28 @@ _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def prediction_stats(out, tokens: jax.Array, segment_ids: jax.Array, *,
-                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
-    """token_stats of the main head (key 'main') and of each MTP depth (list under 'mtp').
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                     loss_mask: jax.Array | None = None) -> dict:
+    """token_stats of the main head (key 'main') and of each MTP depth (list under 'mtp'), over the
+    targets counted_targets(segment_ids, k, loss_mask) counts.
 
     From `out.logits` / `out.mtp_logits` when the output holds them; otherwise (a forward pass
     with with_logits=False) chunked_token_stats over `out.head_input` / `out.mtp_head_input` and
     `out.head_kernel`, `chunk_tokens` at a time (over the whole [B, T] batch)."""
     if out.logits is not None:
         stats = {"main": token_stats(out.logits[:, :-1], tokens[:, 1:],
-                                     same_document(segment_ids, 1)), "mtp": []}
+                                     counted_targets(segment_ids, 1, loss_mask)), "mtp": []}
         if out.mtp_logits is not None:
             for d in range(out.mtp_logits.shape[0]):
                 k = d + 2  # depth d+1 predicts t + d + 2
                 stats["mtp"].append(token_stats(out.mtp_logits[d][:, :-k], tokens[:, k:],
-                                                same_document(segment_ids, k)))
+                                                counted_targets(segment_ids, k, loss_mask)))
         return stats
 
     def chunked(h, k):
         # Every position, the last k masked (no target in the sequence): [B * T] rows, no slice.
         targets = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
-        mask = jnp.pad(same_document(segment_ids, k), ((0, 0), (0, k)))
+        mask = jnp.pad(counted_targets(segment_ids, k, loss_mask), ((0, 0), (0, k)))
         return chunked_token_stats(h.reshape(-1, h.shape[-1]), out.head_kernel,
                                    targets.reshape(-1), mask.reshape(-1), chunk=chunk_tokens)
 
@@ -175,30 +188,35 @@ def sequences_with_tokens(segment_ids: jax.Array) -> jax.Array:
     return jnp.sum(jnp.any(segment_ids != 0, axis=1).astype(jnp.float32))
 
 
-def loss_normalizers(segment_ids: jax.Array, mtp_depth: int) -> dict:
-    """What training_loss divides by, over a whole step's batch (segment_ids [B, T]): the counted
-    targets of the main head ('main') and of each MTP depth ('mtp', a list), and the sequences
-    holding a real token ('sequences', over which the balance loss is averaged). float32 scalars.
+def loss_normalizers(segment_ids: jax.Array, mtp_depth: int,
+                     loss_mask: jax.Array | None = None) -> dict:
+    """What training_loss divides by, over a whole step's batch (segment_ids [B, T], the optional
+    loss_mask [B, T]): the counted targets of the main head ('main') and of each MTP depth ('mtp',
+    a list), and the sequences holding a real token ('sequences', over which the balance loss is
+    averaged). float32 scalars.
 
     Gradient accumulation gives each microbatch the step's normalizers: every term of the loss
     is then a sum over tokens (or sequences) divided by the step's count, so the microbatches'
     losses, terms and gradients add up to those of the whole batch."""
-    count = lambda k: jnp.sum(same_document(segment_ids, k).astype(jnp.float32))
+    count = lambda k: jnp.sum(counted_targets(segment_ids, k, loss_mask).astype(jnp.float32))
     return {"main": count(1), "mtp": [count(d + 2) for d in range(mtp_depth)],
             "sequences": sequences_with_tokens(segment_ids)}
 
 
 def training_loss(out, tokens: jax.Array, segment_ids: jax.Array, *, mtp_lambda: float,
                   balance_alpha: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                  normalizers: dict | None = None) -> tuple[jax.Array, dict]:
+                  normalizers: dict | None = None,
+                  loss_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """(loss, its terms) for one batch; see the module docstring (`chunk_tokens`: as in
-    prediction_stats, used when `out` holds no logits).
+    prediction_stats, used when `out` holds no logits; `loss_mask` [B, T]: the target tokens that
+    count, None for all).
 
     normalizers: `loss_normalizers` of the whole step's batch when this batch is one microbatch
     of it (the terms are then this microbatch's share, and sum over the step's microbatches to
     the step's); default this batch's own, the plain per-batch means."""
-    stats = prediction_stats(out, tokens, segment_ids, chunk_tokens=chunk_tokens)
-    norm = normalizers or loss_normalizers(segment_ids, len(stats["mtp"]))
+    stats = prediction_stats(out, tokens, segment_ids, chunk_tokens=chunk_tokens,
+                             loss_mask=loss_mask)
+    norm = normalizers or loss_normalizers(segment_ids, len(stats["mtp"]), loss_mask)
     mean = lambda s, count: s["nll_sum"] / jnp.maximum(count, 1.0)
     ce = mean(stats["main"], norm["main"])
     mtp_ce = (sum(mean(s, c) for s, c in zip(stats["mtp"], norm["mtp"])) / len(stats["mtp"])

@@ -35,6 +35,10 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         c.model[field.name] = config_dict.placeholder(_MODEL_FIELD_TYPES[field.type])
 
     c.data = ml_collections.ConfigDict(dict(
+        # "pretrain": documents packed back to back, every token trained on; "sft": conversations
+        # (JSONL {"messages": [...]} records; "builtin": the standard library's documented
+        # functions), the loss on the answers only (dsv3_jax/data/sft.py).
+        task="pretrain",
         corpus="builtin",  # "builtin" (this Python's standard library sources), paths, globs
         format="auto",  # auto | text | jsonl | arrayrecord
         text_field="text",
