@@ -1,6 +1,7 @@
 # make train: set up .venv (Python >= 3.12) and train the tiny model on the built-in corpus (CPU).
 # make test:  set up .venv and run the whole test suite.
 # make extend: continue the make train run from 128 to 1,024 positions with YaRN (a few minutes).
+# make sft:   fine-tune the make train run on the built-in conversations (a few minutes).
 VENV := .venv
 PY := $(VENV)/bin/python
 # Two pytest workers: compile time dominates the suite, and XLA compiles on one core.
@@ -10,8 +11,10 @@ PYTEST_ARGS ?= -n 2
 WORKDIR ?= runs/tiny
 # Where `make extend` writes; it starts from $(WORKDIR)'s newest checkpoint.
 EXTEND_WORKDIR ?= runs/tiny_1k
+# Where `make sft` writes; it starts from $(WORKDIR)'s newest checkpoint.
+SFT_WORKDIR ?= runs/tiny_sft
 
-.PHONY: setup train extend test clean
+.PHONY: setup train extend sft test clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +46,10 @@ train: setup
 
 extend: setup
 	$(PY) -m dsv3_jax.train --config=configs/extend.py:tiny --workdir=$(EXTEND_WORKDIR) \
+	  --config.train.init_from=$(WORKDIR)
+
+sft: setup
+	$(PY) -m dsv3_jax.train --config=configs/sft.py --workdir=$(SFT_WORKDIR) \
 	  --config.train.init_from=$(WORKDIR)
 
 # The second run gives the mesh tests 8 simulated CPU devices (tests marked multidevice).
