@@ -17,8 +17,9 @@ The report fine-tunes for two epochs with a cosine learning rate from 5e-6 to 1e
 Variants (`--config=configs/sft.py:<variant>`):
   (none)  the tiny model of `make train` (init_from runs/tiny): 256-token sequences, 300 steps of
           16 (about two epochs of the built-in conversations), a few minutes on a CPU (`make sft`).
-  v3      the 671B model: the report's schedule; 4,096-token sequences and 128 per step (the
-          report gives neither); set init_from to the pre-trained (or context-extended) weights.
+  v3      the 671B model with the report's learning rate; 4,096-token sequences and 128 per step
+          (the report gives neither); set init_from to the pre-trained (or context-extended)
+          weights, and config.train.steps to two epochs of the data (2,000 steps here).
 """
 
 from dsv3_jax.train.run_config import base_config
