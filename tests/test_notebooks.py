@@ -33,6 +33,7 @@ FIGURES = {
     "03_mtp.ipynb": {"mtp_training.png", "speculative_decoding.png"},
     "04_fp8.ipynb": {"fp8_vs_bf16_loss.png", "fp8_quantization_errors.png", "fp8_gemm_calc_diff.png",
                      "fp8_outlier_sweep.png"},
+    "05_sft.ipynb": {"sft_loss.png"},
 }
 SMOKE_VARIABLE = "DSV3_NOTEBOOK_SMOKE"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
