@@ -169,7 +169,14 @@ def prepare_sft_data(data_cfg, workdir: str, *, model_vocab_size: int):
     tokenizer = pipeline.get_tokenizer(
         data_cfg, workdir, model_vocab_size,
         lambda budget: _tokenizer_sample(corpus, budget))
-    conv.check_chat_tokenizer(tokenizer)
+    try:
+        conv.check_chat_tokenizer(tokenizer)
+    except DataError as e:
+        # A retrained tokenizer would not match the weights: the model must be pre-trained again.
+        raise DataError(f"supervised fine-tuning needs the chat markers as single tokens: {e} "
+                        f"For a run started from weights (config.train.init_from), the weights "
+                        f"belong to that tokenizer: pre-train them again with a tokenizer trained "
+                        f"by this version (it reserves the markers).") from None
     stores = {split: _get_store(corpus, tokenizer, split, data_cfg.seq_len,
                                 os.path.join(workdir, STORE_DIR, split)) for split in SPLITS}
     if stores["train"].num_documents == 0:
