@@ -176,7 +176,7 @@ def test_pack_places_every_conversation_once_whole_and_in_its_own_segment():
         assert np.all(tokens[r, len(real):] == 2) and np.all(mask[r, len(real):] == 0)
         for s in range(1, real.max() + 1):
             found.append((tokens[r, ids == s].tolist(), mask[r, ids == s].tolist()))
-        positions = sft.segment_positions(ids)
+        positions = pipeline.segment_positions(ids)
         for s in range(1, real.max() + 1):
             assert positions[ids == s].tolist() == list(range((ids == s).sum()))
     expected = sorted((ids.tolist(), m.astype(int).tolist()) for ids, m in examples)
@@ -195,7 +195,7 @@ def test_packed_conversations_do_not_see_each_other(model):
     a, b = _examples([13, 11], seed=7)
     packed = sft.pack([a, b], 32, pad_id=2)
     row = {k: jnp.asarray(v) for k, v in packed.items()}
-    positions = jnp.asarray(sft.segment_positions(packed["segment_ids"][0]))[None]
+    positions = jnp.asarray(pipeline.segment_positions(packed["segment_ids"][0]))[None]
     forward = jitted_forward(cfg)
     logits = forward(params, row["tokens"], positions, row["segment_ids"]).logits[0]
     for ids, _ in (a, b):
@@ -315,7 +315,7 @@ def test_sft_data_refusals(tmp_path, chat_tokenizer):
         pipeline.check_data_config(bad_task)
 
 
-# ---- an SFT run from a pre-trained workdir ---------------------------------------------------------
+# ---- an SFT run from a pre-trained workdir ----------------------------------------------------
 
 def _pretrain_config(corpus: str):
     c = base_config("tiny")

@@ -140,9 +140,8 @@ class TokenStore:
         is_start[0] = True
         is_start[self.doc_offsets[lo:hi] - start] = True
         segment_ids = np.cumsum(is_start, dtype=np.int32)
-        steps = np.arange(seq_len, dtype=np.int32)
-        positions = steps - np.maximum.accumulate(np.where(is_start, steps, 0))
-        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+        return {"tokens": tokens, "segment_ids": segment_ids,
+                "positions": segment_positions(segment_ids)}
 
     def __getstate__(self):  # picklable for grain worker processes: reopened from the path
         return {"path": self.path}
@@ -153,6 +152,14 @@ class TokenStore:
     def __repr__(self) -> str:
         return (f"TokenStore({self.path!r}, num_tokens={self.num_tokens}, "
                 f"num_documents={self.num_documents})")
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """int32 [T]: positions restarting at 0 wherever the segment id changes (padding included)."""
+    steps = np.arange(len(segment_ids), dtype=np.int32)
+    is_start = np.ones(len(segment_ids), bool)
+    is_start[1:] = segment_ids[1:] != segment_ids[:-1]
+    return steps - np.maximum.accumulate(np.where(is_start, steps, 0))
 
 
 class PackedSequences:
@@ -248,7 +255,7 @@ def _get_store(corpus: Corpus, tokenizer: Tokenizer, split: str, path: str) -> T
     inputs = {"format": STORE_FORMAT, "split": split, "dtype": dtype,
               "tokenizer_sha256": tokenizer.sha256, **corpus.fingerprint()}
     inputs = json.loads(json.dumps(inputs))  # as it reads back (tuples as lists), to compare
-    if _read_fingerprint(path) == inputs:
+    if read_fingerprint(path) == inputs:
         store = TokenStore(path)
         logging.info("data: reusing the %s token store %s (%d documents, %d tokens)", split, path,
                      store.num_documents, store.num_tokens)
@@ -287,7 +294,7 @@ def _build_store(path: str, corpus: Corpus, split: str, tokenizer: Tokenizer, dt
             with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
                 json.dump({"inputs": inputs, "tokens_sha1": sha1.hexdigest()}, f)
     except OSError:
-        if _read_fingerprint(path) != inputs:  # not just another process that finished first
+        if read_fingerprint(path) != inputs:  # not just another process that finished first
             raise
 
 
@@ -312,7 +319,8 @@ def _with_eos(ids: list[np.ndarray], eos_id: int, dtype: str) -> tuple[np.ndarra
     return flat, lengths
 
 
-def _read_fingerprint(path: str) -> dict | None:
+def read_fingerprint(path: str) -> dict | None:
+    """The inputs a store under `path` was built from (its fingerprint file), None if unreadable."""
     try:
         with open(os.path.join(path, FINGERPRINT_FILE), encoding="utf-8") as f:
             return json.load(f)["inputs"]

@@ -47,6 +47,8 @@ import numpy as np
 from absl import logging
 
 from dsv3_jax.data import conversations as conv
+from dsv3_jax.data import pipeline
+from dsv3_jax.data.pipeline import FINGERPRINT_FILE, segment_positions
 from dsv3_jax.data.corpus import SPLITS, Corpus, DataError, open_corpus
 from dsv3_jax.data.tokenizer import Tokenizer
 from dsv3_jax.files import atomic_dir
@@ -56,7 +58,6 @@ STORE_FORMAT = "dsv3_jax.sft_store/1"
 # mask change, so stores built before are rebuilt.
 ENCODING_VERSION = 1
 STORE_DIR = "sft"
-FINGERPRINT_FILE = "fingerprint.json"
 _ARRAYS = ("tokens", "segment_ids", "loss_mask")
 
 
@@ -106,14 +107,6 @@ class ConversationStore:
                 f"num_documents={self.num_documents}, num_tokens={self.num_tokens})")
 
 
-def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
-    """int32 [T]: positions restarting at 0 wherever the segment id changes (padding included)."""
-    steps = np.arange(len(segment_ids), dtype=np.int32)
-    is_start = np.ones(len(segment_ids), bool)
-    is_start[1:] = segment_ids[1:] != segment_ids[:-1]
-    return steps - np.maximum.accumulate(np.where(is_start, steps, 0))
-
-
 def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int,
          pad_id: int) -> dict[str, np.ndarray]:
     """Best-fit decreasing packing of (ids [T_i], loss_mask [T_i]) examples (each T_i <= seq_len)
@@ -156,8 +149,6 @@ def prepare_sft_data(data_cfg, workdir: str, *, model_vocab_size: int):
     ConversationStores under `workdir`, built or reused (the module docstring). DataError for a
     tokenizer without the chat markers, a corpus that is not JSONL conversations, or a training
     split left with no conversation."""
-    from dsv3_jax.data import pipeline  # its tokenizer rule, and its Data
-
     corpus = open_corpus(data_cfg)
     if not corpus.builtin and (bad := [f for f in corpus.files if f.format != "jsonl"]):
         raise DataError(f"data.task='sft' reads JSONL conversations ({{\"messages\": [{{\"role\":"
@@ -232,7 +223,7 @@ def _get_store(corpus: Corpus, tokenizer: Tokenizer, split: str, seq_len: int,
     inputs = {"format": STORE_FORMAT, "encoding": ENCODING_VERSION, "split": split,
               "seq_len": seq_len, "tokenizer_sha256": tokenizer.sha256, **corpus.fingerprint()}
     inputs = json.loads(json.dumps(inputs))  # as it reads back (tuples as lists), to compare
-    if _read_fingerprint(path) == inputs:
+    if pipeline.read_fingerprint(path) == inputs:
         store = ConversationStore(path)
         logging.info("data: reusing the %s conversation store %s (%s)", split, path,
                      _describe_counts(store.counts, seq_len))
@@ -288,17 +279,8 @@ def _write_store(path: str, packed: dict[str, np.ndarray], inputs: dict, counts:
             with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
                 json.dump(info, f)
     except OSError:
-        if _read_fingerprint(path) != inputs:  # not just another process that finished first
+        if pipeline.read_fingerprint(path) != inputs:  # not another process that finished first
             raise
 
 
-def _read_fingerprint(path: str) -> dict | None:
-    try:
-        with open(os.path.join(path, FINGERPRINT_FILE), encoding="utf-8") as f:
-            return json.load(f)["inputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-__all__ = ["ConversationStore", "conversations_of", "pack", "prepare_sft_data",
-           "segment_positions"]
+__all__ = ["ConversationStore", "conversations_of", "pack", "prepare_sft_data"]
