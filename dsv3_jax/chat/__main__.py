@@ -15,7 +15,8 @@ from absl import flags
 
 from dsv3_jax import cli
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax folder or HF folder.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Training workdir, Orbax folder or HF folder.")
 _SYSTEM = flags.DEFINE_string("system", "", "The system prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens per answer at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")

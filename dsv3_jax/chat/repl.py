@@ -44,7 +44,8 @@ def chat_template_of(tokenizer_path: str | None) -> str | None:
         with open(path, encoding="utf-8") as f:
             template = json.load(f).get("chat_template")
     except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path} cannot be read as a JSON object ({e}); fix or remove it.") from None
+        raise ValueError(f"{path} cannot be read as a JSON object ({e}); fix or remove "
+                         f"it.") from None
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
