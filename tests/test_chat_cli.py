@@ -277,3 +277,19 @@ def test_cli_refuses_a_tokenizer_without_the_markers(workdir, tmp_path):
                 "hi\n")
     assert out.returncode != 0 and "predates the chat markers" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_chats_with_a_hugging_face_folder_and_its_chat_template(workdir, tmp_path):
+    """The workdir exported as a Hugging Face folder (its tokenizer copied), with a
+    tokenizer_config.json holding the release's chat_template: the chat renders with it."""
+    from dsv3_jax.convert.__main__ import orbax_to_hf
+
+    hf = tmp_path / "hf"
+    orbax_to_hf(workdir, str(hf), progress=False)
+    template = (FIXTURES / "deepseek_v3.jinja").read_text(encoding="utf-8")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    out = _chat([f"--checkpoint={hf}", "--max_new_tokens=4"], "hello\nagain\n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "its own chat_template" in out.stderr
+    turns = [tuple(map(int, m)) for m in STATS.findall(out.stderr)]
+    assert len(turns) == 2 and turns[1][1] >= turns[0][2]  # the second turn reuses the first
