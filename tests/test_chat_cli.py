@@ -241,7 +241,7 @@ STATS = re.compile(r"\[(\d+) new tokens, (\d+) reused from the cache, (\d+) fed"
 
 def test_cli_two_turns_the_second_reuses_the_first(workdir):
     out = _chat([f"--checkpoint={workdir}", "--max_new_tokens=6"],
-                "hello\n\nwhat did I say?\n/bogus\n/reset\nagain\n")
+                "hel\\\nlo\n\nwhat did I say?\n/bogus\n/reset\nagain\n")  # hel\ lo: one turn
     assert out.returncode == 0, out.stderr[-2000:]
     turns = [tuple(map(int, m)) for m in STATS.findall(out.stderr)]
     assert len(turns) == 3, out.stderr

@@ -2,7 +2,8 @@
 
 An interactive multi-turn chat with a checkpoint (a training workdir, a converted Orbax folder or a
 Hugging Face folder with its tokenizer.json): one line of stdin is one user turn; the answer
-streams to stdout, one line of statistics per turn to stderr. The latent cache is kept across
+streams to stdout, one line of statistics per turn to stderr; a line ending with a backslash
+continues the turn on the next line (for code). The latent cache is kept across
 turns: each turn feeds only the tokens the cache does not hold yet (dsv3_jax/infer/session.py).
 
 Commands: /reset (a new conversation, the system prompt kept), /system <text> (a new system
@@ -30,8 +31,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", "", "A tokenizer (a .model, a toke
                                  "its folder), when the checkpoint has none (or to override it).")
 flags.mark_flags_as_required(["checkpoint"])
 
-HELP = ("commands: /reset (new conversation), /system <text> (new system prompt; /system alone "
-        "clears it), /help, /quit")
+HELP = ("end a line with \\ to continue the turn on the next; commands: /reset (new "
+        "conversation), /system <text> (new system prompt; /system alone clears it), /help, /quit")
 
 
 def main(argv):
@@ -74,6 +75,11 @@ def main(argv):
         if not line:
             break
         text = line.rstrip("\n")
+        while text.endswith("\\"):  # a turn of several lines: each but the last ends with \
+            more = sys.stdin.readline()
+            text = text[:-1] + "\n" + more.rstrip("\n")
+            if not more:
+                break
         if not text.strip():
             continue
         if text.startswith("/"):
