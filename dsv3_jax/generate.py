@@ -1,7 +1,7 @@
 """python -m dsv3_jax.generate --checkpoint=runs/tiny --prompt="def main(" [--speculative]
 
 Loads a training workdir, a converted Orbax folder or a Hugging Face folder, encodes the prompt
-with the run's (or `--tokenizer`) sentencepiece model, and streams the continuation to stdout;
+with the run's (or `--tokenizer`) tokenizer, and streams the continuation to stdout;
 timing and, with --speculative, the MTP draft acceptance rate go to stderr.
 """
 
