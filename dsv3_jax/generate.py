@@ -5,6 +5,7 @@ with the run's (or `--tokenizer`) tokenizer, and streams the continuation to std
 timing and, with --speculative, the MTP draft acceptance rate go to stderr.
 """
 
+import dataclasses
 import sys
 
 from absl import flags
@@ -47,6 +48,8 @@ def main(argv):
     cfg, params, tokenizer_path = load_for_inference(_CHECKPOINT.value)
     tokenizer = cli.checkpoint_tokenizer(_CHECKPOINT.value, tokenizer_path, _TOKENIZER.value,
                                          cfg.vocab_size)
+    # Only the tokenizer's pieces are drawn (a release pads the model's vocabulary).
+    sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.vocab_size)
     prompt = tokenizer.encode(_PROMPT.value)
     if not prompt:
         raise cli.UsageError(f"--prompt={_PROMPT.value!r} encodes to no tokens; give some text.")

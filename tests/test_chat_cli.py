@@ -126,6 +126,22 @@ def test_think_filter_on_every_split_of_the_stream(show):
     assert "".join(f(c) for c in text) + f.flush() == (text if show else hidden)
 
 
+def test_think_filter_starting_inside_reasoning():
+    f = ThinkFilter(False, inside=True)
+    assert "".join(f(c) for c in "weighing</think>\n42") + f.flush() == "\n42"
+
+
+def test_feed_widths_are_powers_of_two_inside_the_context():
+    from dsv3_jax.infer.session import MAX_FEED, _width
+
+    for room in list(range(1, 70)) + [MAX_FEED - 1, MAX_FEED, 5 * MAX_FEED]:
+        for n in list(range(1, 70)) + [MAX_FEED + 3]:
+            w = _width(n, room)
+            assert w & (w - 1) == 0 and w <= min(room, MAX_FEED), (n, room, w)
+            assert w >= min(n, room) or w * 2 > min(room, MAX_FEED), (n, room, w)
+    assert _width(1, 1000) == 1  # a decode step is one token wide
+
+
 # ---- the Chat: multi-turn, with a tokenizer holding the chat markers ---------------------------
 
 CHAT32 = TINY32.replace(vocab_size=512)  # the tokenizer's pieces
@@ -185,6 +201,23 @@ def test_the_release_template_renders_as_the_built_in_format(params, tokenizer):
     assert jinja.messages == built_in.messages
     assert jinja.session.ids == built_in.session.ids
     assert max(built_in.session.ids) < tokenizer.vocab_size < TINY32.vocab_size
+
+
+def test_reasoning_opened_by_the_prompt_is_hidden(params, tokenizer):
+    """A template whose generation prompt opens <think> (R1's later ones): the answer starts
+    inside the reasoning, so nothing is shown until a </think> (this random model writes none),
+    while the history keeps what was generated."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}" + ASSISTANT + "<think>\n{% endif %}")
+    chat = Chat(TINY32, params, tokenizer, template=template, max_new_tokens=6)
+    shown = []
+    chat.reply("hi", shown.append)
+    assert "".join(shown) == "" and chat.messages[-1]["content"]
+    chat = Chat(TINY32, params, tokenizer, template=template, max_new_tokens=6,
+                show_thinking=True)
+    shown = []
+    chat.reply("hi", shown.append)
+    assert "".join(shown) == chat.messages[-1]["content"]
 
 
 def test_chat_template_of_a_checkpoint_folder(tmp_path):

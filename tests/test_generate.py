@@ -149,6 +149,26 @@ def test_top_k_and_top_p_masks():
     np.testing.assert_allclose(renormed[0, :2], [0.4 / 0.7, 0.3 / 0.7], rtol=1e-6)
 
 
+def test_the_vocab_limit_keeps_draws_inside_the_tokenizer():
+    """Ids past vocab_limit (a padded model vocabulary) are never drawn: greedy takes the argmax
+    of the ids below it, draws and speculative decoding stay below it."""
+    logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]] * 3))
+    s = Sampling(vocab_limit=3)
+    assert sampling_lib.sample(logits, jax.random.key(0), s).tolist() == [2, 2, 2]
+    assert sampling_lib.sample(logits, jax.random.key(0), Sampling()).tolist() == [3, 3, 3]
+    p = np.exp(np.asarray(sampling_lib.log_probs(logits, Sampling(temperature=1.0, vocab_limit=3))))
+    np.testing.assert_allclose(p[0], [1 / 6, 2 / 6, 3 / 6, 0], rtol=1e-6)
+    params, limit = init_params(TINY32), 100
+    for speculative in (False, True):
+        for temperature in (0.0, 1.0):
+            out = generate_tokens(TINY32, params, [[5, 7, 9]], max_new_tokens=12,
+                                  speculative=speculative, seed=1, sampling=Sampling(
+                                      temperature=temperature, vocab_limit=limit))
+            assert max(out.tokens[0][3:]) < limit, (speculative, temperature)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        Sampling(vocab_limit=-1)
+
+
 def test_rejection_rule_preserves_the_target_distribution():
     """Drafts drawn from q, accepted with min(1, p/q), corrected from norm(max(0, p - q)): the
     emitted tokens follow p. N = 400,000 draws; each frequency must lie within 5 standard errors

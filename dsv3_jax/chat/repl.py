@@ -20,6 +20,7 @@ to its stop token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -60,10 +61,10 @@ class ThinkFilter:
     and THINK_END (markers included) is dropped. A piece ending in what may be the start of a
     marker has that tail held back until the next piece says."""
 
-    def __init__(self, show: bool):
+    def __init__(self, show: bool, inside: bool = False):
         self.show = show
         self._held = ""
-        self._inside = False
+        self._inside = inside  # the prompt opened a <think> block (R1's later templates do)
 
     def __call__(self, piece: str) -> str:
         if self.show:
@@ -102,7 +103,9 @@ class Chat:
         self.ids_of_markers = check_chat_tokenizer(tokenizer)  # DataError without the markers
         self.tokenizer, self.template = tokenizer, template
         self.session = ChatSession(cfg, params)
-        self.sampling, self.seed, self.max_new_tokens = sampling, seed, max_new_tokens
+        # Only the tokenizer's pieces are drawn (a release pads the model's vocabulary).
+        self.sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.vocab_size)
+        self.seed, self.max_new_tokens = seed, max_new_tokens
         self.show_thinking = show_thinking
         self.stop_tokens = tuple(sorted({tokenizer.eos_id, self.ids_of_markers[EOS]}))
         self.system, self.messages = system, []
@@ -134,7 +137,8 @@ class Chat:
         else:  # history rewritten (a new system prompt, reasoning dropped): the common prefix
             wanted = self.tokenizer.encode(rendered)
         stats = self.session.prefill(wanted)  # ContextFullError: nothing changed
-        shown = ThinkFilter(self.show_thinking)
+        shown = ThinkFilter(self.show_thinking,
+                            inside=rendered.rfind(THINK_BEGIN) > rendered.rfind(THINK_END))
         new: list[int] = []
         printed = [""]
 
@@ -149,8 +153,7 @@ class Chat:
 
         ids, gen = self.session.generate(
             max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-            seed=self.seed + self.turns, stop_tokens=self.stop_tokens,
-            vocab_limit=self.tokenizer.vocab_size, on_token=stream)
+            seed=self.seed + self.turns, stop_tokens=self.stop_tokens, on_token=stream)
         answer = self.tokenizer.decode(new, keep_special=True)
         if answer.startswith(printed[0]):
             write(shown(answer[len(printed[0]):]))

@@ -44,15 +44,25 @@ def as_real(value) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How logits become tokens. Validated here, the one place for these three checks; the fields
-    are stored as Python numbers (the object is a cache key of the compiled programs)."""
+    """How logits become tokens. Validated here, the one place for these checks; the fields are
+    stored as Python numbers (the object is a cache key of the compiled programs).
+
+    vocab_limit: only ids below it are ever drawn (0: all). A tokenizer can have fewer pieces than
+    the model has ids (DeepSeek-V3 pads its vocabulary to 129,280); ids past its end decode to
+    nothing, so generation for text limits itself to the tokenizer's vocab_size."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    vocab_limit: int = 0
 
     def __post_init__(self):
         temperature, top_k, top_p = as_real(self.temperature), as_int(self.top_k), as_real(self.top_p)
+        vocab_limit = as_int(self.vocab_limit)
+        if vocab_limit is None or vocab_limit < 0:
+            raise ValueError(f"vocab_limit={self.vocab_limit!r} must be an integer >= 0 (0 = every "
+                             "id; else the tokenizer's vocab_size).")
+        object.__setattr__(self, "vocab_limit", vocab_limit)
         if temperature is None or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 "
                              "(0 = greedy, 1 = the model's own distribution).")
@@ -68,9 +78,18 @@ class Sampling:
         return self.temperature == 0
 
 
+def limited(logits: jax.Array, s: Sampling) -> jax.Array:
+    """logits [..., V] with the ids at or past s.vocab_limit set to -inf (unchanged for 0)."""
+    if not s.vocab_limit or s.vocab_limit >= logits.shape[-1]:
+        return logits
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(ids < s.vocab_limit, logits, -jnp.inf)
+
+
 def log_probs(logits: jax.Array, s: Sampling) -> jax.Array:
-    """The sampling distribution as log-probabilities [..., V] (-inf outside top-k / top-p)."""
-    logits = logits.astype(jnp.float32) / s.temperature
+    """The sampling distribution as log-probabilities [..., V] (-inf outside top-k / top-p and
+    past the vocab limit)."""
+    logits = limited(logits.astype(jnp.float32), s) / s.temperature
     if s.top_k and s.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
         logits = jnp.where(logits >= kth, logits, -jnp.inf)
@@ -87,7 +106,7 @@ def log_probs(logits: jax.Array, s: Sampling) -> jax.Array:
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     """int32 [...]: argmax when greedy, else a draw from `log_probs`."""
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jnp.argmax(limited(logits, s), axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, log_probs(logits, s), axis=-1).astype(jnp.int32)
 
 
@@ -103,7 +122,7 @@ def accept_draft(target_logits: jax.Array, draft: jax.Array, draft_logq: jax.Arr
       (accepted bool [B], token int32 [B]): the draft when accepted, else the correction.
     """
     if s.greedy:
-        target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+        target = jnp.argmax(limited(target_logits, s), axis=-1).astype(jnp.int32)
         return draft == target, target
     logp = log_probs(target_logits, s)
     pick = lambda t: jnp.take_along_axis(t, draft[:, None], axis=-1)[:, 0]

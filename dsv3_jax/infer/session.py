@@ -17,8 +17,10 @@ The answer's generated tokens stay in the cache as generated; where the re-encod
 answer tokenizes differently, the tail is re-fed from the first differing token (correct either
 way: the cache always matches `ids`).
 
-Feeds are padded to power-of-two lengths (few compiles); the padding lands in slots after the
-real end, which the next tokens overwrite before anything reads them.
+Feeds are padded to power-of-two lengths, at most MAX_FEED tokens and never past the last slot
+(few shapes, so few compiles; a decode step is one token wide); the padding lands in slots after
+the real end, which the next tokens overwrite before anything reads them. Only the last real
+token's logits leave the model call.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer import sampling as sampling_lib
-from dsv3_jax.infer.generate import _bucket, _decode
+from dsv3_jax.infer.generate import _decode
 from dsv3_jax.infer.sampling import Sampling
 from dsv3_jax.model.transformer import init_latent_cache
 
@@ -57,18 +59,27 @@ class TurnStats:
         return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+MAX_FEED = 2048  # tokens per model call when a long history is fed (bounds its activations)
+
+
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
-def _feed(cfg: ModelConfig, params, tokens, start, cache):
-    """tokens int32 [1, n] at positions start.. -> (float32 logits [n, V], the cache)."""
+def _feed(cfg: ModelConfig, params, tokens, start, last, cache):
+    """tokens int32 [1, n] at positions start.. -> (float32 logits [V] at index `last`, the
+    cache)."""
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     logits, _, cache = _decode(cfg, params, tokens, positions, cache)
-    return logits[0].astype(jnp.float32), cache
+    return logits[0, last].astype(jnp.float32), cache
+
+
+def _width(n: int, room: int) -> int:
+    """The power of two a feed of n tokens is padded to: the smallest >= n, at most MAX_FEED and
+    the largest power of two <= room (the slots left); the feed then takes min(n, width)."""
+    cap = 1 << (min(room, MAX_FEED).bit_length() - 1)
+    return min(1 << (n - 1).bit_length(), cap)
 
 
 @functools.partial(jax.jit, static_argnames="s")
-def _sample(s: Sampling, logits, key, step, limit):
-    """A token from logits [V], ids >= limit excluded (the tokenizer's pieces end there)."""
-    logits = jnp.where(jnp.arange(logits.shape[0]) < limit, logits, -jnp.inf)
+def _sample(s: Sampling, logits, key, step):
     return sampling_lib.sample(logits[None], jax.random.fold_in(key, step), s)[0]
 
 
@@ -90,7 +101,7 @@ class ChatSession:
                              f"{cfg.max_seq_len}] (the cache slots of one conversation).")
         self.cache = init_latent_cache(cfg, 1, self.max_len)
         self.ids: list[int] = []
-        self._logits: np.ndarray | None = None  # float32 [V]: after ids[-1]
+        self._logits: jax.Array | None = None  # float32 [V] on the device: after ids[-1]
 
     def reset(self) -> None:
         self.ids, self._logits = [], None
@@ -98,7 +109,7 @@ class ChatSession:
     @property
     def logits(self) -> np.ndarray | None:
         """float32 [V]: the next-token logits after the cache's last token (None when empty)."""
-        return self._logits
+        return None if self._logits is None else np.asarray(self._logits)
 
     def prefill(self, wanted: Sequence[int]) -> TurnStats:
         """Brings the cache to hold exactly `wanted` (a non-empty list of ids, at most max_len):
@@ -130,39 +141,36 @@ class ChatSession:
                          prefill_seconds=time.perf_counter() - start)
 
     def _extend(self, new: list[int]) -> None:
-        """Feeds `new` after self.ids (which must leave room), in power-of-two padded chunks."""
+        """Feeds `new` after self.ids (which must leave room) in chunks padded to powers of two
+        (a decode step is one token wide): few shapes, so few compiles."""
         while new:
             start = len(self.ids)
-            room = self.max_len - start
-            n = min(len(new), room)
-            width = min(_bucket(n, self.max_len), room)
+            width = _width(len(new), self.max_len - start)
+            n = min(len(new), width)
             tokens = np.zeros((1, width), np.int32)
             tokens[0, :n] = new[:n]
-            logits, self.cache = _feed(self.cfg, self.params, jnp.asarray(tokens),
-                                       jnp.int32(start), self.cache)
-            self._logits = np.asarray(logits[n - 1])
+            self._logits, self.cache = _feed(self.cfg, self.params, jnp.asarray(tokens),
+                                             jnp.int32(start), jnp.int32(n - 1), self.cache)
             self.ids += new[:n]
             new = new[n:]
 
     def generate(self, *, max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0,
-                 stop_tokens: Sequence[int] = (), vocab_limit: int | None = None,
+                 stop_tokens: Sequence[int] = (),
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], TurnStats]:
-        """Samples up to `max_new_tokens` after the cache's last token, feeding each back; stops
-        after a stop token (returned, not fed) or when the context is full. `vocab_limit`: only
-        ids below it are sampled (a tokenizer with fewer pieces than the model's vocabulary,
-        e.g. DeepSeek-V3's padded 129,280). `on_token(id)` is called for each token as it comes
-        (for streaming). Returns (the new ids, stats)."""
+        """Samples (`sampling`, its vocab_limit included) up to `max_new_tokens` after the cache's
+        last token, feeding each back; stops after a stop token (returned, not fed) or when the
+        context is full. `on_token(id)` is called for each token as it comes (for streaming).
+        Returns (the new ids, stats)."""
         if self._logits is None:
             raise ValueError("generate needs a prefilled conversation: call prefill first.")
         stats, out = TurnStats(), []
         key, stops = jax.random.key(seed), {int(t) for t in stop_tokens}
-        limit = jnp.int32(min(vocab_limit or self.cfg.vocab_size, self.cfg.vocab_size))
         start = time.perf_counter()
         while True:
             if len(out) >= max_new_tokens:
                 stats.stopped = "max_new_tokens"
                 break
-            token = int(_sample(sampling, jnp.asarray(self._logits), key, len(self.ids), limit))
+            token = int(_sample(sampling, self._logits, key, len(self.ids)))
             out.append(token)
             if on_token is not None:
                 on_token(token)
