@@ -361,3 +361,23 @@ def test_an_sft_run_starts_from_a_pretrained_workdir_and_trains_on_the_answers(t
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 3]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_a_wrong_corpus_is_refused_before_the_weights_are_read(tmp_path):
+    """The corpus is checked first: with a missing conversation file and a source that does not
+    exist either, the error names the corpus (nothing slow was started)."""
+    import contextlib
+
+    from dsv3_jax.train.loop import Run
+
+    c = base_config("tiny")
+    c.data.task, c.data.corpus = "sft", str(tmp_path / "missing.jsonl")
+    c.train.init_from = str(tmp_path / "no_source")
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        with contextlib.ExitStack() as stack:
+            Run(c, str(tmp_path / "work"), stack)
+    (tmp_path / "notes.txt").write_text("text\n", encoding="utf-8")
+    c.data.corpus = str(tmp_path / "notes.txt")
+    with pytest.raises(DataError, match="reads JSONL conversations"):
+        with contextlib.ExitStack() as stack:
+            Run(c, str(tmp_path / "work"), stack)

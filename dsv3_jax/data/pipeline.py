@@ -56,7 +56,7 @@ from dsv3_jax.data.tokenizer import (Tokenizer, check_fits, find_tokenizer, load
                                      train_tokenizer)
 from dsv3_jax.files import atomic_dir, writable_workdir
 
-__all__ = ["TASKS", "Data", "DataError", "TokenStore", "batch_keys", "eval_batches",
+__all__ = ["TASKS", "Data", "DataError", "TokenStore", "batch_keys", "check_corpus", "eval_batches",
            "get_tokenizer", "prepare_data", "train_iterator"]
 
 STORE_FORMAT = "dsv3_jax.token_store/1"
@@ -187,6 +187,17 @@ def batch_keys(data_cfg) -> tuple[str, ...]:
     and, for supervised fine-tuning, 'loss_mask' (the targets the loss counts)."""
     base = ("tokens", "segment_ids", "positions")
     return base + ("loss_mask",) if data_cfg.get("task") == "sft" else base
+
+
+def check_corpus(data_cfg) -> None:
+    """Lists and checks the corpus files of data_cfg (of its task) without reading them: what a
+    run checks before any slow work (reading weights, tokenizing)."""
+    check_data_config(data_cfg)
+    if data_cfg.get("task") == "sft":
+        from dsv3_jax.data.sft import open_conversations
+        open_conversations(data_cfg)
+    else:
+        open_corpus(data_cfg)
 
 
 def prepare_data(data_cfg, workdir: str, *, model_vocab_size: int) -> Data:

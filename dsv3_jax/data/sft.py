@@ -144,17 +144,24 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int,
 
 # ---- prepare_sft_data --------------------------------------------------------------------------
 
-def prepare_sft_data(data_cfg, workdir: str, *, model_vocab_size: int):
-    """The pipeline's Data for supervised fine-tuning: the tokenizer and both splits as
-    ConversationStores under `workdir`, built or reused (the module docstring). DataError for a
-    tokenizer without the chat markers, a corpus that is not JSONL conversations, or a training
-    split left with no conversation."""
+def open_conversations(data_cfg) -> Corpus:
+    """The corpus of data_cfg, checked to be conversations: the built-in ones or JSONL files
+    (listed, none read). DataError naming a file read in another format."""
     corpus = open_corpus(data_cfg)
     if not corpus.builtin and (bad := [f for f in corpus.files if f.format != "jsonl"]):
         raise DataError(f"data.task='sft' reads JSONL conversations ({{\"messages\": [{{\"role\":"
                         f" ..., \"content\": ...}}, ...]}} per line), but {bad[0].path} is read as "
                         f"{bad[0].format}; give .jsonl files (or data.format='jsonl'), or "
                         f"data.corpus='builtin' for the built-in conversations.")
+    return corpus
+
+
+def prepare_sft_data(data_cfg, workdir: str, *, model_vocab_size: int):
+    """The pipeline's Data for supervised fine-tuning: the tokenizer and both splits as
+    ConversationStores under `workdir`, built or reused (the module docstring). DataError for a
+    tokenizer without the chat markers, a corpus that is not JSONL conversations, or a training
+    split left with no conversation."""
+    corpus = open_conversations(data_cfg)
     logging.info("data: conversations of %s, validation_fraction=%s", corpus.describe(),
                  corpus.validation_fraction)
     tokenizer = pipeline.get_tokenizer(
@@ -283,4 +290,5 @@ def _write_store(path: str, packed: dict[str, np.ndarray], inputs: dict, counts:
             raise
 
 
-__all__ = ["ConversationStore", "conversations_of", "pack", "prepare_sft_data"]
+__all__ = ["ConversationStore", "conversations_of", "open_conversations", "pack",
+           "prepare_sft_data"]

@@ -336,6 +336,7 @@ class Run:
         # ------------------------------------------------------------ weights to start from
         # (config.train.init_from) when the workdir holds no run yet: read before the data, whose
         # tokenizer must be the source's.
+        pipeline.check_corpus(dc)  # a wrong corpus is refused before any slow work
         init, resumes = None, init_from.workdir_has_checkpoints(self.workdir)
         if tc.init_from and not resumes:
             init = self._load_init(cfg, abstract_state)
