@@ -1,4 +1,4 @@
-"""What the command-line entry points (train, generate, convert, plan, eval) share.
+"""What the command-line entry points (train, generate, chat, convert, plan, eval) share.
 
 `run(main)` replaces `absl.app.run(main)` and gives every entry point the same contract:
 - a mistake in the command line (an unknown flag, a flag value that does not parse, a misspelt
@@ -190,6 +190,40 @@ def positive_ints(flag: str, values) -> list[int]:
         if not v.isdigit() or int(v) < 1:
             raise UsageError(f"{flag}: {v!r} is not a positive integer; e.g. {flag}=256,2048.")
     return [int(v) for v in values]
+
+
+class SamplingFlags:
+    """The flags of every entry point that generates text, defined once: --max_new_tokens (its
+    default and help the entry point's), --temperature, --top_k, --top_p, --seed, --tokenizer.
+    read() checks their values: (Sampling, max_new_tokens, seed), or a UsageError naming the
+    flag."""
+
+    def __init__(self, max_new_tokens: int, max_new_help: str):
+        self._max_new = flags.DEFINE_integer("max_new_tokens", max_new_tokens, max_new_help)
+        self._temperature = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+        self._top_k = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+        self._top_p = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
+        self._seed = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+        self._tokenizer = flags.DEFINE_string(
+            "tokenizer", "", "A tokenizer (a .model, a tokenizer.json or its folder), when the "
+            "checkpoint has none (or to override it).")
+
+    @property
+    def tokenizer(self) -> str:
+        return self._tokenizer.value
+
+    def read(self):
+        from dsv3_jax.infer.generate import check_max_new_tokens, check_seed
+        from dsv3_jax.infer.sampling import Sampling
+
+        try:
+            max_new = check_max_new_tokens(self._max_new.value)
+            sampling = Sampling(temperature=self._temperature.value, top_k=self._top_k.value,
+                                top_p=self._top_p.value)
+            seed = check_seed(self._seed.value)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from e
+        return sampling, max_new, seed
 
 
 def checkpoint_tokenizer(checkpoint: str, found: str | None, override: str, model_vocab_size: int):

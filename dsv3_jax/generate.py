@@ -11,21 +11,14 @@ import sys
 from absl import flags
 
 from dsv3_jax import cli
-from dsv3_jax.infer.generate import check_max_new_tokens, check_prompts, generate_tokens
+from dsv3_jax.infer.generate import check_prompts, generate_tokens
 from dsv3_jax.infer.load import load_for_inference
-from dsv3_jax.infer.sampling import Sampling
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax folder or HF folder.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SAMPLING = cli.SamplingFlags(128, "Tokens to generate at most.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Draft with the MTP module, verify with "
                                  "the main model (same output distribution, fewer steps).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A tokenizer (a .model, a tokenizer.json or "
-                                 "its folder), when the checkpoint has none (or to override it).")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the tokenizer's end-of-document.")
 flags.mark_flags_as_required(["checkpoint", "prompt"])
 
@@ -40,13 +33,9 @@ def main(argv):
                              "a Hugging Face folder.")
     if not _PROMPT.value:
         raise cli.UsageError("--prompt is empty; give the text to continue.")
-    try:
-        check_max_new_tokens(_MAX_NEW.value)
-        sampling = Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-    except ValueError as e:
-        raise cli.UsageError(f"--{e}") from e
+    sampling, max_new, seed = _SAMPLING.read()
     cfg, params, tokenizer_path = load_for_inference(_CHECKPOINT.value)
-    tokenizer = cli.checkpoint_tokenizer(_CHECKPOINT.value, tokenizer_path, _TOKENIZER.value,
+    tokenizer = cli.checkpoint_tokenizer(_CHECKPOINT.value, tokenizer_path, _SAMPLING.tokenizer,
                                          cfg.vocab_size)
     # Only the tokenizer's pieces are drawn (a release pads the model's vocabulary).
     sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.vocab_size)
@@ -54,7 +43,7 @@ def main(argv):
     if not prompt:
         raise cli.UsageError(f"--prompt={_PROMPT.value!r} encodes to no tokens; give some text.")
     try:
-        check_prompts(cfg, [prompt], _MAX_NEW.value)  # the context limit, with its numbers
+        check_prompts(cfg, [prompt], max_new)  # the context limit, with its numbers
     except ValueError as e:
         raise cli.UsageError(f"--prompt / --max_new_tokens: {e}") from e
     generated: list[int] = []
@@ -69,8 +58,8 @@ def main(argv):
 
     sys.stdout.write(_PROMPT.value)
     result = generate_tokens(
-        cfg, params, [prompt], max_new_tokens=_MAX_NEW.value, sampling=sampling,
-        speculative=_SPECULATIVE.value, seed=_SEED.value,
+        cfg, params, [prompt], max_new_tokens=max_new, sampling=sampling,
+        speculative=_SPECULATIVE.value, seed=seed,
         stop_tokens=(tokenizer.eos_id,) if _STOP_AT_EOS.value else (), on_tokens=stream)
     sys.stdout.write("\n")
     s = result.stats

@@ -19,16 +19,10 @@ from dsv3_jax import cli
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Training workdir, Orbax folder or HF folder.")
 _SYSTEM = flags.DEFINE_string("system", "", "The system prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens per answer at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SAMPLING = cli.SamplingFlags(256, "Tokens per answer at most.")
 _THINK = flags.DEFINE_bool("think", False, "Show the model's <think>...</think> reasoning "
                            "(hidden by default; earlier turns' reasoning is never shown to the "
                            "model again, as the chat format drops it).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A tokenizer (a .model, a tokenizer.json or "
-                                 "its folder), when the checkpoint has none (or to override it).")
 flags.mark_flags_as_required(["checkpoint"])
 
 HELP = ("end a line with \\ to continue the turn on the next; commands: /reset (new "
@@ -38,9 +32,7 @@ HELP = ("end a line with \\ to continue the turn on the next; commands: /reset (
 def main(argv):
     from dsv3_jax.chat.repl import Chat, ContextFullError, chat_template_of
     from dsv3_jax.data.corpus import DataError
-    from dsv3_jax.infer.generate import check_max_new_tokens, check_seed
     from dsv3_jax.infer.load import load_for_inference
-    from dsv3_jax.infer.sampling import Sampling
 
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]}; the chat reads its turns from "
@@ -48,17 +40,12 @@ def main(argv):
     if not _CHECKPOINT.value.strip():
         raise cli.UsageError("--checkpoint is empty; pass a training workdir, an Orbax folder or "
                              "a Hugging Face folder.")
-    try:
-        max_new = check_max_new_tokens(_MAX_NEW.value)
-        sampling = Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-        seed = check_seed(_SEED.value)
-    except ValueError as e:
-        raise cli.UsageError(f"--{e}") from e
+    sampling, max_new, seed = _SAMPLING.read()
     cfg, params, tokenizer_path = load_for_inference(_CHECKPOINT.value)
-    tokenizer = cli.checkpoint_tokenizer(_CHECKPOINT.value, tokenizer_path, _TOKENIZER.value,
+    tokenizer = cli.checkpoint_tokenizer(_CHECKPOINT.value, tokenizer_path, _SAMPLING.tokenizer,
                                          cfg.vocab_size)
     try:
-        template = chat_template_of(_TOKENIZER.value or tokenizer_path)
+        template = chat_template_of(_SAMPLING.tokenizer or tokenizer_path)
         chat = Chat(cfg, params, tokenizer, template=template, system=_SYSTEM.value,
                     sampling=sampling, seed=seed, max_new_tokens=max_new,
                     show_thinking=_THINK.value)
