@@ -31,6 +31,7 @@ from dsv3_jax.data import conversations as cv
 from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.infer.generate import generate_tokens
 from dsv3_jax.infer.load import load_for_inference
+from dsv3_jax.infer.sampling import Sampling
 from dsv3_jax.model.transformer import DeepSeekV3
 
 
@@ -74,6 +75,7 @@ def greedy_answers(cfg, params, tokenizer, examples, max_new_tokens: int, batch:
     for start in range(0, len(examples), batch):
         prompts = [tokenizer.encode(render_chat(m[:1])) for m, _, _ in examples[start:start + batch]]
         out = generate_tokens(cfg, params, prompts, max_new_tokens=max_new_tokens,
+                              sampling=Sampling(vocab_limit=tokenizer.vocab_size),
                               stop_tokens=stops)
         for prompt, tokens in zip(prompts, out.tokens):
             new = tokens[len(prompt):]

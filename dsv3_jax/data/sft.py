@@ -185,8 +185,8 @@ def prepare_sft_data(data_cfg, workdir: str, *, model_vocab_size: int):
 
 
 def conversations_of(corpus: Corpus, split: str) -> tuple[Iterator[conv.Conversation], dict]:
-    """(the conversations of `split`, lazily; a counts dict filled as they are read: "read" per
-    reason, conversations.REASONS, for JSONL records)."""
+    """(the conversations of `split`, lazily; a dict counting the skipped JSONL records by reason,
+    conversations.REASONS, filled as they are read)."""
     counts = dict.fromkeys(conv.REASONS, 0)
 
     def records():
