@@ -56,7 +56,7 @@ sft: setup
 # --durations: the slowest tests in the log, to keep the suite's time in view.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) --durations=15
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest $(PYTEST_ARGS) --durations=5 -m multidevice tests/test_parallel.py tests/test_kernel_shards.py tests/test_expert_exchange.py tests/test_plan.py
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest $(PYTEST_ARGS) --durations=5 -m multidevice tests/test_parallel.py tests/test_kernel_shards.py tests/test_expert_exchange.py tests/test_plan.py tests/test_lm_eval.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -32,6 +32,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.9"],
-        "eval": ["matplotlib>=3.9"],  # the needle evaluation's heatmap
+        # the needle evaluation's heatmap; lm-evaluation-harness (pytablewriter >= 1.2: the
+        # resolver may otherwise pick a release whose tables lose their headers)
+        "eval": ["matplotlib>=3.9", "lm-eval>=0.4.13,<0.5", "pytablewriter>=1.2"],
     },
 )

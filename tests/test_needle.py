@@ -303,8 +303,8 @@ def _assert_refused(out, status: int, pattern: str) -> None:
      r"no_tokenizer has no tokenizer \(tokenizer.json or tokenizer.model\); pass --tokenizer="),
     (["needle", "{ckpt}", "--lengths=64", "--output_dir={tmp}/a_file"], 1,
      r"--output_dir .*a_file is not writable"),
-    (["bogus"], 2, r"give a command first, one of needle; got 'bogus'"),
-    ([], 2, r"give a command first, one of needle; got no command"),
+    (["bogus"], 2, r"give a command first, one of needle, perplexity, lm-eval; got 'bogus'"),
+    ([], 2, r"give a command first, one of needle, perplexity, lm-eval; got no command"),
 ], ids=["length>max_seq_len", "depth 1.5", "missing checkpoint", "trials 0", "max_seq_len -1", "no tokenizer",
         "output_dir a file", "unknown command", "no command"])
 def test_cli_refusals_are_one_line(args, status, pattern, checkpoint, bare_checkpoint, tmp_path):

@@ -8,6 +8,20 @@
            prints a table per score (rows: depth, columns: length) and writes
            <output_dir>/needle.json and needle.png; progress goes to stderr.
 
+  perplexity   per-token loss, perplexity and bits per byte on a corpus split
+               (dsv3_jax/eval/perplexity.py):
+             python -m dsv3_jax.eval perplexity --checkpoint=runs/tiny [--corpus=builtin]
+                 [--split=validation] [--max_documents=0] [--batch_size=8] [--max_length=0]
+                 [--dtype=auto] [--output_dir=perplexity] [--tokenizer=<a .model>]
+           prints a one-row table and writes <output_dir>/perplexity.json.
+
+  lm-eval  lm-evaluation-harness with the `dsv3_jax` model (dsv3_jax/eval/lm_eval_model.py);
+           every flag after the command is lm-eval's own (`lm-eval run`), with --model dsv3_jax
+           and --output_path lm_eval_results unless given:
+             python -m dsv3_jax.eval lm-eval --model_args=checkpoint=runs/tiny,dtype=float32
+                 --tasks=<tasks> [--include_path=<a folder of task YAMLs>] [--limit=N] ...
+           prints lm-eval's table and writes its results JSON under the output path.
+
 The command comes first. Only the chosen command's flags are defined (its --help lists them), so
 commands may define flags of the same name. A missing or unknown command is a one-line usage
 error naming the known ones; everything else follows `dsv3_jax.cli.run`'s contract.
@@ -16,8 +30,10 @@ error naming the known ones; everything else follows `dsv3_jax.cli.run`'s contra
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import sys
+import time
 from typing import Callable
 
 from absl import flags
@@ -30,8 +46,9 @@ _HELP = ("-h", "-help", "--help", "--helpshort", "--helpfull")
 @dataclasses.dataclass(frozen=True)
 class Command:
     summary: str  # one line for the usage message
-    define_flags: Callable[[], None]
-    main: Callable[[list[str]], None]  # absl's main: argv[0], the command, nothing else
+    define_flags: Callable[[], None] | None  # None: main parses its own arguments
+    main: Callable[[list[str]], None]  # absl's main: argv[0], the command, nothing else; with
+    #                                    define_flags None, the arguments after the command
 
 
 # ------------------------------------------------------------------------------ needle
@@ -125,11 +142,197 @@ def _needle_main(argv) -> None:
               "installed (pip install matplotlib).", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------ perplexity
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _perplexity_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax folder or HF folder.")
+    flags.DEFINE_string("corpus", "builtin", "The documents: 'builtin' (this Python's standard "
+                        "library) or paths / globs, as data.corpus.")
+    flags.DEFINE_string("split", "validation", "Which split of the corpus: validation or train.")
+    flags.DEFINE_integer("max_documents", 0, "Score the split's first N documents (0 = all).")
+    flags.DEFINE_integer("batch_size", 8, "Windows per model call.")
+    flags.DEFINE_integer("max_length", 0, "The window in tokens (0 = the checkpoint's "
+                         "max_seq_len); longer documents are scored in rolling windows.")
+    flags.DEFINE_string("dtype", "auto", "Compute dtype: auto (the checkpoint's), float32 or "
+                        "bfloat16.")
+    flags.DEFINE_string("output_dir", "perplexity", "Folder for perplexity.json.")
+    flags.DEFINE_string("tokenizer", "", "A tokenizer (a .model, a tokenizer.json or its "
+                        "folder), when the checkpoint has none (or to override it).")
+
+
+def _perplexity_main(argv) -> None:
+    import dataclasses
+
+    from dsv3_jax.data.corpus import SPLITS, open_corpus
+    from dsv3_jax.eval.perplexity import format_table, read_documents, run_perplexity
+    from dsv3_jax.eval.perplexity import write_results as write_perplexity
+    from dsv3_jax.files import writable_workdir
+    from dsv3_jax.infer.load import load_for_inference
+    from dsv3_jax.train.run_config import base_config
+
+    f = flags.FLAGS
+    if len(argv) > 2:
+        raise cli.UsageError(f"perplexity takes flags only; unexpected arguments {argv[2:]}.")
+    if not (f.checkpoint or "").strip():
+        raise cli.UsageError("perplexity needs --checkpoint=<a training workdir, an Orbax folder "
+                             "or a Hugging Face folder>.")
+    if f.split not in SPLITS:
+        raise cli.UsageError(f"--split={f.split!r} is not one of {', '.join(SPLITS)}.")
+    if f.dtype not in DTYPES:
+        raise cli.UsageError(f"--dtype={f.dtype!r} is not one of {', '.join(DTYPES)}.")
+    for name in ("max_documents", "max_length"):
+        if f[name].value < 0:
+            raise cli.UsageError(f"--{name}={f[name].value} must be >= 0 (0 = "
+                                 f"{'all' if name == 'max_documents' else 'the checkpoint'}'s).")
+    if f.batch_size < 1:
+        raise cli.UsageError(f"--batch_size={f.batch_size} must be a positive number of windows.")
+    output_dir = writable_workdir(f.output_dir, what="--output_dir")
+    data_cfg = base_config().data
+    data_cfg.corpus = f.corpus
+    corpus = open_corpus(data_cfg)
+
+    cfg, params, tokenizer_path = load_for_inference(f.checkpoint)
+    if f.dtype != "auto":
+        cfg = dataclasses.replace(cfg, dtype=f.dtype)
+    if f.max_length > cfg.max_seq_len:
+        raise cli.UsageError(f"--max_length={f.max_length} is longer than the checkpoint's "
+                             f"context (max_seq_len={cfg.max_seq_len}); give at most that, or 0.")
+    if f.max_length == 1:
+        raise cli.UsageError("--max_length=1 leaves no context; give at least 2, or 0.")
+    tokenizer = cli.checkpoint_tokenizer(f.checkpoint, tokenizer_path, f.tokenizer,
+                                         cfg.vocab_size)
+    texts = read_documents(corpus, f.split, f.max_documents)
+    result = run_perplexity(cfg, params, tokenizer, texts, batch_size=f.batch_size,
+                            max_length=f.max_length or None)
+    result.update(checkpoint=os.path.abspath(f.checkpoint), corpus=corpus.describe(),
+                  split=f.split, dtype=cfg.dtype, tokenizer=tokenizer.path)
+    path = write_perplexity(result, output_dir)
+    print(format_table(result))
+    print(f"\nwrote {path}")
+
+
+# ------------------------------------------------------------------------------ lm-eval
+
+LM_EVAL_OUTPUT = "lm_eval_results"
+
+
+def _given(args: list[str], *names: str) -> bool:
+    return any(a in names or a.split("=", 1)[0] in names for a in args)
+
+
+def lm_eval_argv(args: list[str]) -> list[str]:
+    """lm-eval's `run` command line for our arguments: --model dsv3_jax, --output_path
+    LM_EVAL_OUTPUT and --batch_size DEFAULT_BATCH_SIZE (lm-eval's own default is 1) unless
+    given."""
+    from dsv3_jax.eval.lm_eval_model import DEFAULT_BATCH_SIZE
+
+    argv = ["lm-eval", "run"]
+    if not _given(args, "--model", "-M"):
+        argv += ["--model", "dsv3_jax"]
+    if not _given(args, "--output_path", "-o"):
+        argv += ["--output_path", LM_EVAL_OUTPUT]
+    if not _given(args, "--batch_size", "-b"):
+        argv += ["--batch_size", str(DEFAULT_BATCH_SIZE)]
+    return argv + list(args)
+
+
+def _output_path(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a in ("--output_path", "-o") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--output_path="):
+            return a.split("=", 1)[1]
+    return LM_EVAL_OUTPUT
+
+
+def _model_args(args: list[str]) -> list[str] | None:
+    """The text of --model_args / -a (lm-eval takes one or more words after it), or None."""
+    for i, a in enumerate(args):
+        if a.startswith("--model_args="):
+            return [a.split("=", 1)[1]]
+        if a in ("--model_args", "-a"):
+            words = []
+            for word in args[i + 1:]:
+                if word.startswith("-"):
+                    break
+                words.append(word)
+            return words
+    return None
+
+
+def check_model_args(args: list[str]) -> None:
+    """What can be checked of --model_args for the dsv3_jax model before lm-eval starts (it first
+    indexes every task it knows, which takes a while): the arg names and the checkpoint."""
+    from dsv3_jax.eval.lm_eval_model import MODEL_ARGS, MODEL_NAME
+
+    model = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--model", "-M")),
+                 next((a.split("=", 1)[1] for a in args if a.startswith("--model=")),
+                      MODEL_NAME))
+    if model != MODEL_NAME:
+        return
+    words = _model_args(args)
+    pairs = [part.split("=", 1) for word in (words or []) for part in word.split(",") if part]
+    names = [pair[0].strip() for pair in pairs]
+    unknown = sorted(set(names) - set(MODEL_ARGS))
+    if unknown:
+        raise cli.UsageError(f"--model_args: unknown model arg{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(unknown)} for model {MODEL_NAME}; it takes "
+                             f"{', '.join(MODEL_ARGS)}.")
+    if "checkpoint" not in names:
+        raise cli.UsageError(f"lm-eval with model {MODEL_NAME} needs --model_args=checkpoint=<a "
+                             "training workdir, an Orbax folder or a Hugging Face folder>[,dtype="
+                             "bfloat16,...].")
+
+
+def run_lm_eval(args: list[str]) -> None:
+    """Runs lm-eval's command line; our errors (a bad model arg, a checkpoint or tokenizer that
+    cannot be used) end as one line, as in every entry point."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        cli.fail("lm-eval is not installed; pip install 'lm-eval>=0.4.13,<0.5' (or pip install -e "
+                 "'.[eval]'), then run again.", cli.EXIT_ERROR)
+    importlib.import_module("dsv3_jax.eval")  # registers the dsv3_jax model with lm_eval
+    from lm_eval.__main__ import cli_evaluate
+
+    debug = "--verbose" in args or os.environ.get("DSV3_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--verbose"]
+    if not any(a in _HELP for a in args):
+        try:
+            check_model_args(args)
+        except cli.UsageError as e:
+            cli.fail(str(e), cli.EXIT_USAGE)
+    sys.argv = lm_eval_argv(args)
+    output = _output_path(sys.argv)
+    started = time.time()
+    try:
+        cli_evaluate()
+    except (KeyboardInterrupt, Exception) as e:
+        if debug:
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            cli.fail("interrupted.", cli.EXIT_INTERRUPTED)
+        cli.fail(cli.describe(e), cli.EXIT_ERROR)
+    written = [p for p in glob.glob(os.path.join(output, "**", "results_*.json"), recursive=True)
+               if os.path.getmtime(p) >= started - 1]
+    if os.path.isfile(output):
+        written.append(output)
+    for path in sorted(written):
+        print(f"wrote {path}")
+
+
 # ------------------------------------------------------------------------------ dispatch
 
 COMMANDS = {
     "needle": Command("needle in a haystack over context lengths x depths (heatmap + JSON)",
                       _needle_flags, _needle_main),
+    "perplexity": Command("perplexity and bits per byte on a corpus split (table + JSON)",
+                          _perplexity_flags, _perplexity_main),
+    "lm-eval": Command("lm-evaluation-harness tasks with the dsv3_jax model (lm-eval's flags)",
+                       None, run_lm_eval),
 }
 
 
@@ -150,6 +353,9 @@ def run(argv: list[str]) -> None:
         cli.fail(f"give a command first, one of {', '.join(COMMANDS)}; got {got} (e.g. python -m "
                  "dsv3_jax.eval needle --checkpoint=runs/tiny --lengths=256,512).", cli.EXIT_USAGE)
     command = COMMANDS[name]
+    if command.define_flags is None:
+        command.main(argv[2:])
+        return
     command.define_flags()
     cli.run(command.main)
 

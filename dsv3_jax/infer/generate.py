@@ -45,7 +45,7 @@ class GenerationResult:
     #              steps, acceptance_rate (speculative only)
 
 
-def _bucket(n: int, cap: int) -> int:
+def bucket_length(n: int, cap: int) -> int:
     """n rounded up to a power of two (at least 16), at most cap: bounds the number of compiles."""
     return min(cap, max(16, 1 << (n - 1).bit_length()))
 
@@ -326,9 +326,13 @@ def check_seed(seed) -> int:
 def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
                     sampling: Sampling = Sampling(), speculative: bool = False, seed: int = 0,
                     stop_tokens: Sequence[int] = (), chunk: int = 16,
-                    on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
+                    on_tokens: Callable[[int, list[int]], bool | None] | None = None
+                    ) -> GenerationResult:
     """Generates for a batch of prompts; see `generate`. The device runs `chunk` steps between host
-    visits; `on_tokens(row, new_tokens)` is called after each (for streaming)."""
+    visits; `on_tokens(row, new_tokens)` is called after each with the row's tokens since the last
+    call (for streaming). When it returns True, that row stops there, as at a stop token (what a
+    caller matching stop strings in the text needs): its tokens so far are kept, the other rows go
+    on."""
     prompts = check_prompts(cfg, prompts, max_new_tokens)
     max_new_tokens = int(max_new_tokens)  # check_prompts checked it
     if not isinstance(sampling, Sampling):
@@ -351,8 +355,8 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
                          "generate without speculation or use a checkpoint trained with MTP.")
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    padded_len = _bucket(int(lengths.max()), cfg.max_seq_len)
-    slots = max(padded_len, _bucket(int(lengths.max()) + max_new_tokens + 1, cfg.max_seq_len))
+    padded_len = bucket_length(int(lengths.max()), cfg.max_seq_len)
+    slots = max(padded_len, bucket_length(int(lengths.max()) + max_new_tokens + 1, cfg.max_seq_len))
     tokens = np.zeros((b, padded_len), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
@@ -365,20 +369,24 @@ def generate_tokens(cfg: ModelConfig, params, prompts, *, max_new_tokens: int,
                     jnp.asarray(stop), jax.random.key(seed))
     streamed = np.zeros(b, np.int64)
 
-    def stream(state: DecodeState) -> bool:
+    def stream(state: DecodeState) -> tuple[DecodeState, bool]:
         out, n_new, done = jax.device_get((state.out, state.n_new, state.done))
+        ended = np.zeros(b, bool)
         if on_tokens is not None:
             for row in range(b):
                 if n_new[row] > streamed[row]:
-                    on_tokens(row, out[row, streamed[row]:n_new[row]].tolist())
+                    ended[row] = bool(on_tokens(row, out[row, streamed[row]:n_new[row]].tolist()))
         streamed[:] = n_new
-        return bool(done.all())
+        ended &= ~done
+        if ended.any():
+            state = state.replace(done=state.done | jnp.asarray(ended))
+        return state, bool((done | ended).all())
 
-    finished = stream(state)
+    state, finished = stream(state)
     t1 = time.perf_counter()
     while not finished:
         state = decode_chunk(cfg, sampling, speculative, chunk_steps, params, state)
-        finished = stream(state)
+        state, finished = stream(state)
     t2 = time.perf_counter()
     out, n_new, steps, drafted, accepted = jax.device_get(
         (state.out, state.n_new, state.steps, state.drafted, state.accepted))
