@@ -132,6 +132,31 @@ def stdlib_corpus(root: pathlib.Path) -> str:
     return str(root / "*.py")
 
 
+def stdlib_tokenizer(root: pathlib.Path):
+    """A 512-piece tokenizer trained on stdlib_corpus(root), saved as root/tokenizer.model."""
+    from dsv3_jax.data.tokenizer import train_tokenizer
+
+    stdlib_corpus(root)
+    texts = [p.read_text() for p in sorted(root.glob("*.py"))]
+    return train_tokenizer(texts, str(root / "tokenizer.model"), vocab_size=512)
+
+
+def random_checkpoint(folder: pathlib.Path, cfg: ds.ModelConfig, tokenizer) -> pathlib.Path:
+    """A converted Orbax folder (params/, model_config.json, tokenizer.model) of init_params(cfg)
+    at `folder` (created)."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    folder.mkdir(parents=True)
+    saver = ocp.StandardCheckpointer()
+    saver.save(folder / "params", init_params(cfg))
+    saver.wait_until_finished()
+    (folder / "model_config.json").write_text(json.dumps(cfg.to_dict()))
+    (folder / "tokenizer.model").write_bytes(pathlib.Path(tokenizer.path).read_bytes())
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slow` (minutes each: the notebooks) run first, so that with `pytest -n 2` the
     two workers share them instead of one worker finishing them alone at the end. (Only mark

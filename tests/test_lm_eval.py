@@ -33,10 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 
 from conftest import (COMPILATION_CACHE, TINY32, init_params, jitted_forward,  # noqa: E402
-                      stdlib_corpus)
+                      random_checkpoint, stdlib_tokenizer)
 from dsv3_jax.eval import LM_EVAL_MODEL  # noqa: E402  (importing dsv3_jax.eval registers it)
 from dsv3_jax.chat.template import render_chat  # noqa: E402
-from dsv3_jax.data.tokenizer import train_tokenizer  # noqa: E402
 from dsv3_jax.eval.lm_eval_model import DSV3LM, ModelArgError  # noqa: E402
 from dsv3_jax.eval.perplexity import run_perplexity  # noqa: E402
 from dsv3_jax.eval.scoring import Scorer, rolling_windows  # noqa: E402
@@ -57,25 +56,14 @@ CONTINUATIONS = ["\n    return a + b\n", "json.dumps({})", " = 3", "pass", " + 2
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok_corpus")
-    stdlib_corpus(root)
-    texts = [p.read_text() for p in sorted(root.glob("*.py"))]
-    return train_tokenizer(texts, str(root / "tokenizer.model"), vocab_size=512)
+    """A 512-piece tokenizer (split digits) trained on about 20 stdlib files."""
+    return stdlib_tokenizer(tmp_path_factory.mktemp("tok_corpus"))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer):
     """A converted Orbax folder (params/, model_config.json, tokenizer.model) of random params."""
-    import orbax.checkpoint as ocp
-
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny_random"
-    folder.mkdir()
-    saver = ocp.StandardCheckpointer()
-    saver.save(folder / "params", init_params(CFG))
-    saver.wait_until_finished()
-    (folder / "model_config.json").write_text(json.dumps(CFG.to_dict()))
-    (folder / "tokenizer.model").write_bytes(pathlib.Path(tokenizer.path).read_bytes())
-    return folder
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_random", CFG, tokenizer)
 
 
 @pytest.fixture(scope="module")

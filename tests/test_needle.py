@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import (COMPILATION_CACHE, TINY32, assert_close, init_params, jitted_forward,
-                      stdlib_corpus)
+                      random_checkpoint, stdlib_tokenizer)
 from dsv3_jax.data.corpus import open_corpus
-from dsv3_jax.data.tokenizer import train_tokenizer
 from dsv3_jax.eval import needle_report
 from dsv3_jax.eval.needle import (NeedleError, answer_logprob, build_case, draw_needles,
                                   filler_stream, is_retrieved, plan_cases, score_answers)
@@ -41,25 +40,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A 512-piece tokenizer (split digits) trained on about 20 stdlib files."""
-    root = tmp_path_factory.mktemp("tok_corpus")
-    stdlib_corpus(root)
-    texts = [p.read_text() for p in sorted(root.glob("*.py"))]
-    return train_tokenizer(texts, str(root / "tokenizer.model"), vocab_size=512)
+    return stdlib_tokenizer(tmp_path_factory.mktemp("tok_corpus"))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer):
     """A converted Orbax folder (params/, model_config.json, tokenizer.model) of random params."""
-    import orbax.checkpoint as ocp
-
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny_random"
-    folder.mkdir()
-    saver = ocp.StandardCheckpointer()
-    saver.save(folder / "params", init_params(CFG))
-    saver.wait_until_finished()
-    (folder / "model_config.json").write_text(json.dumps(CFG.to_dict()))
-    (folder / "tokenizer.model").write_bytes(pathlib.Path(tokenizer.path).read_bytes())
-    return folder
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_random", CFG, tokenizer)
 
 
 @pytest.fixture(scope="module")

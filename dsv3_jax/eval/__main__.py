@@ -51,6 +51,27 @@ class Command:
     #                                    define_flags None, the arguments after the command
 
 
+# ------------------------------------------------------------------------------ shared
+
+def _check_command_line(command: str, argv) -> None:
+    """What every checkpoint command refuses first: arguments that are not flags, no
+    --checkpoint."""
+    if len(argv) > 2:
+        raise cli.UsageError(f"{command} takes flags only; unexpected arguments {argv[2:]}.")
+    if not (flags.FLAGS.checkpoint or "").strip():
+        raise cli.UsageError(f"{command} needs --checkpoint=<a training workdir, an Orbax folder "
+                             "or a Hugging Face folder>.")
+
+
+def _corpus(name: str):
+    from dsv3_jax.data.corpus import open_corpus
+    from dsv3_jax.train.run_config import base_config
+
+    data_cfg = base_config().data
+    data_cfg.corpus = name
+    return open_corpus(data_cfg)
+
+
 # ------------------------------------------------------------------------------ needle
 
 def _needle_flags() -> None:
@@ -86,19 +107,13 @@ def _depths(values) -> list[float]:
 
 
 def _needle_main(argv) -> None:
-    from dsv3_jax.data.corpus import open_corpus
     from dsv3_jax.eval.needle import NeedleError, check_settings, run_needle
     from dsv3_jax.eval.needle_report import format_tables, write_results
     from dsv3_jax.files import writable_workdir
     from dsv3_jax.infer.load import load_for_inference
-    from dsv3_jax.train.run_config import base_config
 
     f = flags.FLAGS
-    if len(argv) > 2:
-        raise cli.UsageError(f"needle takes flags only; unexpected arguments {argv[2:]}.")
-    if not (f.checkpoint or "").strip():
-        raise cli.UsageError("needle needs --checkpoint=<a training workdir, an Orbax folder or "
-                             "a Hugging Face folder>.")
+    _check_command_line("needle", argv)
     if not f.lengths:
         raise cli.UsageError("needle needs --lengths=<context lengths in tokens>, e.g. "
                              "--lengths=256,512,1024.")
@@ -110,9 +125,7 @@ def _needle_main(argv) -> None:
     except NeedleError as e:
         raise cli.UsageError(f"--{e}") from e
     output_dir = writable_workdir(f.output_dir, what="--output_dir")
-    data_cfg = base_config().data
-    data_cfg.corpus = f.corpus
-    corpus = open_corpus(data_cfg)
+    corpus = _corpus(f.corpus)
 
     if f.max_seq_len < 0:
         raise cli.UsageError(f"--max_seq_len={f.max_seq_len} must be a positive number of "
@@ -166,19 +179,14 @@ def _perplexity_flags() -> None:
 def _perplexity_main(argv) -> None:
     import dataclasses
 
-    from dsv3_jax.data.corpus import SPLITS, open_corpus
+    from dsv3_jax.data.corpus import SPLITS
     from dsv3_jax.eval.perplexity import format_table, read_documents, run_perplexity
     from dsv3_jax.eval.perplexity import write_results as write_perplexity
     from dsv3_jax.files import writable_workdir
     from dsv3_jax.infer.load import load_for_inference
-    from dsv3_jax.train.run_config import base_config
 
     f = flags.FLAGS
-    if len(argv) > 2:
-        raise cli.UsageError(f"perplexity takes flags only; unexpected arguments {argv[2:]}.")
-    if not (f.checkpoint or "").strip():
-        raise cli.UsageError("perplexity needs --checkpoint=<a training workdir, an Orbax folder "
-                             "or a Hugging Face folder>.")
+    _check_command_line("perplexity", argv)
     if f.split not in SPLITS:
         raise cli.UsageError(f"--split={f.split!r} is not one of {', '.join(SPLITS)}.")
     if f.dtype not in DTYPES:
@@ -190,9 +198,7 @@ def _perplexity_main(argv) -> None:
     if f.batch_size < 1:
         raise cli.UsageError(f"--batch_size={f.batch_size} must be a positive number of windows.")
     output_dir = writable_workdir(f.output_dir, what="--output_dir")
-    data_cfg = base_config().data
-    data_cfg.corpus = f.corpus
-    corpus = open_corpus(data_cfg)
+    corpus = _corpus(f.corpus)
 
     cfg, params, tokenizer_path = load_for_inference(f.checkpoint)
     if f.dtype != "auto":
