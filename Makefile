@@ -2,6 +2,7 @@
 # make test:  set up .venv and run the whole test suite.
 # make extend: continue the make train run from 128 to 1,024 positions with YaRN (a few minutes).
 # make sft:   fine-tune the make train run on the built-in conversations (a few minutes).
+# make grpo:  SFT the make train run on the arithmetic task's format, then GRPO on its rewards.
 VENV := .venv
 PY := $(VENV)/bin/python
 # Two pytest workers: compile time dominates the suite, and XLA compiles on one core.
@@ -13,8 +14,12 @@ WORKDIR ?= runs/tiny
 EXTEND_WORKDIR ?= runs/tiny_1k
 # Where `make sft` writes; it starts from $(WORKDIR)'s newest checkpoint.
 SFT_WORKDIR ?= runs/tiny_sft
+# make grpo: the arithmetic SFT data and run, then the GRPO run that starts from it.
+ARITH_SFT_DATA ?= runs/arithmetic_sft.jsonl
+ARITH_SFT_WORKDIR ?= runs/tiny_arith_sft
+RL_WORKDIR ?= runs/tiny_rl
 
-.PHONY: setup train extend sft test clean
+.PHONY: setup train extend sft grpo test clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +56,13 @@ extend: setup
 sft: setup
 	$(PY) -m dsv3_jax.train --config=configs/sft.py --workdir=$(SFT_WORKDIR) \
 	  --config.train.init_from=$(WORKDIR)
+
+grpo: setup
+	$(PY) -m dsv3_jax.rl.sft_data --output=$(ARITH_SFT_DATA)
+	$(PY) -m dsv3_jax.train --config=configs/sft.py:arithmetic --workdir=$(ARITH_SFT_WORKDIR) \
+	  --config.train.init_from=$(WORKDIR) --config.data.corpus=$(ARITH_SFT_DATA)
+	$(PY) -m dsv3_jax.rl --config=configs/grpo.py --workdir=$(RL_WORKDIR) \
+	  --config.train.init_from=$(ARITH_SFT_WORKDIR)
 
 # The second run gives the mesh tests 8 simulated CPU devices (tests marked multidevice).
 # --durations: the slowest tests in the log, to keep the suite's time in view.

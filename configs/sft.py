@@ -17,6 +17,10 @@ The report fine-tunes for two epochs with a cosine learning rate from 5e-6 to 1e
 Variants (`--config=configs/sft.py:<variant>`):
   (none)  the tiny model of `make train` (init_from runs/tiny): 256-token sequences, 300 steps of
           16 (about two epochs of the built-in conversations), a few minutes on a CPU (`make sft`).
+  arithmetic  the tiny model on the arithmetic task's worked solutions (`make grpo`'s first
+          stage; corpus `python -m dsv3_jax.rl.sft_data --output=runs/arithmetic_sft.jsonl`):
+          the answers' reasoning is trained on (data.sft_reasoning "last"), so the model writes
+          "<think>\n3 + 5 = 8\n</think>\n\n8", the format GRPO's rewards check.
   v3      the 671B model with the report's learning rate; 4,096-token sequences and 128 per step
           (the report gives neither); set init_from to the pre-trained (or context-extended)
           weights, and config.train.steps to two epochs of the data (2,000 steps here).
@@ -24,7 +28,7 @@ Variants (`--config=configs/sft.py:<variant>`):
 
 from dsv3_jax.train.run_config import base_config
 
-VARIANTS = ("", "v3")
+VARIANTS = ("", "arithmetic", "v3")
 
 
 def _sft_data(c, seq_len: int, batch_size: int) -> None:
@@ -43,8 +47,8 @@ def _cosine(c, lr: float, final_lr: float, warmup_steps: int) -> None:
 
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
-        raise ValueError(f"configs/sft.py: unknown variant {arg!r}; use '' (the tiny model) or "
-                         f"'v3' (e.g. --config=configs/sft.py:v3).")
+        raise ValueError(f"configs/sft.py: unknown variant {arg!r}; use '' (the tiny model), "
+                         f"'arithmetic' or 'v3' (e.g. --config=configs/sft.py:v3).")
     if arg == "v3":
         c = base_config("deepseek-v3-671b")
         _sft_data(c, seq_len=4096, batch_size=128)
@@ -59,6 +63,19 @@ def get_config(arg: str = ""):
         c.mesh.expert = 64
         c.mesh.fsdp = -1
         c.train.init_from = ""  # the pre-trained weights: --config.train.init_from=...
+        return c
+    if arg == "arithmetic":
+        c = base_config("tiny")
+        _sft_data(c, seq_len=256, batch_size=16)
+        c.data.corpus = "runs/arithmetic_sft.jsonl"
+        c.data.sft_reasoning = "last"
+        _cosine(c, lr=1e-3, final_lr=1e-4, warmup_steps=20)
+        c.train.steps = 400
+        c.train.init_from = "runs/tiny"
+        c.train.eval_every = 100
+        c.train.eval_batches = 4
+        c.train.checkpoint_every = 100
+        c.train.log_every = 10
         return c
     c = base_config("tiny")
     _sft_data(c, seq_len=256, batch_size=16)

@@ -162,6 +162,9 @@ def unknown_setting(dotted: str) -> str | None:
     from dsv3_jax.train.run_config import base_config, unknown_key_message
 
     node, prefix = base_config(), "config"
+    if dotted.split(".")[0] == "rl":  # a GRPO run's section (python -m dsv3_jax.rl)
+        from dsv3_jax.rl.config import grpo_base_config
+        node = grpo_base_config()
     for key in dotted.split("."):
         if not hasattr(node, "keys"):
             return f"{prefix} is a value, not a section; it has no setting {key!r}."

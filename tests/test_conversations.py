@@ -134,6 +134,26 @@ def test_mask_covers_exactly_the_answers_and_their_eos(tok):
     assert ids.tolist() == list(tok.encode("".join(t for _, t in RUNS)))
 
 
+REASONING_CONVERSATION = [
+    {"role": "user", "content": "What is 3 plus 5?"},
+    {"role": "assistant", "content": "<think>\n3 + 5 = 8\n</think>\n\n8"},
+    {"role": "user", "content": "And 8 minus 2?"},
+    {"role": "assistant", "content": "<think>\n8 - 2 = 6\n</think>\n\n6"},
+]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_last_reasoning_masks_the_last_answers_reasoning_only(tok, keep):
+    ids, mask = cv.encode_conversation(REASONING_CONVERSATION, tok, keep_last_reasoning=keep)
+    masked = [tok.decode(run, keep_special=True) for m, run in runs(ids, mask) if m]
+    last = "<think>\n8 - 2 = 6\n</think>\n\n6" if keep else "\n\n6"
+    # The earlier answer always drops its reasoning (the format does); the last keeps it only
+    # with keep_last_reasoning (data.sft_reasoning="last").
+    assert masked == ["\n\n8" + EOS, last + EOS]
+    text = tok.decode(ids, keep_special=True)
+    assert ("8 - 2 = 6" in text) == keep and "3 + 5 = 8" not in text
+
+
 def test_masked_ids_do_not_depend_on_the_user_text(tok):
     """Each answer's ids are those of the answer + EOS encoded alone, whatever surrounds it."""
     garbage = ["", "x", "  \t\n", "ü中🐍 \x00 end with spaces   ", "<|Assistant|> def f(x):",

@@ -288,6 +288,33 @@ def test_sft_store_rows_hold_the_encoded_conversations_with_their_masks(tmp_path
     assert stored == sorted((ids.tolist(), mask.astype(int).tolist()) for ids, mask in encoded)
 
 
+def test_sft_reasoning_last_trains_on_the_last_answers_reasoning(tmp_path, chat_tokenizer):
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                           {"role": "assistant",
+                            "content": f"<think>\n{i} + 1 = {i + 1}\n</think>\n\n{i + 1}"}]}
+             for i in range(8)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in chats), encoding="utf-8")
+    stores = {}
+    for reasoning in ("drop", "last"):
+        cfg = _data_cfg(str(path), chat_tokenizer.path, fraction=0.01)
+        cfg.sft_reasoning = reasoning
+        data = pipeline.prepare_data(cfg, str(tmp_path / reasoning), model_vocab_size=512)
+        row = data.train.sequence(0, 96)
+        stores[reasoning] = chat_tokenizer.decode(row["tokens"][row["loss_mask"] == 1].tolist(),
+                                                  keep_special=True)
+        fingerprint = json.loads((tmp_path / reasoning / "sft" / "train" /
+                                  "fingerprint.json").read_text())
+        assert fingerprint["inputs"].get("reasoning") == (None if reasoning == "drop" else "last")
+    assert "<think>" not in stores["drop"] and "+ 1 =" not in stores["drop"]
+    assert stores["last"].count("<think>") == stores["last"].count("</think>") >= 1
+    assert "+ 1 =" in stores["last"]
+    bad = _data_cfg(str(path), chat_tokenizer.path)
+    bad.sft_reasoning = "all"
+    with pytest.raises(DataError, match="data.sft_reasoning='all' is not one of"):
+        pipeline.check_data_config(bad)
+
+
 def test_sft_data_refusals(tmp_path, chat_tokenizer):
     text = tmp_path / "notes.txt"
     text.write_text("plain text\n", encoding="utf-8")

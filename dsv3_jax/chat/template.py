@@ -20,7 +20,9 @@ writes for every conversation it accepts (the tests compare the two):
 - An assistant message is written as ASSISTANT + its answer + EOS, where the answer is its content
   after the last THINK_END: R1-style reasoning (<think>...</think>) is dropped from every
   assistant message given, the whitespace after </think> kept. A model sees the answers of earlier
-  turns, never their reasoning; to train on reasoning, render it in the turn being generated.
+  turns, never their reasoning. To train on reasoning, render_with_assistant_spans'
+  keep_last_reasoning=True writes the last assistant message whole, its reasoning included (the
+  turn being generated: what an R1-style model writes after the generation prompt).
 - The generation prompt is ASSISTANT alone, written after whatever came last. It opens no <think>
   block: V3 answers directly and an R1-style model opens its own. (R1's later template revision
   appends "<think>\\n" to force reasoning; a caller who wants that appends THINK_BEGIN + "\\n".)
@@ -123,18 +125,21 @@ def answer_of(content: str) -> str:
     return content.rsplit(THINK_END, 1)[-1]
 
 
-def _render(messages: Sequence[dict], add_generation_prompt: bool,
-            bos_token: str) -> tuple[str, list[Span]]:
-    """The text and the [start, end) character span of each assistant answer + EOS in it."""
+def _render(messages: Sequence[dict], add_generation_prompt: bool, bos_token: str,
+            keep_last_reasoning: bool = False) -> tuple[str, list[Span]]:
+    """The text and the [start, end) character span of each assistant answer + EOS in it (the
+    last assistant message's whole content + EOS with keep_last_reasoning)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     pieces, spans = [bos_token, system], []
     end = len(bos_token) + len(system)
-    for message in messages:
+    for i, message in enumerate(messages):
         if message["role"] == "user":
             pieces += [USER, message["content"]]
             end += len(USER) + len(message["content"])
         elif message["role"] == "assistant":
-            answer = answer_of(message["content"]) + EOS
+            kept = keep_last_reasoning and i == last
+            answer = (message["content"] if kept else answer_of(message["content"])) + EOS
             pieces += [ASSISTANT, answer]
             start = end + len(ASSISTANT)
             end = start + len(answer)
@@ -177,15 +182,20 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = True,
 
 
 def render_with_assistant_spans(messages: Sequence[dict], *, add_generation_prompt: bool = False,
-                                bos_token: str = BOS) -> tuple[str, list[Span]]:
+                                bos_token: str = BOS, keep_last_reasoning: bool = False
+                                ) -> tuple[str, list[Span]]:
     """(text, spans): render_chat's text (built-in renderer) and, for each assistant message in
     order, the [start, end) character range of what a model is trained to produce there: its
     answer (answer_of: reasoning dropped) followed by EOS; the ASSISTANT marker before it is not
     part of it. text[:start] is the prompt a model would generate that answer from (for
-    conversations whose system messages all come first)."""
+    conversations whose system messages all come first).
+
+    keep_last_reasoning: the last assistant message is written whole, its <think>...</think>
+    reasoning included, and that is its span (SFT of a reasoning format: data.sft_reasoning
+    "last"); earlier ones still drop theirs, as the format does."""
     _check_token("bos_token", bos_token)
     check_messages(messages)
-    return _render(messages, add_generation_prompt, bos_token)
+    return _render(messages, add_generation_prompt, bos_token, keep_last_reasoning)
 
 
 def parse_assistant(text: str) -> dict[str, str | None]:

@@ -209,10 +209,11 @@ def check_chat_tokenizer(tokenizer: Tokenizer) -> dict[str, int]:
     return ids
 
 
-def _pieces(messages: Conversation) -> list[tuple[str, bool]]:
+def _pieces(messages: Conversation, keep_last_reasoning: bool = False
+            ) -> list[tuple[str, bool]]:
     """The rendered conversation cut at its assistant spans: [(text, is_span), ...], empty
     pieces left out; the texts concatenated are render_with_assistant_spans' text."""
-    text, spans = render_with_assistant_spans(messages)
+    text, spans = render_with_assistant_spans(messages, keep_last_reasoning=keep_last_reasoning)
     pieces, end = [], 0
     for start, stop in spans:
         pieces += [(text[end:start], False), (text[start:stop], True)]
@@ -227,19 +228,22 @@ def _join(pieces: list[tuple[str, bool]], encoded: Iterable) -> tuple[np.ndarray
     return np.concatenate(ids), np.concatenate(mask)
 
 
-def encode_conversation(messages: Conversation,
-                        tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def encode_conversation(messages: Conversation, tokenizer: Tokenizer, *,
+                        keep_last_reasoning: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [T], loss_mask bool [T]) of one conversation (the module docstring's encoding):
     ids start with BOS; loss_mask is True on the tokens of each answer + EOS and nowhere else.
     ValueError (check_messages') for messages the format does not write; DataError when the
-    tokenizer lacks the chat markers (check_chat_tokenizer)."""
+    tokenizer lacks the chat markers (check_chat_tokenizer). keep_last_reasoning: the last
+    answer's reasoning is kept and masked too (render_with_assistant_spans'); the record rules
+    are unchanged (an answer that is all reasoning is still skipped as empty_answer)."""
     check_chat_tokenizer(tokenizer)
-    pieces = _pieces(messages)
+    pieces = _pieces(messages, keep_last_reasoning)
     return _join(pieces, tokenizer.encode_batch([p for p, _ in pieces], num_threads=1))
 
 
 def encode_conversations(conversations: Iterable[Conversation], tokenizer: Tokenizer,
-                         max_tokens: int, *, num_threads: int = -1
+                         max_tokens: int, *, num_threads: int = -1,
+                         keep_last_reasoning: bool = False
                          ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """([(ids int32 [T_i], loss_mask bool [T_i]), ...], counts) as encode_conversation gives
     them, in order, for the conversations with T_i <= max_tokens (the training sequence length).
@@ -256,7 +260,7 @@ def encode_conversations(conversations: Iterable[Conversation], tokenizer: Token
         cut = []
         for index, messages in batch:
             try:
-                cut.append(_pieces(messages))
+                cut.append(_pieces(messages, keep_last_reasoning))
             except ValueError as e:
                 raise DataError(f"conversations[{index}]: {e}") from None
         encoded = iter(tokenizer.encode_batch([p for pieces in cut for p, _ in pieces],

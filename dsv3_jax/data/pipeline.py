@@ -180,6 +180,9 @@ class PackedSequences:
 # ---- prepare_data ------------------------------------------------------------------------------
 
 TASKS = ("pretrain", "sft")  # config.data.task: what the documents are, what the loss counts
+# config.data.sft_reasoning: what SFT does with the <think> reasoning of a conversation's last
+# answer: "drop" it as the chat format does, or train on it ("last").
+SFT_REASONING = ("drop", "last")
 
 
 def batch_keys(data_cfg) -> tuple[str, ...]:
@@ -395,6 +398,10 @@ def check_data_config(data_cfg) -> None:
         raise DataError(f"data.task={data_cfg.task!r} is not one of {TASKS}: 'pretrain' trains on "
                         "every token of packed documents, 'sft' on the answers of conversations "
                         "(JSONL {\"messages\": [...]} records, or data.corpus='builtin').")
+    if data_cfg.get("sft_reasoning", "drop") not in SFT_REASONING:
+        raise DataError(f"data.sft_reasoning={data_cfg.sft_reasoning!r} is not one of "
+                        f"{SFT_REASONING}: 'drop' trains on the answers only (the chat format "
+                        "drops reasoning), 'last' also on the last answer's <think> reasoning.")
     if not isinstance(data_cfg.tokenizer, str):
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} must be a string: the path of a "
                         "sentencepiece .model, or '' to train one on the corpus.")

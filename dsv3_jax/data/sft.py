@@ -175,8 +175,10 @@ def prepare_sft_data(data_cfg, workdir: str, *, model_vocab_size: int):
                         f"For a run started from weights (config.train.init_from), the weights "
                         f"belong to that tokenizer: pre-train them again with a tokenizer trained "
                         f"by this version (it reserves the markers).") from None
+    reasoning = data_cfg.get("sft_reasoning", "drop")
     stores = {split: _get_store(corpus, tokenizer, split, data_cfg.seq_len,
-                                os.path.join(workdir, STORE_DIR, split)) for split in SPLITS}
+                                os.path.join(workdir, STORE_DIR, split), reasoning)
+              for split in SPLITS}
     if stores["train"].num_documents == 0:
         raise DataError(f"no training conversation is left from {corpus.describe()}: "
                         f"{_describe_counts(stores['train'].counts, data_cfg.seq_len)}; fix the "
@@ -226,9 +228,14 @@ def _tokenizer_sample(corpus: Corpus, budget: int) -> list[str]:
 
 
 def _get_store(corpus: Corpus, tokenizer: Tokenizer, split: str, seq_len: int,
-               path: str) -> ConversationStore:
+               path: str, reasoning: str = "drop") -> ConversationStore:
+    """The split's packed store at `path`, reused when its fingerprint matches. `reasoning`:
+    data.sft_reasoning ("last" trains on the last answer's reasoning; it joins the fingerprint
+    only then, so the stores of "drop" runs keep theirs)."""
     inputs = {"format": STORE_FORMAT, "encoding": ENCODING_VERSION, "split": split,
               "seq_len": seq_len, "tokenizer_sha256": tokenizer.sha256, **corpus.fingerprint()}
+    if reasoning != "drop":
+        inputs["reasoning"] = reasoning
     inputs = json.loads(json.dumps(inputs))  # as it reads back (tuples as lists), to compare
     if pipeline.read_fingerprint(path) == inputs:
         store = ConversationStore(path)
@@ -239,7 +246,8 @@ def _get_store(corpus: Corpus, tokenizer: Tokenizer, split: str, seq_len: int,
                  path)
     start = time.perf_counter()
     conversations, counts = conversations_of(corpus, split)
-    examples, encoded = conv.encode_conversations(conversations, tokenizer, seq_len)
+    examples, encoded = conv.encode_conversations(conversations, tokenizer, seq_len,
+                                                  keep_last_reasoning=reasoning == "last")
     counts.update(encoded)
     packed = pack(examples, seq_len, tokenizer.eos_id)
     _write_store(path, packed, inputs, counts)

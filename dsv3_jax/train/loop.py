@@ -180,7 +180,7 @@ def _barrier(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _stop_signal():
+def stop_signal():
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit): yields
     a list that gets the received signal's name."""
     received, previous = [], {}
@@ -215,7 +215,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         profiler, throughput = _Profiler(tc, run.workdir), _Throughput(run.tokens_per_step)
         resources.callback(profiler.close)
         nonfinite, step = 0, run.start_step
-        with (_stop_signal() as stop, jax.set_mesh(run.mesh),
+        with (stop_signal() as stop, jax.set_mesh(run.mesh),
               nn.logical_axis_rules(LOGICAL_AXIS_RULES)):
             while step < tc.steps:
                 step += 1
@@ -223,7 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 run.state, step_metrics = run.train_step(run.state, run.next_batch())
                 throughput.steps += 1
                 profiler.after(step, run.state)
-                nonfinite = _count_nonfinite(run, step, step_metrics, nonfinite)  # the NaN guard
+                nonfinite = count_nonfinite(run, step, step_metrics, nonfinite)  # the NaN guard
 
                 if step % tc.log_every == 0 or step == tc.steps:
                     last_train = run.log(step, step_metrics, throughput.tokens_per_sec())
@@ -369,7 +369,7 @@ class Run:
         # ------------------------------------------------------------ restore or initialise
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                  keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-        resources.callback(_close_quietly, self.ckpt)
+        resources.callback(close_quietly, self.ckpt)
         restored = self.ckpt.restore_latest(abstract_state, self.meta)
         if restored is None and tc.init_from and init is None:  # its checkpoints were unreadable
             init = self._load_init(cfg, abstract_state)
@@ -400,7 +400,7 @@ class Run:
         self.saved_step = self.start_step  # the newest step saved (or restored)
         self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=tc.steps,
                                                 start_step=self.start_step, enabled=is_main)
-        resources.callback(_close_quietly, self.writer)
+        resources.callback(close_quietly, self.writer)
         self.tokens_per_step = dc.batch_size * dc.seq_len
         self.flops_per_token = model_stats(cfg, dc.seq_len).train_flops_per_token  # training's
         self.peak = metrics_lib.peak_flops_per_device(  # a device's FLOP/s, for MFU; None: unknown
@@ -483,7 +483,7 @@ class Run:
                 model_config(self.config).moe_capacity_factor)
 
 
-def _close_quietly(resource) -> None:
+def close_quietly(resource) -> None:
     """Closes `resource` (at the run's end); a failure to close is logged, not raised over the
     run's own error."""
     try:
@@ -492,7 +492,7 @@ def _close_quietly(resource) -> None:
         logging.warning("closing %s failed: %s", type(resource).__name__, e)
 
 
-def _count_nonfinite(run: Run, step: int, step_metrics: dict, count: int) -> int:
+def count_nonfinite(run: Run, step: int, step_metrics: dict, count: int) -> int:
     """The NaN guard: consecutive non-finite steps up to `step` (0 after a finite one). A NaN/Inf
     step left the state as it was; more than config.train.max_nonfinite_steps in a row save that
     state and raise NonFiniteLossError."""

@@ -150,6 +150,33 @@ def _chunked_nll_bwd(dtype, res, cts):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
+def chunked_target_log_probs(h: jax.Array, w: jax.Array, targets: jax.Array, *, chunk: int,
+                             compute_dtype=None) -> jax.Array:
+    """log softmax(h @ w)[targets] float32 [N] without holding [N, V] logits: `chunk` rows at a
+    time (contiguous chunks; N padded to a multiple with row 0's target), each chunk's logits
+    recomputed in the backward pass (jax.checkpoint), so a few [chunk, V] float32 arrays live at
+    once. h [N, D], w [D, V] (the head's master kernel), targets int [N]; the head's numerics are
+    `_head`'s (compute dtype inputs, float32 accumulation), as in chunked_token_stats.
+    Differentiable in h and w: what a policy-gradient loss over sampled tokens needs."""
+    n, d = h.shape
+    dtype = compute_dtype or h.dtype
+    chunk = max(1, min(int(chunk), n))
+    k = -(-n // chunk)
+    pad = k * chunk - n
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(k, chunk, d)
+    ts = jnp.pad(targets, (0, pad)).reshape(k, chunk)
+    wc = w.astype(dtype)
+
+    @jax.checkpoint
+    def one(hc, tc, wc):
+        logits = _head(dtype, hc, wc)  # [C, V] float32
+        target = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return target - jax.nn.logsumexp(logits, axis=-1)
+
+    _, logp = jax.lax.scan(lambda _, x: (None, one(x[0], x[1], wc)), None, (hs, ts))
+    return logp.reshape(-1)[:n]
+
+
 def prediction_stats(out, tokens: jax.Array, segment_ids: jax.Array, *,
                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                      loss_mask: jax.Array | None = None) -> dict:

@@ -94,11 +94,16 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{key}/layer_{i}", v, step)
         self._tb.flush()
 
-    def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
+    def progress(self, step: int, loss: float | None, tokens_per_sec: float,
+                 **more: float) -> None:
+        """Moves the bar to `step`, showing the loss (unless None), tokens/s and `more` (4
+        significant digits each)."""
         if not self.enabled:
             return
         self._bar.n = step
-        self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+        shown = {} if loss is None else {"loss": f"{loss:.4f}"}
+        shown.update({k: f"{v:.4g}" for k, v in more.items()})
+        self._bar.set_postfix(**shown, tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
         self._bar.refresh()
 
     def close(self) -> None:

@@ -39,6 +39,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # (JSONL {"messages": [...]} records; "builtin": the standard library's documented
         # functions), the loss on the answers only (dsv3_jax/data/sft.py).
         task="pretrain",
+        # SFT: "drop" the reasoning (<think>...</think>) of answers as the chat format does, or
+        # train on the last answer's too ("last"; R1-style reasoning data).
+        sft_reasoning="drop",
         corpus="builtin",  # "builtin" (this Python's standard library sources), paths, globs
         format="auto",  # auto | text | jsonl | arrayrecord
         text_field="text",
@@ -112,15 +115,16 @@ def unknown_key_message(prefix: str, key: str, known: list[str]) -> str:
     return f"{prefix}.{key} is not a setting{hint} Known: {sorted(known)}."
 
 
-def check_run_config(config: ml_collections.ConfigDict) -> None:
+def check_run_config(config: ml_collections.ConfigDict, reference=None) -> None:
     """The one check of a run config: refuses settings base_config does not know (typos), naming
     the closest real key, and values no run can use (the setting, the value and what it must be).
-    Train and mesh rules are here; the data and model rules are their modules' own."""
+    Train and mesh rules are here; the data and model rules are their modules' own. `reference`:
+    the config whose keys are the settings (default base_config(); a GRPO run's adds config.rl)."""
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"the run config is a {type(config).__name__}, not an ml_collections."
                          "ConfigDict; a config file's get_config() must return one (start from "
                          "dsv3_jax.train.run_config.base_config()).")
-    reference = base_config()
+    reference = base_config() if reference is None else reference
 
     def walk(node, ref, prefix):
         for key in node.keys():
@@ -168,12 +172,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _int_at_least(minimum: int, why: str):
+def int_at_least(minimum: int, why: str):
     return lambda v: (_is_int(v) and minimum <= v <= INT32_MAX,
                       f"an int in [{minimum}, {INT32_MAX}] ({why})")
 
 
-def _number(low: float, high: float | None = None, *, low_open=False, high_open=False, why=""):
+def number_in(low: float, high: float | None = None, *, low_open=False, high_open=False, why=""):
     def rule(v):
         ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
               and (v > low if low_open else v >= low))
@@ -185,46 +189,46 @@ def _number(low: float, high: float | None = None, *, low_open=False, high_open=
     return rule
 
 
-def _bool(v):
+def is_bool(v):
     return isinstance(v, bool), "True or False"
 
 
 _TRAIN_RULES = {
-    "steps": _int_at_least(1, "optimizer steps of the run"),
-    "lr": _number(0, low_open=True, why="the peak learning rate"),
-    "warmup_steps": _int_at_least(0, "linear warmup from 0"),
+    "steps": int_at_least(1, "optimizer steps of the run"),
+    "lr": number_in(0, low_open=True, why="the peak learning rate"),
+    "warmup_steps": int_at_least(0, "linear warmup from 0"),
     "schedule": lambda v: (v in SCHEDULES, f"one of {list(SCHEDULES)}"),
-    "decay_start_fraction": _number(0, 1, why="where the cosine decay starts, as a fraction of steps"),
-    "final_lr_ratio": _number(0, 1, why="the last learning rate over the peak"),
-    "b1": _number(0, 1, high_open=True, why="Adam's first-moment decay"),
-    "b2": _number(0, 1, high_open=True, why="Adam's second-moment decay"),
-    "eps": _number(0, low_open=True, why="Adam's epsilon"),
-    "weight_decay": _number(0, why="decoupled weight decay"),
-    "clip": _number(0, low_open=True, why="the gradient's global-norm clip"),
-    "bf16_moments": _bool,
-    "mtp_lambda": _number(0, why="the MTP loss weight; 0 disables it"),
-    "balance_alpha": _number(0, why="the balance loss weight; 0 disables it"),
-    "bias_gamma": _number(0, why="the router-bias update speed; 0 disables it"),
-    "grad_accum_steps": _int_at_least(1, "microbatches per optimizer step; it must divide "
+    "decay_start_fraction": number_in(0, 1, why="where the cosine decay starts, as a fraction of steps"),
+    "final_lr_ratio": number_in(0, 1, why="the last learning rate over the peak"),
+    "b1": number_in(0, 1, high_open=True, why="Adam's first-moment decay"),
+    "b2": number_in(0, 1, high_open=True, why="Adam's second-moment decay"),
+    "eps": number_in(0, low_open=True, why="Adam's epsilon"),
+    "weight_decay": number_in(0, why="decoupled weight decay"),
+    "clip": number_in(0, low_open=True, why="the gradient's global-norm clip"),
+    "bf16_moments": is_bool,
+    "mtp_lambda": number_in(0, why="the MTP loss weight; 0 disables it"),
+    "balance_alpha": number_in(0, why="the balance loss weight; 0 disables it"),
+    "bias_gamma": number_in(0, why="the router-bias update speed; 0 disables it"),
+    "grad_accum_steps": int_at_least(1, "microbatches per optimizer step; it must divide "
                                          "config.data.batch_size"),
-    "moe_dropped_warn_fraction": _number(0, 1, why="the share of dropped token-expert pairs "
+    "moe_dropped_warn_fraction": number_in(0, 1, why="the share of dropped token-expert pairs "
                                                    "that is warned about"),
-    "loss_chunk_tokens": _int_at_least(1, "tokens per chunk of the chunked cross-entropy; a few "
+    "loss_chunk_tokens": int_at_least(1, "tokens per chunk of the chunked cross-entropy; a few "
                                           "hundred MB of [chunk, vocab] float32 logits at V3 "
                                           "scale with 512"),
-    "seed": _int_at_least(0, "the initialisation and shuffle seed"),
+    "seed": int_at_least(0, "the initialisation and shuffle seed"),
     "init_from": lambda v: (isinstance(v, str), "a string: the path of a training workdir, a "
                                                 "converted Orbax folder or a Hugging Face folder, "
                                                 "or '' to start from a random initialisation"),
-    "checkpoint_every": _int_at_least(1, "steps between checkpoints"),
-    "keep_checkpoints": _int_at_least(1, "checkpoints kept; fewer would delete every checkpoint"),
-    "async_checkpoint": _bool,
-    "eval_every": _int_at_least(1, "steps between evaluations"),
-    "eval_batches": _int_at_least(0, "validation batches per evaluation; 0 disables evaluation"),
-    "log_every": _int_at_least(1, "steps between logged rows"),
-    "log_expert_load": _bool,
-    "profile_start_step": _int_at_least(-1, "the first traced step; -1: none"),
-    "profile_steps": _int_at_least(0, "steps traced; 0 disables the profiler"),
-    "peak_tflops_per_device": _number(0, why="for MFU; 0 uses the known accelerators' peak"),
-    "max_nonfinite_steps": _int_at_least(0, "consecutive NaN/Inf steps skipped before stopping"),
+    "checkpoint_every": int_at_least(1, "steps between checkpoints"),
+    "keep_checkpoints": int_at_least(1, "checkpoints kept; fewer would delete every checkpoint"),
+    "async_checkpoint": is_bool,
+    "eval_every": int_at_least(1, "steps between evaluations"),
+    "eval_batches": int_at_least(0, "validation batches per evaluation; 0 disables evaluation"),
+    "log_every": int_at_least(1, "steps between logged rows"),
+    "log_expert_load": is_bool,
+    "profile_start_step": int_at_least(-1, "the first traced step; -1: none"),
+    "profile_steps": int_at_least(0, "steps traced; 0 disables the profiler"),
+    "peak_tflops_per_device": number_in(0, why="for MFU; 0 uses the known accelerators' peak"),
+    "max_nonfinite_steps": int_at_least(0, "consecutive NaN/Inf steps skipped before stopping"),
 }

@@ -1,0 +1,48 @@
+"""GRPO with verifiable rewards (DeepSeek-V3 report, section 5.2; dsv3_jax/rl/):
+
+    python -m dsv3_jax.rl --config=configs/grpo.py --workdir=runs/tiny_rl \
+        --config.train.init_from=runs/tiny_arith_sft
+
+Variants (`--config=configs/grpo.py:<variant>`):
+  (none)  the tiny model after `make grpo`'s SFT on the arithmetic task (init_from
+          runs/tiny_arith_sft): 8 prompts x 8 samples per step, 64 new tokens, a CPU run of a few
+          hundred steps (`make grpo`).
+  v3      the 671B model: DeepSeekMath's settings (lr 1e-6, KL beta 0.04, G = 16 of 64 prompts
+          here; the report gives no batch sizes for V3's RL); set init_from to the SFT weights.
+"""
+
+from dsv3_jax.rl.config import grpo_base_config
+
+VARIANTS = ("", "v3")
+
+
+def get_config(arg: str = ""):
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/grpo.py: unknown variant {arg!r}; use '' (the tiny model) or "
+                         "'v3' (e.g. --config=configs/grpo.py:v3).")
+    if arg == "v3":
+        c = grpo_base_config("deepseek-v3-671b")
+        c.rl.prompts_per_step = 64
+        c.rl.samples_per_prompt = 16
+        c.rl.max_new_tokens = 4096
+        c.rl.minibatches = 4
+        c.train.lr = 1e-6
+        c.train.steps = 1000
+        c.train.bf16_moments = True
+        c.model.remat_policy = "full"
+        c.mesh.expert = 64
+        c.mesh.fsdp = -1
+        c.train.init_from = ""  # the SFT weights: --config.train.init_from=...
+        return c
+    c = grpo_base_config("tiny")
+    c.rl.levels = "1-3"
+    c.rl.prompts_per_step = 8
+    c.rl.samples_per_prompt = 8
+    c.rl.max_new_tokens = 48
+    c.rl.eval_prompts = 64
+    c.train.lr = 2e-5
+    c.train.steps = 200
+    c.train.eval_every = 20
+    c.train.checkpoint_every = 20
+    c.train.init_from = "runs/tiny_arith_sft"  # make grpo's SFT workdir
+    return c
