@@ -279,7 +279,7 @@ class GRPORun:
     # ---------------------------------------------------------------- sampling and rewards
     def sample(self, prompts, seed: int, sampling, group: int) -> dict:
         """`group` completions of each of `prompts` ([(example, text, ids)]), scored: a dict of
-        prompt_lengths [N], completions (N lists of ids), scores [N, R], total [N], truncated [N]
+        prompt_ids (N lists: each row's prompt), completions (N lists of ids), scores [N, R], total [N], truncated [N]
         (no stop token), failures, new_tokens and seconds. Rows are prompt-major: row i * group
         + j is prompt i's sample j."""
         rl = self.config.rl
@@ -309,7 +309,7 @@ class GRPORun:
             got[row] = completions[row]
             submit(row)
         scores, failures = self.pool.collect(len(rows))
-        return {"prompt_lengths": np.array([len(r) for r in rows]), "completions": completions,
+        return {"prompt_ids": rows, "completions": completions,
                 "scores": scores, "total": scores @ self.pool.weights, "failures": failures,
                 "truncated": np.array([not c or c[-1] not in self.stop for c in completions]),
                 "new_tokens": sum(len(c) for c in completions),
@@ -341,7 +341,6 @@ class GRPORun:
         prompts = self.train_prompts.take(rl.prompts_per_step)
         samples = self.sample(prompts, _seed_of(self.config.train.seed, step), self.sampling,
                               rl.samples_per_prompt)
-        samples["prompt_ids"] = [ids for _, _, ids in prompts for _ in range(rl.samples_per_prompt)]
         rewards = samples["total"].reshape(rl.prompts_per_step, rl.samples_per_prompt)
         advantages = grpo.group_advantages(rewards).reshape(-1)
         batch = self.batch_of(samples, advantages)
