@@ -5,7 +5,7 @@
 
 Variants (`--config=configs/grpo.py:<variant>`):
   (none)  the tiny model after `make grpo`'s SFT on the arithmetic task (init_from
-          runs/tiny_arith_sft): 8 prompts x 8 samples per step, 64 new tokens, a CPU run of a few
+          runs/tiny_arith_sft): 8 prompts x 8 samples per step, 48 new tokens, a CPU run of a few
           hundred steps (`make grpo`).
   v3      the 671B model: DeepSeekMath's settings (lr 1e-6, KL beta 0.04, G = 16 of 64 prompts
           here; the report gives no batch sizes for V3's RL); set init_from to the SFT weights.

@@ -70,7 +70,7 @@ def get_config(arg: str = ""):
         c.data.corpus = "runs/arithmetic_sft.jsonl"
         c.data.sft_reasoning = "last"
         _cosine(c, lr=1e-3, final_lr=1e-4, warmup_steps=20)
-        c.train.steps = 400
+        c.train.steps = 200
         c.train.init_from = "runs/tiny"
         c.train.eval_every = 100
         c.train.eval_batches = 4
