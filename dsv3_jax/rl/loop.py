@@ -279,9 +279,9 @@ class GRPORun:
     # ---------------------------------------------------------------- sampling and rewards
     def sample(self, prompts, seed: int, sampling, group: int) -> dict:
         """`group` completions of each of `prompts` ([(example, text, ids)]), scored: a dict of
-        prompt_ids (N lists: each row's prompt), completions (N lists of ids), scores [N, R], total [N], truncated [N]
-        (no stop token), failures, new_tokens and seconds. Rows are prompt-major: row i * group
-        + j is prompt i's sample j."""
+        prompt_ids (N lists: each row's prompt), completions (N lists of ids), scores [N, R],
+        total [N], truncated [N] (no stop token), failures, new_tokens and seconds. Rows are
+        prompt-major: row i * group + j is prompt i's sample j."""
         rl = self.config.rl
         rows = [ids for _, _, ids in prompts for _ in range(group)]
         got = [[] for _ in rows]
