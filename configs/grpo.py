@@ -5,8 +5,9 @@
 
 Variants (`--config=configs/grpo.py:<variant>`):
   (none)  the tiny model after `make grpo`'s SFT on the arithmetic task (init_from
-          runs/tiny_arith_sft): 8 prompts x 8 samples per step, 48 new tokens, a CPU run of a few
-          hundred steps (`make grpo`).
+          runs/tiny_arith_sft), on level 1 (where it starts near 45%, so most groups hold both
+          right and wrong answers): 8 prompts x 8 samples per step, 48 new tokens, 128 held-out
+          prompts, a CPU run of a few hundred steps (`make grpo`).
   v3      the 671B model: DeepSeekMath's settings (lr 1e-6, KL beta 0.04, G = 16 of 64 prompts
           here; the report gives no batch sizes for V3's RL); set init_from to the SFT weights.
 """
@@ -35,14 +36,14 @@ def get_config(arg: str = ""):
         c.train.init_from = ""  # the SFT weights: --config.train.init_from=...
         return c
     c = grpo_base_config("tiny")
-    c.rl.levels = "1-3"
+    c.rl.levels = "1"
     c.rl.prompts_per_step = 8
     c.rl.samples_per_prompt = 8
     c.rl.max_new_tokens = 48
-    c.rl.eval_prompts = 64
+    c.rl.eval_prompts = 128
     c.train.lr = 2e-5
     c.train.steps = 200
-    c.train.eval_every = 20
-    c.train.checkpoint_every = 20
+    c.train.eval_every = 25
+    c.train.checkpoint_every = 25
     c.train.init_from = "runs/tiny_arith_sft"  # make grpo's SFT workdir
     return c

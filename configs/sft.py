@@ -20,7 +20,8 @@ Variants (`--config=configs/sft.py:<variant>`):
   arithmetic  the tiny model on the arithmetic task's worked solutions (`make grpo`'s first
           stage; corpus `python -m dsv3_jax.rl.sft_data --output=runs/arithmetic_sft.jsonl`):
           the answers' reasoning is trained on (data.sft_reasoning "last"), so the model writes
-          "<think>\n3 + 5 = 8\n</think>\n\n8", the format GRPO's rewards check.
+          "<think>\n3 + 5 = 8\n</think>\n\n8", the format GRPO's rewards check. 600 steps
+          of 16, about 19 min on a 2-core CPU (held-out answer loss still falling at 600).
   v3      the 671B model with the report's learning rate; 4,096-token sequences and 128 per step
           (the report gives neither); set init_from to the pre-trained (or context-extended)
           weights, and config.train.steps to two epochs of the data (2,000 steps here).
@@ -70,7 +71,7 @@ def get_config(arg: str = ""):
         c.data.corpus = "runs/arithmetic_sft.jsonl"
         c.data.sft_reasoning = "last"
         _cosine(c, lr=1e-3, final_lr=1e-4, warmup_steps=20)
-        c.train.steps = 200
+        c.train.steps = 600
         c.train.init_from = "runs/tiny"
         c.train.eval_every = 100
         c.train.eval_batches = 4

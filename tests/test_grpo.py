@@ -258,6 +258,10 @@ def test_grpo_steps_log_metrics_count_reward_failures_and_checkpoint(rl_env, tmp
     assert "expert_load_max" in first or any(k.startswith("expert_load") for k in first)
     evals = [r for r in rows if "eval_reward" in r]
     assert [r["step"] for r in evals] == [0, 2]
+    for e in evals:  # greedy and sampled held-out rewards, each reward named
+        for key in ("eval_reward", "eval_sampled_reward", "eval_grpo_test_rewards.length",
+                    "eval_sampled_grpo_test_rewards.length"):
+            assert np.isfinite(e[key]), key
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
     # The RL workdir's weights load wherever a training workdir's do.
     from dsv3_jax.train.checkpoint import read_params
@@ -351,7 +355,8 @@ def test_resume_after_sigkill_continues_bit_for_bit(rl_env, tmp_path):
 
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=f"{mods}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               DSV3_TEST_HANG_AFTER=str(2 + 2 * 8))  # eval at step 0 (2), steps 1 and 2 (8 each)
+               DSV3_TEST_HANG_AFTER=str(2 + 2 * 4 + 2 * 8))  # step 0's eval: 2 greedy, 2 x 4
+                                                              # sampled; steps 1, 2: 8 each
     args = [sys.executable, "-m", "dsv3_jax.rl", "--config=configs/grpo.py",
             f"--workdir={killed}", f"--config.train.init_from={ckpt}",
             "--config.model.vocab_size=512", "--config.model.max_seq_len=128",
@@ -359,7 +364,8 @@ def test_resume_after_sigkill_continues_bit_for_bit(rl_env, tmp_path):
             "--config.train.checkpoint_every=2", "--config.train.eval_every=4",
             "--config.train.async_checkpoint=False", "--config.rl.prompts_per_step=2",
             "--config.rl.samples_per_prompt=4", "--config.rl.max_new_tokens=12",
-            "--config.rl.eval_prompts=2", f"--config.rl.rewards={reward}",
+            "--config.rl.eval_prompts=2", "--config.rl.levels=1-3",  # _config's (the base's)
+            f"--config.rl.rewards={reward}",
             "--config.rl.reward_timeout_s=3600"]
     proc = subprocess.Popen(args, env=env, cwd=pathlib.Path(__file__).parents[1],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

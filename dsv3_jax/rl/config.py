@@ -46,6 +46,9 @@ def rl_defaults() -> ml_collections.ConfigDict:
         kl_beta=0.04,  # the k3 KL penalty's coefficient (DeepSeekMath's 0.04); 0 disables
         normalisation="token",  # "token" (every completion token weighs the same) | "sequence"
         eval_prompts=64,  # held-out prompts decoded greedily at each evaluation; 0 disables
+        # and this many sampled completions of each (temperature / top_p / top_k above): the
+        # held-out pass@1 at the sampling temperature (DeepSeek-R1's pass@1); 0: greedy only
+        eval_samples=4,
         score_chunk_tokens=512,  # tokens per chunk of the log-prob head (a [chunk, V] buffer)
     ))
 
@@ -104,6 +107,8 @@ _RL_RULES = {
     "kl_beta": number_in(0, why="the KL coefficient; 0 disables the penalty"),
     "normalisation": _choice(NORMALISATIONS),
     "eval_prompts": int_at_least(0, "held-out prompts per evaluation; 0 disables it"),
+    "eval_samples": int_at_least(0, "sampled completions per held-out prompt; 0 evaluates "
+                                    "greedily only"),
     "score_chunk_tokens": int_at_least(1, "tokens per chunk of the log-prob head"),
 }
 

@@ -408,13 +408,23 @@ class GRPORun:
 
     # ---------------------------------------------------------------- eval, save
     def evaluate(self, step: int) -> dict:
-        """Greedy completions of the held-out prompts: the mean weighted reward and each reward's
-        mean, written as `step`'s evaluation row."""
+        """Greedy completions of the held-out prompts (eval_reward: the mean weighted reward,
+        eval_<name>: each reward's mean) and, with config.rl.eval_samples, that many sampled
+        completions of each at the training sampling settings (eval_sampled_reward,
+        eval_sampled_<name>: pass@1 at temperature). The samples' seed is step 0's, which no
+        training step draws, at every evaluation: they differ only by the weights. Written as
+        `step`'s evaluation row."""
         samples = self.sample(self.eval_set, 0, self.greedy, 1)
         row = {"eval_reward": float(samples["total"].mean()),
                "eval_response_length": float(np.mean([len(c) for c in samples["completions"]]))}
         for j, name in enumerate(self.pool.names):
             row[f"eval_{name}"] = float(samples["scores"][:, j].mean())
+        if self.config.rl.eval_samples:
+            sampled = self.sample(self.eval_set, _seed_of(self.config.train.seed, 0),
+                                  self.sampling, self.config.rl.eval_samples)
+            row["eval_sampled_reward"] = float(sampled["total"].mean())
+            for j, name in enumerate(self.pool.names):
+                row[f"eval_sampled_{name}"] = float(sampled["scores"][:, j].mean())
         self.writer.write(step, row)
         logging.info("step %d eval: %s", step, row)
         return row
