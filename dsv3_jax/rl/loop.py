@@ -414,17 +414,19 @@ class GRPORun:
         eval_sampled_<name>: pass@1 at temperature). The samples' seed is step 0's, which no
         training step draws, at every evaluation: they differ only by the weights. Written as
         `step`'s evaluation row."""
-        samples = self.sample(self.eval_set, 0, self.greedy, 1)
-        row = {"eval_reward": float(samples["total"].mean()),
-               "eval_response_length": float(np.mean([len(c) for c in samples["completions"]]))}
-        for j, name in enumerate(self.pool.names):
-            row[f"eval_{name}"] = float(samples["scores"][:, j].mean())
-        if self.config.rl.eval_samples:
-            sampled = self.sample(self.eval_set, _seed_of(self.config.train.seed, 0),
-                                  self.sampling, self.config.rl.eval_samples)
-            row["eval_sampled_reward"] = float(sampled["total"].mean())
+        def means(prefix: str, samples: dict) -> dict:
+            out = {f"{prefix}_reward": float(samples["total"].mean())}
             for j, name in enumerate(self.pool.names):
-                row[f"eval_sampled_{name}"] = float(sampled["scores"][:, j].mean())
+                out[f"{prefix}_{name}"] = float(samples["scores"][:, j].mean())
+            return out
+
+        samples = self.sample(self.eval_set, 0, self.greedy, 1)
+        row = means("eval", samples)
+        row["eval_response_length"] = float(np.mean([len(c) for c in samples["completions"]]))
+        if self.config.rl.eval_samples:
+            row.update(means("eval_sampled", self.sample(
+                self.eval_set, _seed_of(self.config.train.seed, 0), self.sampling,
+                self.config.rl.eval_samples)))
         self.writer.write(step, row)
         logging.info("step %d eval: %s", step, row)
         return row
