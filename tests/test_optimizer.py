@@ -155,3 +155,33 @@ def test_router_biases_unrolled_keep_layer_order():
         expected = j + np.sign(load[j].mean() - load[j])
         np.testing.assert_allclose(got[j], expected, err_msg=f"layers_{j}")
     np.testing.assert_array_equal(got[12], 100)  # mtp_expert_load None: MTP router untouched
+
+
+def test_guarded_step_applies_a_finite_step_and_skips_a_nonfinite_one():
+    """guarded_step against its definition: a finite step is tx's update plus the bias rule
+    (written out here with optax and bias_update); a non-finite one returns the inputs bit for
+    bit, whatever the gradients hold."""
+    tc = _train_cfg(schedule="cosine", warmup_steps=0, steps=10, lr=1e-2, clip=1e9)
+    params = _toy_params()
+    tx = optim.make_optimizer(tc, params)
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    load = jnp.asarray(rng.integers(0, 50, (2, 8)), jnp.float32)
+    step = jax.jit(optim.guarded_step, static_argnums=(0, 7))
+
+    got_p, got_s = step(tx, grads, params, opt_state, jnp.bool_(True), load, None, 0.5)
+    updates, want_s = tx.update(grads, opt_state, params)
+    want_p = optax.apply_updates(params, updates)
+    gate = want_p["moe_layers"]["layers"]["ffn"]["gate"]
+    gate["e_score_correction_bias"] = optim.bias_update(gate["e_score_correction_bias"], load, 0.5)
+    for got, want in ((got_p, want_p), (got_s, want_s)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     got, want)
+    assert not np.allclose(got_p["head"]["kernel"], params["head"]["kernel"])  # it moved
+
+    nan_grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    kept_p, kept_s = step(tx, nan_grads, params, opt_state, jnp.bool_(False), load, None, 0.5)
+    for got, want in ((kept_p, params), (kept_s, opt_state)):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     got, want)

@@ -153,14 +153,10 @@ def _update(state: RLState, batch: dict, *, model, tx, train_cfg, rl):
     (loss, (stats, load, dropped)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if load is not None:
-        params = optim.update_router_bias(params, load, None, train_cfg.bias_gamma)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = state.replace(params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+    params, opt_state = optim.guarded_step(tx, grads, state.params, state.opt_state, finite,
+                                           load, None, train_cfg.bias_gamma)
+    new_state = state.replace(params=params, opt_state=opt_state)
     return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite, **stats,
                            lr=optim.learning_rate_schedule(train_cfg)(state.step),
                            expert_load=load, moe_dropped_fraction=dropped)

@@ -140,14 +140,10 @@ def _train_step(state: TrainState, batch: dict, *, model, tx, train_cfg,
     (loss, (terms, load, mtp_load, dropped)), grads = _loss_and_grads(
         state.params, batch, model=model, train_cfg=train_cfg, chunk_tokens=chunk_tokens)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if load is not None:
-        params = optim.update_router_bias(params, load, mtp_load, train_cfg.bias_gamma)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+    params, opt_state = optim.guarded_step(tx, grads, state.params, state.opt_state, finite,
+                                           load, mtp_load, train_cfg.bias_gamma)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     loads = [x for x in (load, mtp_load) if x is not None]
     step_metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite,
                         lr=optim.learning_rate_schedule(train_cfg)(state.step), **terms,

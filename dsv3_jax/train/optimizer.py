@@ -115,3 +115,20 @@ def update_router_bias(params, expert_load, mtp_expert_load, gamma: float):
             load, main_row = expert_load[main_row:main_row + rows], main_row + rows
         params = tree.replace(params, path, bias_update(bias, load.reshape(bias.shape), gamma))
     return params
+
+
+def guarded_step(tx: optax.GradientTransformation, grads, params, opt_state, finite: jax.Array,
+                 expert_load=None, mtp_expert_load=None, bias_gamma: float = 0.0):
+    """(params, opt_state) after one step of `tx` on `grads` and the router-bias update from
+    `expert_load` (`update_router_bias`), or the inputs unchanged where `finite` (a bool []) is
+    False: a non-finite step is skipped. A `lax.cond`, so a finite step pays for no select over
+    the parameters and optimizer state (a `jnp.where` over both costs a full pass over them)."""
+    def step(operands):
+        p, s = operands
+        updates, s = tx.update(grads, s, p)
+        p = optax.apply_updates(p, updates)
+        if expert_load is not None:
+            p = update_router_bias(p, expert_load, mtp_expert_load, bias_gamma)
+        return p, s
+
+    return jax.lax.cond(finite, step, lambda operands: operands, (params, opt_state))
