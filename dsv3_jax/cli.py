@@ -9,6 +9,8 @@
   wrong, the value and the fix, and exit status 1; anything else is reported the same way, named as
   an internal error;
 - `--verbose` or `DSV3_DEBUG=1` shows the traceback instead;
+- on Linux, a process started as the entry point (`python -m dsv3_jax.<x>`) first restarts itself
+  once with glibc's malloc preferring huge pages (`host_memory.prefer_huge_pages`);
 - Ctrl-C is exit status 130. The process always ends with its status, never with a signal: after
   the message it flushes its streams and leaves without running the interpreter's shutdown, where
   native libraries' threads (tensorstore, XLA, TensorBoard's writer) have crashed it before.
@@ -24,6 +26,8 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
+
+from dsv3_jax import host_memory
 
 _NOISY_LIBRARIES = ("orbax", "grain", "jax")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -56,6 +60,9 @@ def debug_requested() -> bool:
 
 def run(main) -> None:
     """`absl.app.run(main)` with the error contract in the module docstring."""
+    if getattr(main, "__module__", None) == "__main__":  # the process is this entry point
+        host_memory.prefer_huge_pages()
+
     def guarded(argv):
         absl_logging.get_absl_handler().addFilter(_QuietLibraries())  # our own log stays readable
         try:

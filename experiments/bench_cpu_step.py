@@ -31,6 +31,9 @@ same mixed precision, float32 master weights and optimizer state on both sides.
 Timing: a warm-up round (compiles ours, warms theirs, and sets each side's calls per sample so that
 a sample takes at least --min_seconds), then --rounds rounds, each timing every work item ours
 then theirs, so a drift in the machine's load hits both. The table gives the medians of rounds.
+Host memory: the script first restarts itself with glibc's malloc preferring transparent huge pages
+(dsv3_jax/host_memory.py; DSV3_HUGE_PAGES=0 turns that off), and the torch worker inherits that
+environment, so both sides run with the same allocator settings; the header prints them.
 
 The torch side runs in experiments/bench_cpu_step_torch.py, a worker subprocess speaking
 line-delimited JSON (torch is never imported here), under --torch_python (default
@@ -66,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsv3_jax as ds
+from dsv3_jax import host_memory
 from dsv3_jax.infer.generate import generate_tokens
 from dsv3_jax.model import tree
 from dsv3_jax.model.transformer import DeepSeekV3
@@ -483,6 +487,8 @@ def _bench(args, items: list[Item], configs: list[str], ours: Ours, theirs: Thei
           f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end")
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')}; python "
           f"{platform.python_version()}, {versions}; device {jax.devices()[0].device_kind}")
+    print(f"# host malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+          f"transparent huge pages {host_memory.thp_mode()} (dsv3_jax/host_memory.py)")
     print(f"# median of {args.rounds} round(s) after a warm-up round; calls per sample chosen for "
           f">= {args.min_seconds:g} s" + ("; SMOKE: tiny shapes, times meaningless"
                                            if args.smoke else ""))
@@ -493,4 +499,5 @@ def _bench(args, items: list[Item], configs: list[str], ours: Ours, theirs: Thei
 
 
 if __name__ == "__main__":
+    host_memory.prefer_huge_pages()  # both sides: the torch worker inherits the environment
     sys.exit(main())
