@@ -47,7 +47,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	echo "creating $(VENV) with $$py ($$($$py -V))"; \
 	rm -rf $(VENV) && $$py -m venv $(VENV) && \
 	$(PY) -m pip install -q --upgrade pip && \
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,notebooks,eval]' && \
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,notebooks,eval,serve]' && \
 	touch $@
 
 train: setup

@@ -30,10 +30,13 @@ setup(
         "jinja2>=3.1",  # a checkpoint's own chat_template
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+        # the serving tests talk to the server through the openai client
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "openai>=1.0", "httpx>=0.27"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.9"],
         # the needle evaluation's heatmap; lm-evaluation-harness (pytablewriter >= 1.2: the
         # resolver may otherwise pick a release whose tables lose their headers)
         "eval": ["matplotlib>=3.9", "lm-eval>=0.4.13,<0.5", "pytablewriter>=1.2"],
+        # python -m dsv3_jax.serve: the OpenAI-compatible HTTP server
+        "serve": ["starlette>=1.0", "uvicorn>=0.30"],
     },
 )

@@ -1,0 +1,340 @@
+"""The OpenAI-compatible server: the real `openai` client against a tiny model served by uvicorn
+on 127.0.0.1 in this process. Greedy answers equal offline `generate_tokens` on the same rendered
+prompt, token for token, streamed or not, alone or among 16 concurrent streams; a client that
+goes away frees its batch slot; every refusal has its status and OpenAI's error body; shutdown
+finishes the running streams."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from conftest import TINY32, init_params  # noqa: E402
+from test_conversations import stdlib_texts  # noqa: E402
+
+from dsv3_jax.chat.template import EOS, render_chat  # noqa: E402
+from dsv3_jax.data.conversations import check_chat_tokenizer  # noqa: E402
+from dsv3_jax.data.tokenizer import train_tokenizer  # noqa: E402
+from dsv3_jax.infer.generate import generate_tokens  # noqa: E402
+from dsv3_jax.infer.sampling import Sampling  # noqa: E402
+from dsv3_jax.serve.app import create_app, _Text  # noqa: E402
+from dsv3_jax.serve.engine import Engine, Request  # noqa: E402
+
+CFG = TINY32.replace(max_seq_len=128)
+MODEL = "tiny-test"
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve_tok")
+    return train_tokenizer(stdlib_texts("json", "email"), str(folder / "tokenizer.model"),
+                           vocab_size=512, num_threads=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """An engine + app under uvicorn on a thread; `client` is an openai.OpenAI for it."""
+
+    def __init__(self, params, tokenizer, **engine_args):
+        markers = check_chat_tokenizer(tokenizer)
+        self.stop_tokens = sorted({tokenizer.eos_id, markers[EOS]})
+        self.engine = Engine(CFG, params, vocab_limit=tokenizer.vocab_size,
+                             **{"max_batch": 4, "prefill_chunk": 32, **engine_args}).start()
+        app = create_app(self.engine, tokenizer, model_name=MODEL, stop_tokens=self.stop_tokens)
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
+                                    timeout=300)
+
+    def close(self):
+        self.engine.shutdown(timeout=60)
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served(params, tokenizer):
+    s = Served(params, tokenizer)
+    yield s
+    s.close()
+
+
+def _offline(params, tokenizer, stop_tokens, ids, max_new):
+    """Greedy generate_tokens on the same ids, limited to the tokenizer's pieces, as the server
+    samples; the answer's text without the stop token (the server's `content`)."""
+    out = generate_tokens(CFG, params, [ids], max_new_tokens=max_new,
+                          sampling=Sampling(vocab_limit=tokenizer.vocab_size),
+                          stop_tokens=stop_tokens).tokens[0][len(ids):]
+    finish = "stop" if out and out[-1] in stop_tokens else "length"
+    kept = [t for t in out if t not in stop_tokens]
+    return out, tokenizer.decode(kept, keep_special=True), finish
+
+
+def _messages(i: int):
+    words = ["hello", "the json format", "an email address", "what is a header", "tell me more"]
+    return [{"role": "user", "content": " ".join(words[: 1 + i % len(words)]) + f" {i}"}]
+
+
+def test_chat_streamed_and_not_equal_offline_greedy(served, params, tokenizer):
+    messages = _messages(3)
+    ids = tokenizer.encode(render_chat(messages))
+    out, text, finish = _offline(params, tokenizer, served.stop_tokens, ids, 12)
+    got = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                                temperature=0)
+    assert got.choices[0].message.content == text
+    assert got.choices[0].finish_reason == finish
+    assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(out)
+    assert got.usage.total_tokens == len(ids) + len(out)
+    pieces, finishes, usage = [], [], None
+    for chunk in served.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finishes.append(choice.finish_reason)
+    assert "".join(pieces) == text and finishes[-1] == finish
+    assert usage.completion_tokens == len(out)
+
+
+def test_sixteen_concurrent_streams_each_equal_offline(served, params, tokenizer):
+    """16 streams of different prompt and answer lengths on 4 batch slots: requests join and
+    leave the batch while others run, and every answer is its offline greedy answer."""
+    jobs = [(_messages(i), 3 + (5 * i) % 17) for i in range(16)]
+    offline = [_offline(params, tokenizer, served.stop_tokens, tokenizer.encode(render_chat(m)), n)
+               for m, n in jobs]
+    expected = [text for _, text, _ in offline]
+
+    def stream(job):
+        messages, n = job
+        text = []
+        for chunk in served.client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=n, temperature=0, stream=True):
+            text += [c.delta.content or "" for c in chunk.choices]
+        return "".join(text)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(stream, jobs))
+    assert got == expected
+    metrics = httpx.get(served.url + "/metrics").text
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    assert counts["dsv3_generation_tokens_total"] >= sum(len(out) for out, _, _ in offline)
+    assert counts["dsv3_time_to_first_token_seconds_count"] >= 16
+
+
+def test_completions_and_models_and_health(served, params, tokenizer):
+    prompt = "The json format"
+    ids = tokenizer.encode(prompt)
+    _, text, _ = _offline(params, tokenizer, served.stop_tokens, ids, 8)
+    got = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                           temperature=0)
+    assert got.choices[0].text == text
+    assert [m.id for m in served.client.models.list().data] == [MODEL]
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+
+
+def test_stop_strings_cut_the_answer(served, params, tokenizer):
+    messages = _messages(1)
+    full = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                                 temperature=0).choices[0].message.content
+    if len(full) < 4:
+        pytest.skip("this random model's answer is too short to cut")
+    stop = full[2:4]
+    got = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                                temperature=0, stop=[stop])
+    assert got.choices[0].message.content == full[:full.find(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_a_seeded_sampled_answer_repeats(served):
+    ask = lambda seed: served.client.chat.completions.create(
+        model=MODEL, messages=_messages(2), max_tokens=10, temperature=1.0, top_p=0.9,
+        seed=seed).choices[0].message.content
+    assert ask(7) == ask(7)
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"temperature": 3}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"n": 2}, 400, "n=2"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "gpt-9"}, 404, "gpt-9"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ({"max_tokens": 500}, 400, "maximum context length is 128 tokens"),
+])
+def test_refusals_have_their_status_and_an_openai_error_body(served, body, status, fragment):
+    request = {"model": MODEL, "messages": _messages(0), "max_tokens": 4, **body}
+    r = httpx.post(served.url + "/v1/chat/completions", json=request, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_the_openai_client_sees_the_context_error(served):
+    with pytest.raises(openai.BadRequestError, match="128 tokens"):
+        served.client.chat.completions.create(model=MODEL, messages=_messages(0), max_tokens=999)
+
+
+def test_a_disconnect_frees_the_slot_and_a_full_queue_is_429(params, tokenizer):
+    s = Served(params, tokenizer, max_batch=1, queue_size=0)
+    try:
+        request = {"model": MODEL, "messages": _messages(0), "max_tokens": 100, "stream": True,
+                   "temperature": 0}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=request,
+                          timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the stream runs and holds the only slot
+            busy = httpx.post(s.url + "/v1/chat/completions",
+                              json={**request, "stream": False, "max_tokens": 2}, timeout=60)
+            assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]
+        # The client went away: its slot frees and the next request is served.
+        deadline = time.monotonic() + 60
+        while s.engine.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = s.client.chat.completions.create(model=MODEL, messages=_messages(1), max_tokens=3,
+                                               temperature=0)
+        assert got.usage.completion_tokens >= 1
+        assert s.engine.metrics.value("requests_total", status="cancelled") >= 1
+    finally:
+        s.close()
+
+
+def test_shutdown_finishes_running_streams_then_refuses(params, tokenizer):
+    s = Served(params, tokenizer, max_batch=2)
+    try:
+        messages = _messages(4)
+        ids = tokenizer.encode(render_chat(messages))
+        _, text, _ = _offline(params, tokenizer, s.stop_tokens, ids, 30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(lambda: s.client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=30, temperature=0))
+            deadline = time.monotonic() + 60
+            while not s.engine.running and time.monotonic() < deadline:
+                time.sleep(0.01)
+            s.engine.shutdown(wait=False)
+            refused = httpx.post(s.url + "/v1/chat/completions",
+                                 json={"model": MODEL, "messages": messages, "max_tokens": 2},
+                                 timeout=60)
+            assert refused.status_code == 503
+            assert httpx.get(s.url + "/health").status_code == 503
+            assert running.result(timeout=120).choices[0].message.content == text
+    finally:
+        s.close()
+
+
+def test_text_holds_back_what_could_become_a_stop_string(tokenizer):
+    ids = tokenizer.encode("hello world, hello there")
+    text = _Text(tokenizer, ["o t"], (), reasoning=False, inside_think=False)
+    sent = "".join(text.advance([t])[1] for t in ids) + text.advance([], final=True)[1]
+    full = tokenizer.decode(ids, keep_special=True)
+    assert sent == full[:full.find("o t")] and text.stopped
+
+
+def test_reasoning_goes_to_reasoning_content(tokenizer):
+    from dsv3_jax.chat.template import THINK_BEGIN, THINK_END
+
+    ids = tokenizer.encode(f"{THINK_BEGIN}let me see{THINK_END}the answer")
+    text = _Text(tokenizer, [], (), reasoning=True, inside_think=False)
+    parts = [text.advance([t]) for t in ids] + [text.advance([], final=True)]
+    assert "".join(p[0] for p in parts).strip() == "let me see"
+    assert "".join(p[1] for p in parts).strip() == "the answer"
+
+
+def test_engine_refuses_what_cannot_fit(params):
+    engine = Engine(CFG, params, max_batch=1)
+    with pytest.raises(Exception, match="maximum context length is 128"):
+        engine.submit(Request(prompt=[5] * 100, max_new_tokens=40, on_event=print))
+    with pytest.raises(Exception, match="outside the vocabulary"):
+        engine.submit(Request(prompt=[CFG.vocab_size], max_new_tokens=1, on_event=print))
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(CFG, params, max_batch=0)
+
+
+# ---- python -m dsv3_jax.serve ------------------------------------------------------------------
+
+def _serve_cmd(*args):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import COMPILATION_CACHE
+
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE), JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "dsv3_jax.serve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("args, fragment, status", [
+    (["--checkpoint=/nonexistent/run"], "/nonexistent/run", 1),
+    (["--checkpoint=x", "--port=0"], "--port=0", 2),
+    (["--checkpoint=x", "--max_batch=0"], "--max_batch=0", 2),
+    (["--checkpoint=x", "stray"], "unexpected arguments", 2),
+])
+def test_cli_refusals(args, fragment, status):
+    proc = _serve_cmd(*args)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-2000:]
+    assert fragment in err and "Traceback" not in err
+
+
+def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path, tokenizer):
+    import signal
+
+    from conftest import random_checkpoint
+
+    folder = random_checkpoint(tmp_path / "ckpt", CFG, tokenizer)
+    port = _free_port()
+    proc = _serve_cmd(f"--checkpoint={folder}", f"--port={port}", "--max_seq_len=64",
+                      "--max_batch=2")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["ckpt"]
+        got = client.chat.completions.create(model="ckpt", messages=_messages(0), max_tokens=4,
+                                             temperature=0)
+        assert got.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert '"path": "/v1/chat/completions"' in err  # the access log line
+    finally:
+        if proc.poll() is None:
+            proc.kill()
