@@ -338,3 +338,27 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path, tokenizer):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_serve_smoke(tmp_path, tokenizer):
+    """experiments/bench_serve.py --smoke: launches a server on a checkpoint, 1 and 2 streaming
+    clients, a table with every request served."""
+    import subprocess
+    import sys
+
+    from conftest import COMPILATION_CACHE, random_checkpoint
+
+    folder = random_checkpoint(tmp_path / "ckpt", CFG, tokenizer)
+    env = dict(__import__("os").environ, JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE),
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "experiments/bench_serve.py", f"--launch={folder}",
+                          "--smoke", "--max_seq_len=64", f"--log_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| 1 ")
+            or line.startswith("| 2 ")]
+    assert [int(r[2]) for r in rows] == [4, 4] and all(int(r[3]) == 0 for r in rows)
+    bad = subprocess.run([sys.executable, "experiments/bench_serve.py",
+                          "--url=http://example.com:8000"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "127.0.0.1" in bad.stderr
