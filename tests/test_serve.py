@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -362,3 +363,39 @@ def test_bench_serve_smoke(tmp_path, tokenizer):
                           "--url=http://example.com:8000"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "127.0.0.1" in bad.stderr
+
+
+def test_the_paged_cache_is_shared_and_streams_wait_for_pages(params):
+    """A pool of 64 positions (4 pages of 16) for 4 batch slots of 128 positions: streams of up
+    to 32 positions run two at a time, a larger one waits for pages, all equal offline greedy;
+    one that needs more than the whole pool is refused."""
+    import queue
+
+    engine = Engine(CFG, params, max_batch=4, page_size=16, cache_tokens=64,
+                    prefill_chunk=16).start()
+    try:
+        assert engine.pool.shape[:3] == (CFG.n_layers, 5, 16)  # 4 pages + the unread page 0
+        rng = np.random.default_rng(1)
+        jobs = [(rng.integers(3, CFG.vocab_size, int(n)).tolist(), int(m))
+                for n, m in [(10, 6), (20, 12), (5, 27), (17, 15), (30, 18), (8, 8)]]
+        events, peak = queue.Queue(), [0.0]
+        for i, (prompt, m) in enumerate(jobs):
+            engine.submit(Request(prompt=prompt, max_new_tokens=m,
+                                  on_event=lambda kind, v, i=i: events.put((i, kind, v))))
+        got, done = {i: [] for i in range(len(jobs))}, set()
+        while len(done) < len(jobs):
+            i, kind, value = events.get(timeout=300)
+            peak[0] = max(peak[0], engine.metrics.value("cache_occupancy"))
+            if kind == "tokens":
+                got[i] += value
+            else:
+                assert (kind, value) == ("done", "length")
+                done.add(i)
+        for i, (prompt, m) in enumerate(jobs):
+            assert got[i] == generate_tokens(CFG, params, [prompt],
+                                             max_new_tokens=m).tokens[0][len(prompt):]
+        assert 0 < peak[0] <= 1 and engine.free_pages and len(engine.free_pages) == 4
+        with pytest.raises(Exception, match="whole cache holds 64"):
+            engine.submit(Request(prompt=[5] * 40, max_new_tokens=40, on_event=print))
+    finally:
+        engine.shutdown(timeout=60)

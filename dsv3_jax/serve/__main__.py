@@ -32,6 +32,10 @@ _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 0, "Positions per stream, pro
                                     "together (0: the model's max_seq_len).")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "Prompt tokens per model call: a long "
                                       "prompt is fed in chunks between decode steps.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Positions per page of the latent cache.")
+_CACHE_TOKENS = flags.DEFINE_integer("cache_tokens", 0, "The latent cache's size in positions, "
+                                     "shared by all streams (0: max_batch x max_seq_len); a "
+                                     "request waits until its prompt + max_tokens fit.")
 _QUEUE_SIZE = flags.DEFINE_integer("queue_size", 64, "Requests that may wait for a batch slot; "
                                    "more get 429.")
 _QUEUE_TIMEOUT = flags.DEFINE_float("queue_timeout", 60.0, "Seconds a request may wait for a "
@@ -45,7 +49,7 @@ flags.mark_flags_as_required(["checkpoint"])
 
 def _check_flags() -> None:
     for flag, low in ((_PORT, 1), (_MAX_BATCH, 1), (_PREFILL_CHUNK, 1), (_QUEUE_SIZE, 0),
-                      (_MAX_SEQ_LEN, 0)):
+                      (_MAX_SEQ_LEN, 0), (_PAGE_SIZE, 1), (_CACHE_TOKENS, 0)):
         if flag.value < low:
             raise cli.UsageError(f"--{flag.name}={flag.value} must be >= {low}.")
     if _PORT.value > 65535:
@@ -84,7 +88,8 @@ def main(argv):
     name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
     engine = Engine(cfg, params, max_batch=_MAX_BATCH.value, max_seq_len=max_seq_len,
                     prefill_chunk=_PREFILL_CHUNK.value, queue_size=_QUEUE_SIZE.value,
-                    queue_timeout=_QUEUE_TIMEOUT.value, vocab_limit=tokenizer.vocab_size).start()
+                    queue_timeout=_QUEUE_TIMEOUT.value, vocab_limit=tokenizer.vocab_size,
+                    page_size=_PAGE_SIZE.value, cache_tokens=_CACHE_TOKENS.value).start()
     app = create_app(engine, tokenizer, model_name=name, template=template,
                      stop_tokens=sorted({tokenizer.eos_id, markers[EOS]}))
     logging.getLogger("dsv3_jax.serve.access").setLevel(logging.INFO)

@@ -3,9 +3,19 @@
 Legend (the package's, `dsv3_jax.model`): B batch slots (max_batch), S cache slots per stream
 (max_seq_len), L layers, C + R a latent-cache row, V vocabulary.
 
-The cache is [L, B, S, C + R]: row b belongs to the stream in batch slot b while it runs, and
-cache slot s of that row holds the stream's token at position s (as in infer/generate.py). The
-scheduler loops, between device calls:
+The latent cache is paged: one pool [L, N, P, C + R] of N pages of P = page_size positions,
+shared by all streams. A stream is given the pages for its prompt + max_new_tokens when it is
+admitted (so it can never run out mid-answer) and gives them back when it ends; its page table
+maps position s to slot s % P of page table[s // P]. Page 0 is never given out: unused table
+entries point at it, and what is written there is never read. So the memory is the pool's, shared
+by whatever runs, not max_batch x max_seq_len. Attention reads through the table by gathering
+first: each model call gathers the running rows' pages into a contiguous [L, B, S', C + R] view
+(S' = the longest live allocation, rounded up to a power of two pages), runs the ordinary cached
+decode on it (`ops.attention`'s dispatch, the Hopper decode kernel included), and writes the
+positions it wrote back into their pages: one copy of the live rows' pages per call, on top of
+the attention itself (a kernel that reads through the table would save it). Within a row, slot s
+holds the stream's token at position s (as in infer/generate.py). The scheduler loops, between
+device calls:
 
   admit    queued requests take free batch slots (first come, first served); a request that
            waited longer than `queue_timeout` seconds ends with an error instead
@@ -30,7 +40,7 @@ Requests hear back through `Request.on_event(kind, value)`, called on the schedu
 finish_reason "stop", "length" or "cancelled", or ("error", Refusal) for a request that could
 not be served. `shutdown()` stops admitting new requests (`submit` raises ShuttingDown), ends the
 queued ones with an error, lets the running streams finish, then stops the thread.
-Not yet here: a paged cache (each batch slot holds S cache rows) and MTP speculation.
+Not yet here: MTP speculation.
 """
 
 from __future__ import annotations
@@ -106,6 +116,7 @@ class _Row:
 
     request: Request
     pending: list[int]  # prompt tokens not yet fed
+    pages: list[int]  # its pages in the pool, in position order
     cur: int = 0  # the next position to write (tokens at 0..cur-1 are in the cache)
     last: int = 0  # the newest sampled token, not yet fed (decoding rows)
     generated: int = 0
@@ -152,28 +163,48 @@ def _pick(logits, temperature, top_k, top_p, seed, step, vocab_limit: int):
     return jnp.where(temperature > 0, drawn, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="cache")
-def _decode_rows(cfg: ModelConfig, vocab_limit: int, params, cache, tokens, positions,
+def _gather(pool, tables):
+    """pool [L, N, P, W], tables int32 [B, Q] -> the rows' caches [L, B, Q * P, W]."""
+    view = pool[:, tables]  # [L, B, Q, P, W]
+    return view.reshape(view.shape[:2] + (-1, view.shape[-1]))
+
+
+def _scatter(pool, tables, view, positions):
+    """Writes view's rows at positions int32 [B, T] (absolute) back into their pages."""
+    b = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+    page_size = pool.shape[2]
+    rows = view[:, b, positions]  # [L, B, T, W]
+    pages = tables[b, positions // page_size]
+    return pool.at[:, pages, positions % page_size].set(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="pool")
+def _decode_rows(cfg: ModelConfig, vocab_limit: int, params, pool, tables, tokens, positions,
                  temperature, top_k, top_p, seed, step):
-    """tokens, positions int32 [B] -> (the next token of every row int32 [B], the cache)."""
-    logits, _, cache = _decode(cfg, params, tokens[:, None], positions[:, None], cache)
+    """tokens, positions int32 [B], tables int32 [B, Q] -> (the next token of every row int32
+    [B], the pool)."""
+    view = _gather(pool, tables)
+    positions = positions[:, None]
+    logits, _, view = _decode(cfg, params, tokens[:, None], positions, view)
+    pool = _scatter(pool, tables, view, positions)
     picked = _pick(logits[:, 0].astype(jnp.float32), temperature, top_k, top_p, seed, step,
                    vocab_limit)
-    return picked, cache
+    return picked, pool
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="cache")
-def _prefill_row(cfg: ModelConfig, vocab_limit: int, params, cache, row, tokens, start, last,
+@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="pool")
+def _prefill_row(cfg: ModelConfig, vocab_limit: int, params, pool, table, tokens, start, last,
                  temperature, top_k, top_p, seed):
-    """tokens int32 [1, W] at positions start.. of batch row `row` -> (the token after index
-    `last` of the chunk, sampled as `_pick` step 0 would, int32 []; the cache)."""
-    row_cache = jax.lax.dynamic_slice_in_dim(cache, row, 1, axis=1)
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, _, row_cache = _decode(cfg, params, tokens, positions, row_cache)
-    cache = jax.lax.dynamic_update_slice_in_dim(cache, row_cache, row, axis=1)
+    """tokens int32 [1, W] at positions start.. of the row whose page table is `table` int32
+    [1, Q] -> (the token after index `last` of the chunk, sampled as `_pick` step 0 would, int32
+    []; the pool). Padding past the row's pages lands in page 0."""
+    view = _gather(pool, table)
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # inside the view
+    logits, _, view = _decode(cfg, params, tokens, positions, view)
+    pool = _scatter(pool, table, view, positions)
     picked = _pick(logits[:, last].astype(jnp.float32), temperature[None], top_k[None],
                    top_p[None], seed[None], jnp.zeros(1, jnp.int32), vocab_limit)
-    return picked[0], cache
+    return picked[0], pool
 
 
 class Engine:
@@ -182,12 +213,15 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params, *, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = 256, queue_size: int = 64,
-                 queue_timeout: float = 60.0, vocab_limit: int = 0,
-                 metrics: Metrics | None = None):
+                 queue_timeout: float = 60.0, vocab_limit: int = 0, page_size: int = 16,
+                 cache_tokens: int = 0, metrics: Metrics | None = None):
+        """cache_tokens: the pool's size in positions, for all streams together (0: enough for
+        max_batch streams of max_seq_len positions), rounded up to whole pages."""
         self.cfg, self.params = cfg, params
         self.max_seq_len = int(max_seq_len or cfg.max_seq_len)
         checks = (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
-                  ("queue_size", queue_size, 0), ("max_seq_len", self.max_seq_len, 2))
+                  ("queue_size", queue_size, 0), ("max_seq_len", self.max_seq_len, 2),
+                  ("page_size", page_size, 1), ("cache_tokens", cache_tokens, 0))
         for name, value, low in checks:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
@@ -201,7 +235,13 @@ class Engine:
         self.queue_size, self.queue_timeout = queue_size, float(queue_timeout)
         self.vocab_limit = int(vocab_limit)
         self.metrics = metrics or Metrics()
-        self.cache = init_latent_cache(cfg, max_batch, self.max_seq_len)
+        self.page_size = page_size
+        self.pages_per_row = -(-self.max_seq_len // page_size)
+        pages = -(-cache_tokens // page_size) if cache_tokens else max_batch * self.pages_per_row
+        # [L, N, P, C + R]; page 0 takes the writes nobody reads (module docstring).
+        self.pool = init_latent_cache(cfg, pages + 1, page_size)
+        self.free_pages = list(range(1, pages + 1))
+        self.tables = np.zeros((max_batch, self.pages_per_row), np.int32)
         self.rows: list[_Row | None] = [None] * max_batch
         self._queue: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -225,6 +265,14 @@ class Engine:
                 f"you requested {prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the "
                 f"prompt, {max_new_tokens} in the completion). Please reduce the prompt or "
                 "max_tokens.")
+        need = self._pages_for(prompt_tokens, max_new_tokens)
+        if need > self.pool.shape[1] - 1:
+            raise Refusal(f"the request needs {need * self.page_size} cache positions but the "
+                          f"server's whole cache holds {(self.pool.shape[1] - 1) * self.page_size} "
+                          "(--cache_tokens); reduce the prompt or max_tokens.")
+
+    def _pages_for(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        return -(-(prompt_tokens + max_new_tokens) // self.page_size)
 
     def submit(self, request: Request) -> None:
         """Queues `request`; raises ShuttingDown, QueueFull or Refusal (it does not fit)."""
@@ -292,6 +340,8 @@ class Engine:
                 self.metrics.set("queue_depth", len(self._queue))
                 self.metrics.set("running", self.running)
                 self.metrics.set("batch_occupancy", self.running / self.max_batch)
+                self.metrics.set("cache_occupancy",
+                                 1 - len(self.free_pages) / (self.pool.shape[1] - 1))
         except BaseException as e:  # the device failed: every stream hears it
             self.error = e
             for i, row in enumerate(self.rows):
@@ -328,10 +378,14 @@ class Engine:
                         "(--queue_timeout); retry later."))
                     continue
                 slot = self._free_row()
-                if slot is None:
-                    return
+                need = self._pages_for(len(request.prompt), request.max_new_tokens)
+                if slot is None or need > len(self.free_pages):
+                    return  # first come, first served: the head waits for a slot and pages
                 self._queue.popleft()
-            self.rows[slot] = _Row(request, pending=list(request.prompt))
+            pages, self.free_pages = self.free_pages[:need], self.free_pages[need:]
+            self.tables[slot] = 0
+            self.tables[slot, :need] = pages
+            self.rows[slot] = _Row(request, pending=list(request.prompt), pages=pages)
             self.metrics.observe("queue_seconds", now - request.submitted)
 
     def _drop_cancelled(self) -> None:
@@ -342,6 +396,8 @@ class Engine:
     def _finish(self, i: int, reason: str) -> None:
         row = self.rows[i]
         self.rows[i] = None
+        self.free_pages += row.pages
+        self.tables[i] = 0
         self.metrics.inc("requests_total", status=reason)
         row.request.on_event("done", reason)
 
@@ -362,8 +418,8 @@ class Engine:
         n = min(len(row.pending), width)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = row.pending[:n]
-        token, self.cache = _prefill_row(
-            self.cfg, self.vocab_limit, self.params, self.cache, np.int32(i), tokens,
+        token, self.pool = _prefill_row(
+            self.cfg, self.vocab_limit, self.params, self.pool, self.tables[i:i + 1], tokens,
             np.int32(row.cur), np.int32(n - 1), *self._sampling(row.request))
         row.pending, row.cur = row.pending[n:], row.cur + n
         self.metrics.inc("prompt_tokens_total", n)
@@ -405,9 +461,11 @@ class Engine:
                 tokens[i] = row.last
                 temperature[i], top_k[i], top_p[i], seed[i] = self._sampling(r)
                 step[i] = row.generated
-        picked, self.cache = _decode_rows(self.cfg, self.vocab_limit, self.params, self.cache,
-                                          tokens, positions, temperature, top_k, top_p, seed,
-                                          step)
+        live = max(len(row.pages) for row in self.rows if row is not None)
+        width = min(1 << (live - 1).bit_length(), self.pages_per_row)  # pages in the view
+        picked, self.pool = _decode_rows(self.cfg, self.vocab_limit, self.params, self.pool,
+                                         self.tables[:, :width], tokens, positions, temperature,
+                                         top_k, top_p, seed, step)
         picked = np.asarray(picked)
         for i in decoding:
             self.rows[i].cur += 1

@@ -21,6 +21,7 @@ HELP = {
     "queue_depth": ("gauge", "Requests waiting for a batch slot."),
     "running": ("gauge", "Streams holding a batch slot."),
     "batch_occupancy": ("gauge", "Share of the batch slots in use."),
+    "cache_occupancy": ("gauge", "Share of the latent cache's pages given to streams."),
     "time_to_first_token_seconds": ("histogram", "From arrival to the first generated token."),
     "inter_token_latency_seconds": ("histogram", "Between consecutive tokens of a stream."),
     "queue_seconds": ("histogram", "From arrival to a batch slot."),
