@@ -399,3 +399,11 @@ def test_the_paged_cache_is_shared_and_streams_wait_for_pages(params):
             engine.submit(Request(prompt=[5] * 40, max_new_tokens=40, on_event=print))
     finally:
         engine.shutdown(timeout=60)
+
+
+def test_streamed_text_completion_equals_offline(served, params, tokenizer):
+    prompt = "an email address has"
+    _, text, finish = _offline(params, tokenizer, served.stop_tokens, tokenizer.encode(prompt), 9)
+    pieces = [c.choices[0].text for c in served.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=9, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == text
