@@ -10,11 +10,13 @@ another (greedy, --max_tokens each, prompts of about --prompt_words words, each 
 text), --requests in all (or until --duration seconds have passed), and the table gives per C:
 completed requests, generated tokens (from each response's usage), tokens/s over the whole
 wall time, time to first token (TTFT: from sending to the first content delta) and inter-token
-latency (ITL: between consecutive content deltas of one stream) at p50 / p99. C=1 is the
-sequential baseline the batched rows compare with (the speed-up column). Only a server on
+latency (ITL: between consecutive content deltas of one stream) at p50 / p99. C=1 without
+speculation is the sequential baseline of the speed-up column. Only a server on
 127.0.0.1 / localhost is accepted: this script sends bounded load to your own machine only.
 
-MTP speculation is not in the server yet, so there is no with/without-speculation comparison.
+With --launch, --speculative=both (the default) runs every client count against a server
+without and then one with MTP speculation (`--speculative`), and the table says which, with the
+server's draft acceptance rate; =on / =off runs one. With --url the server is as it was started.
 H100:
   python experiments/bench_serve.py --launch=<checkpoint of the small preset> --max_batch=32 \\
     --clients=1,8,32 --requests=128 --max_tokens=256
@@ -53,7 +55,8 @@ def _prompt(i: int, words: int) -> str:
 
 
 def _one(client: httpx.Client, url: str, model: str, i: int, args) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": _prompt(i, args.prompt_words)}],
+    messages = [{"role": "user", "content": _prompt(i, args.prompt_words)}]
+    body = {"model": model, "messages": messages,
             "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -114,10 +117,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args) -> tuple[subprocess.Popen, str]:
+def _launch(args, speculative: bool) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "dsv3_jax.serve", f"--checkpoint={args.launch}",
-           f"--port={port}", f"--max_batch={args.max_batch}"]
+           f"--port={port}", f"--max_batch={args.max_batch}", f"--speculative={speculative}"]
     if args.max_seq_len:
         cmd.append(f"--max_seq_len={args.max_seq_len}")
     log = open(os.path.join(args.log_dir, "bench_serve_server.log"), "w")
@@ -160,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--launch", default="", help="a checkpoint to start a server with")
     ap.add_argument("--max_batch", type=int, default=8, help="--launch: the server's batch slots")
     ap.add_argument("--max_seq_len", type=int, default=0, help="--launch: positions per stream")
+    ap.add_argument("--speculative", default="both", choices=("both", "on", "off"),
+                    help="--launch: servers without and/or with MTP speculation")
     ap.add_argument("--clients", default="1,8", help="client counts to run, e.g. 1,8,32")
     ap.add_argument("--requests", type=int, default=32, help="requests per client count")
     ap.add_argument("--max_tokens", type=int, default=64)
@@ -193,36 +198,42 @@ def _run(args) -> int:
     clients = _ints(args.clients, "--clients")
     if args.smoke:
         clients, args.requests, args.max_tokens, args.prompt_words = [1, 2], 4, 4, 6
-    proc = None
-    if args.launch:
-        proc, url = _launch(args)
-    else:
-        url = _check_url(args.url)
-    try:
-        models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
-        model = models[0]["id"]
-        run_load(url, model, 1, argparse.Namespace(**{**vars(args), "requests": 1}))  # compiles
-        rows = [run_load(url, model, c, args) for c in clients]
-        metrics = httpx.get(url + "/metrics", timeout=30).text
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=120)
-    base = next((r["tok_s"] for r in rows if r["clients"] == 1), None)
+    modes = ({"both": [False, True], "on": [True], "off": [False]}[args.speculative]
+             if args.launch else [None])
+    rows, rates, model, url = [], {}, "", args.url
+    for speculative in modes:
+        proc = None
+        if args.launch:
+            proc, url = _launch(args, speculative)
+        else:
+            url = _check_url(args.url)
+        try:
+            model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            warm = argparse.Namespace(**{**vars(args), "requests": 1})
+            run_load(url, model, 1, warm)  # compiles
+            for c in clients:
+                rows.append({**run_load(url, model, c, args), "speculative": speculative})
+            metrics = httpx.get(url + "/metrics", timeout=30).text
+            rates[speculative] = next((line.split()[1] for line in metrics.splitlines()
+                                       if line.startswith("dsv3_acceptance_rate")), "-")
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=120)
     print(f"# {SCRIPT}: streaming chat completions against {model} at {url}")
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')}; "
           f"python {platform.python_version()}, {os.cpu_count()} CPUs; max_tokens "
           f"{args.max_tokens}, prompts of {args.prompt_words} words, greedy")
-    print("| clients | requests | errors | tokens | tok/s | speed-up | TTFT p50 ms | TTFT p99 ms "
-          "| ITL p50 ms | ITL p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| MTP speculation | clients | requests | errors | tokens | tok/s | speed-up | "
+          "TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | acceptance |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = next((r["tok_s"] for r in rows if r["clients"] == 1 and not r["speculative"]), None)
     for r in rows:
         up = f"{r['tok_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens']} | "
+        mode = {None: "as started", False: "off", True: "on"}[r["speculative"]]
+        print(f"| {mode} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens']} | "
               f"{r['tok_s']:.1f} | {up} | {r['ttft50']:.0f} | {r['ttft99']:.0f} | "
-              f"{r['itl50']:.1f} | {r['itl99']:.1f} |")
-    occupancy = [line for line in metrics.splitlines() if line.startswith("dsv3_requests_total")]
-    print("# server: " + "; ".join(occupancy))
+              f"{r['itl50']:.1f} | {r['itl99']:.1f} | {rates[r['speculative']]} |")
     failed = [r for r in rows if r["errors"]]
     for r in failed:
         print(f"# {r['clients']} clients: {r['errors']} errors, first: {r['first_error']}",

@@ -342,8 +342,8 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path, tokenizer):
 
 
 def test_bench_serve_smoke(tmp_path, tokenizer):
-    """experiments/bench_serve.py --smoke: launches a server on a checkpoint, 1 and 2 streaming
-    clients, a table with every request served."""
+    """experiments/bench_serve.py --smoke: launches a server on a checkpoint without and with
+    MTP speculation, 1 and 2 streaming clients each, a table with every request served."""
     import subprocess
     import sys
 
@@ -356,9 +356,12 @@ def test_bench_serve_smoke(tmp_path, tokenizer):
                           "--smoke", "--max_seq_len=64", f"--log_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
-    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| 1 ")
-            or line.startswith("| 2 ")]
-    assert [int(r[2]) for r in rows] == [4, 4] and all(int(r[3]) == 0 for r in rows)
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith(("| off |", "| on |"))]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("off", "1", "4", "0"), ("off", "2", "4", "0"), ("on", "1", "4", "0"),
+        ("on", "2", "4", "0")]
+    assert rows[0][-1] == "0" and float(rows[2][-1]) >= 0  # acceptance: none without drafts
     bad = subprocess.run([sys.executable, "experiments/bench_serve.py",
                           "--url=http://example.com:8000"], capture_output=True, text=True,
                          timeout=120)
@@ -407,3 +410,92 @@ def test_streamed_text_completion_equals_offline(served, params, tokenizer):
     pieces = [c.choices[0].text for c in served.client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=9, temperature=0, stream=True) if c.choices]
     assert "".join(pieces) == text
+
+
+# ---- MTP speculation -----------------------------------------------------------------------------
+
+def _run_engine(engine, jobs, **request_args):
+    import queue
+
+    events = queue.Queue()
+    for i, (prompt, m) in enumerate(jobs):
+        engine.submit(Request(prompt=prompt, max_new_tokens=m, **request_args,
+                              on_event=lambda kind, v, i=i: events.put((i, kind, v))))
+    got, ends = {i: [] for i in range(len(jobs))}, {}
+    while len(ends) < len(jobs):
+        i, kind, value = events.get(timeout=300)
+        if kind == "tokens":
+            got[i] += value
+        else:
+            ends[i] = (kind, value)
+    return [got[i] for i in range(len(jobs))], ends
+
+
+def _jobs(seed, n=6):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(3, CFG.vocab_size, int(p)).tolist(), int(m))
+            for p, m in zip(rng.integers(2, 40, n), rng.integers(1, 20, n))]
+
+
+def test_speculative_greedy_equals_plain_greedy(params):
+    """Every row's draft is verified by the main model: greedy speculative answers are the plain
+    greedy ones (this random model's drafts are mostly rejected: the correction path)."""
+    engine = Engine(CFG, params, max_batch=3, prefill_chunk=16, speculative=True).start()
+    try:
+        jobs = _jobs(2)
+        got, ends = _run_engine(engine, jobs)
+        for (prompt, m), tokens in zip(jobs, got):
+            assert tokens == generate_tokens(CFG, params, [prompt],
+                                             max_new_tokens=m).tokens[0][len(prompt):]
+        assert engine.metrics.value("draft_tokens_total") > 0
+        assert "dsv3_acceptance_rate" in engine.metrics.render()
+    finally:
+        engine.shutdown(timeout=60)
+
+
+def test_speculative_accepted_drafts_give_two_tokens_a_step(params):
+    """A model whose final norms are zero gives all-zero logits, so the main model and the MTP
+    module both pick token 0 and every draft is accepted: each step emits two tokens, streams
+    still end at exactly max_new_tokens (odd or even), equal to plain greedy."""
+    import jax
+
+    flat = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 0 if jax.tree_util.keystr(path).endswith("['norm']['weight']") else x,
+        params)
+    engine = Engine(CFG, flat, max_batch=2, prefill_chunk=16, speculative=True).start()
+    try:
+        jobs = [(p, m) for (p, _), m in zip(_jobs(3, 4), (1, 2, 7, 10))]
+        got, ends = _run_engine(engine, jobs)
+        for (prompt, m), tokens in zip(jobs, got):
+            assert tokens == [0] * m
+            assert tokens == generate_tokens(CFG, flat, [prompt],
+                                             max_new_tokens=m).tokens[0][len(prompt):]
+        assert engine.metrics.value("acceptance_rate") == 1.0
+    finally:
+        engine.shutdown(timeout=60)
+    alone = Engine(CFG, flat, max_batch=1, speculative=True).start()
+    try:
+        _run_engine(alone, [(jobs[0][0], 10)])
+        # the prefill gives the first token, then five steps of two
+        assert alone.metrics.value("decode_steps_total") == 5
+    finally:
+        alone.shutdown(timeout=60)
+
+
+def test_speculative_sampling_is_seeded_and_stays_in_the_vocabulary(params):
+    jobs = _jobs(4, 4)
+    runs = []
+    for _ in range(2):
+        engine = Engine(CFG, params, max_batch=4, speculative=True, vocab_limit=300).start()
+        try:
+            runs.append(_run_engine(engine, jobs, temperature=1.0, top_p=0.9, seed=5)[0])
+        finally:
+            engine.shutdown(timeout=60)
+    assert runs[0] == runs[1]
+    assert all(len(t) == m for t, (_, m) in zip(runs[0], jobs))
+    assert max(max(t) for t in runs[0]) < 300
+
+
+def test_speculative_needs_an_mtp_module(params):
+    with pytest.raises(ValueError, match="mtp_depth=0"):
+        Engine(CFG.replace(mtp_depth=0), params, speculative=True)

@@ -36,6 +36,9 @@ _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Positions per page of the la
 _CACHE_TOKENS = flags.DEFINE_integer("cache_tokens", 0, "The latent cache's size in positions, "
                                      "shared by all streams (0: max_batch x max_seq_len); a "
                                      "request waits until its prompt + max_tokens fit.")
+_SPECULATIVE = flags.DEFINE_bool("speculative", False, "MTP speculative decoding: the first MTP "
+                                 "module drafts a token per stream and step, which the main "
+                                 "model verifies (greedy answers unchanged).")
 _QUEUE_SIZE = flags.DEFINE_integer("queue_size", 64, "Requests that may wait for a batch slot; "
                                    "more get 429.")
 _QUEUE_TIMEOUT = flags.DEFINE_float("queue_timeout", 60.0, "Seconds a request may wait for a "
@@ -77,6 +80,9 @@ def main(argv):
     from dsv3_jax.serve.engine import Engine
 
     cfg, params, tokenizer_path = load_for_inference(_CHECKPOINT.value)
+    if _SPECULATIVE.value and not cfg.mtp_depth:
+        raise cli.UsageError(f"--speculative needs an MTP module, but {_CHECKPOINT.value} has "
+                             "none (mtp_depth=0); serve it without --speculative.")
     tokenizer = cli.checkpoint_tokenizer(_CHECKPOINT.value, tokenizer_path, _TOKENIZER.value,
                                          cfg.vocab_size)
     markers = check_chat_tokenizer(tokenizer)  # DataError (exit 1) without the chat markers
@@ -89,7 +95,8 @@ def main(argv):
     engine = Engine(cfg, params, max_batch=_MAX_BATCH.value, max_seq_len=max_seq_len,
                     prefill_chunk=_PREFILL_CHUNK.value, queue_size=_QUEUE_SIZE.value,
                     queue_timeout=_QUEUE_TIMEOUT.value, vocab_limit=tokenizer.vocab_size,
-                    page_size=_PAGE_SIZE.value, cache_tokens=_CACHE_TOKENS.value).start()
+                    page_size=_PAGE_SIZE.value, cache_tokens=_CACHE_TOKENS.value,
+                    speculative=_SPECULATIVE.value).start()
     app = create_app(engine, tokenizer, model_name=name, template=template,
                      stop_tokens=sorted({tokenizer.eos_id, markers[EOS]}))
     logging.getLogger("dsv3_jax.serve.access").setLevel(logging.INFO)
@@ -107,8 +114,9 @@ def main(argv):
     config = uvicorn.Config(app, host=_HOST.value, port=_PORT.value, log_level="warning",
                             timeout_graceful_shutdown=int(_SHUTDOWN_TIMEOUT.value))
     server = Server(config)
+    spec = ", MTP speculation" if _SPECULATIVE.value else ""
     print(f"[serving {name} ({cfg.max_seq_len} positions, {max_seq_len} per stream, "
-          f"{_MAX_BATCH.value} batch slots) at http://{_HOST.value}:{_PORT.value}/v1; "
+          f"{_MAX_BATCH.value} batch slots{spec}) at http://{_HOST.value}:{_PORT.value}/v1; "
           f"{'its own chat_template' if template else 'the DeepSeek-V3 chat format'}]",
           file=sys.stderr, flush=True)
     server.run()

@@ -40,7 +40,15 @@ Requests hear back through `Request.on_event(kind, value)`, called on the schedu
 finish_reason "stop", "length" or "cancelled", or ("error", Refusal) for a request that could
 not be served. `shutdown()` stops admitting new requests (`submit` raises ShuttingDown), ends the
 queued ones with an error, lets the running streams finish, then stops the thread.
-Not yet here: MTP speculation.
+With `speculative` (a model with an MTP module), every decode step is infer/generate.py's
+speculative step for the whole batch: each row feeds [last, draft] at [cur, cur + 1], the draft is
+accepted or corrected by the acceptance rule (greedy rows: kept when it is the argmax, so greedy
+answers are exactly the plain ones), an accepted draft's position gives a bonus token, and the
+first MTP module, over its own paged pool (the same page tables), drafts the next one: 1 or 2
+tokens per row and step. The MTP module's pass over a prompt runs chunk by chunk behind the
+main model's, one position behind (the token after a position must be known), from the hidden
+states each prefill chunk keeps ([B, S, D]); the row's first draft comes with its first token.
+The acceptance rate is a metric.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.generate import _decode
-from dsv3_jax.model.transformer import init_latent_cache
+from dsv3_jax.model.transformer import DeepSeekV3, init_latent_cache
 from dsv3_jax.serve.metrics import Metrics
 
 
@@ -120,6 +128,8 @@ class _Row:
     cur: int = 0  # the next position to write (tokens at 0..cur-1 are in the cache)
     last: int = 0  # the newest sampled token, not yet fed (decoding rows)
     generated: int = 0
+    mtp_done: int = 0  # speculative: prompt positions the MTP module has been through
+    draft: int = 0  # speculative: the MTP draft for position cur + 1
     first_token_at: float | None = None
     last_token_at: float | None = None
 
@@ -135,30 +145,51 @@ def _width(n: int, room: int, cap: int) -> int:
     return min(1 << (n - 1).bit_length(), limit)
 
 
-def _pick(logits, temperature, top_k, top_p, seed, step, vocab_limit: int):
-    """One token per row of logits [B, V] (float32): the argmax where temperature is 0, else a
-    draw (temperature, then top-k, then top-p, as infer/sampling.py's log_probs) keyed by the
-    row's (seed, step). Ids at or past vocab_limit (when > 0) are never picked."""
+def _limit(logits, vocab_limit: int):
+    """float32 logits [..., V] with ids at or past vocab_limit (when > 0) at -inf."""
     v = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
     if vocab_limit and vocab_limit < v:
         logits = jnp.where(jnp.arange(v) < vocab_limit, logits, -jnp.inf)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return logits
 
-    def draw(row, t, k, p, s, i):
+
+def _log_dist(logits, temperature, top_k, top_p):
+    """Each row's sampling distribution as log-probabilities [B, V]: temperature, then top-k,
+    then top-p, as infer/sampling.py's log_probs (meaningful where temperature > 0)."""
+    v = logits.shape[-1]
+
+    def one(row, t, k, p):
         scaled = row / jnp.maximum(t, 1e-6)
         ordered = -jnp.sort(-scaled)
         kth = jnp.where(k > 0, ordered[jnp.clip(k - 1, 0, v - 1)], -jnp.inf)
-        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
         ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
         probs = jax.nn.softmax(ordered)
         before = jnp.cumsum(probs) - probs  # mass of the strictly likelier tokens
         kept = jnp.sum(before < p)  # always the most likely token
-        cutoff = ordered[jnp.clip(kept - 1, 0, v - 1)]
-        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-        key = jax.random.fold_in(jax.random.key(s), i)
-        return jax.random.categorical(key, scaled).astype(jnp.int32)
+        cutoff = jnp.maximum(ordered[jnp.clip(kept - 1, 0, v - 1)], kth)
+        return jax.nn.log_softmax(jnp.where(scaled >= cutoff, scaled, -jnp.inf))
 
-    sample = lambda: jax.vmap(draw)(logits, temperature, top_k, top_p, seed, step)
+    return jax.vmap(one)(logits, temperature, top_k, top_p)
+
+
+def _keys(seed, step, stream: int):
+    """A key per row: (seed, step) and one of the draws a step makes (`stream`)."""
+    fold = lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), stream)
+    return jax.vmap(fold)(seed, step)
+
+
+def _pick(logits, temperature, top_k, top_p, seed, step, vocab_limit: int, stream: int = 0):
+    """One token per row of logits [B, V]: the argmax where temperature is 0, else a draw from
+    `_log_dist` keyed by the row's (seed, step, stream). Ids at or past vocab_limit (when > 0)
+    are never picked."""
+    logits = _limit(logits, vocab_limit)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample():
+        logq = _log_dist(logits, temperature, top_k, top_p)
+        return jax.vmap(jax.random.categorical)(_keys(seed, step, stream), logq).astype(jnp.int32)
+
     drawn = jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
     return jnp.where(temperature > 0, drawn, greedy)
 
@@ -207,6 +238,104 @@ def _prefill_row(cfg: ModelConfig, vocab_limit: int, params, pool, table, tokens
     return picked[0], pool
 
 
+# ---- MTP speculation ----------------------------------------------------------------------------
+
+def _accept(target_logits, draft, logq, temperature, top_k, top_p, seed, step, vocab_limit: int):
+    """The acceptance rule for one draft token per row (infer/sampling.py's accept_draft, each
+    row with its own sampling): greedy rows accept a draft equal to the argmax and else take
+    the argmax; sampled rows accept with probability min(1, p/q) and else draw from
+    max(p - q, 0). -> (accepted bool [B], the token at the draft's position int32 [B])."""
+    logits = _limit(target_logits, vocab_limit)
+    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        logp = _log_dist(logits, temperature, top_k, top_p)
+        pick = lambda t: jnp.take_along_axis(t, draft[:, None], axis=-1)[:, 0]
+        u = jax.vmap(jax.random.uniform)(_keys(seed, step, 1))
+        accepted = u < jnp.exp(pick(logp) - pick(logq))
+        residual = jnp.maximum(jnp.exp(logp) - jnp.exp(logq), 0.0)
+        has_mass = residual.sum(-1, keepdims=True) > 0  # p == q: rejection has probability 0
+        residual = jnp.where(has_mass, residual, jnp.exp(logp))
+        correction = jax.vmap(jax.random.categorical)(_keys(seed, step, 2), jnp.log(residual))
+        return accepted, jnp.where(accepted, draft, correction.astype(jnp.int32))
+
+    greedy = (draft == target, target)
+    accepted, token = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    rows = temperature > 0
+    return jnp.where(rows, accepted, greedy[0]), jnp.where(rows, token, greedy[1])
+
+
+def _draft_of(logits, temperature, top_k, top_p, seed, step, vocab_limit: int):
+    """The MTP draft per row (drawn as `_pick` stream 4) and, for sampled rows, the
+    log-distribution it was drawn from [B, V] (zeros when every row is greedy)."""
+    token = _pick(logits, temperature, top_k, top_p, seed, step, vocab_limit, stream=4)
+    logq = jax.lax.cond(jnp.any(temperature > 0),
+                        lambda: _log_dist(_limit(logits, vocab_limit), temperature, top_k, top_p),
+                        lambda: jnp.zeros(logits.shape, jnp.float32))
+    return token, logq
+
+
+def _mtp(cfg, params, hidden, next_tokens, positions, cache):
+    return DeepSeekV3(cfg).apply({"params": params}, hidden, next_tokens, positions, cache,
+                                 method=DeepSeekV3.mtp_decode)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"),
+                   donate_argnames=("pool", "hidden"))
+def _prefill_row_keeping_hidden(cfg: ModelConfig, vocab_limit: int, params, pool, hidden, row,
+                                table, tokens, start, last, temperature, top_k, top_p, seed):
+    """`_prefill_row` that also keeps the chunk's hidden states in hidden [B, S, D] (row `row`,
+    positions start..), for the MTP module's pass over the prompt."""
+    view = _gather(pool, table)
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    logits, h, view = _decode(cfg, params, tokens, positions, view)
+    pool = _scatter(pool, table, view, positions)
+    hidden = jax.lax.dynamic_update_slice(hidden, h.astype(hidden.dtype), (row, start, 0))
+    picked = _pick(logits[:, last], temperature[None], top_k[None], top_p[None], seed[None],
+                   jnp.zeros(1, jnp.int32), vocab_limit)
+    return picked[0], pool, hidden
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="mtp_pool")
+def _mtp_prefill_row(cfg: ModelConfig, vocab_limit: int, params, mtp_pool, hidden, row, table,
+                     next_tokens, start, last, temperature, top_k, top_p, seed):
+    """The MTP module over W prompt positions start.. of one row (hidden states from hidden
+    [B, S, D], next_tokens int32 [1, W] the token after each) -> (the draft after index `last`,
+    its log-distribution [V], the MTP pool)."""
+    width = next_tokens.shape[1]
+    h = jax.lax.dynamic_slice(hidden, (row, start, 0), (1, width, hidden.shape[2]))
+    positions = start + jnp.arange(width, dtype=jnp.int32)[None]
+    view = _gather(mtp_pool, table)[0]
+    logits, view = _mtp(cfg, params, h, next_tokens, positions, view)
+    mtp_pool = _scatter(mtp_pool, table, view[None], positions)
+    draft, logq = _draft_of(logits[:, last], temperature[None], top_k[None], top_p[None],
+                            seed[None], jnp.zeros(1, jnp.int32), vocab_limit)
+    return draft[0], logq[0], mtp_pool
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"),
+                   donate_argnames=("pool", "mtp_pool"))
+def _speculative_rows(cfg: ModelConfig, vocab_limit: int, params, pool, mtp_pool, tables, last,
+                      draft, logq, positions, temperature, top_k, top_p, seed, step):
+    """One speculative step for every row (infer/generate.py's, per row): [last, draft] fed at
+    [cur, cur + 1]; the draft accepted or corrected; when accepted the logits at cur + 1 give a
+    bonus token; the MTP module at [cur, cur + 1] then drafts the token after the new last.
+    -> (first, bonus, accepted, the new draft, its logq, pool, mtp_pool)."""
+    pos2 = jnp.stack([positions, positions + 1], axis=1)
+    view = _gather(pool, tables)
+    logits, hidden, view = _decode(cfg, params, jnp.stack([last, draft], axis=1), pos2, view)
+    pool = _scatter(pool, tables, view, pos2)
+    sampling = (temperature, top_k, top_p, seed, step)
+    accepted, first = _accept(logits[:, 0], draft, logq, *sampling, vocab_limit)
+    bonus = _pick(logits[:, 1], *sampling, vocab_limit, stream=3)
+    mview = _gather(mtp_pool, tables)[0]
+    mlogits, mview = _mtp(cfg, params, hidden, jnp.stack([first, bonus], axis=1), pos2, mview)
+    mtp_pool = _scatter(mtp_pool, tables, mview[None], pos2)
+    chosen = mlogits[jnp.arange(mlogits.shape[0]), accepted.astype(jnp.int32)]
+    new_draft, new_logq = _draft_of(chosen, *sampling, vocab_limit)
+    return first, bonus, accepted, new_draft, new_logq, pool, mtp_pool
+
+
 class Engine:
     """The scheduler (module docstring). `submit` is thread-safe; everything else runs on the
     engine's own thread once `start()`ed."""
@@ -214,7 +343,8 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params, *, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = 256, queue_size: int = 64,
                  queue_timeout: float = 60.0, vocab_limit: int = 0, page_size: int = 16,
-                 cache_tokens: int = 0, metrics: Metrics | None = None):
+                 cache_tokens: int = 0, speculative: bool = False,
+                 metrics: Metrics | None = None):
         """cache_tokens: the pool's size in positions, for all streams together (0: enough for
         max_batch streams of max_seq_len positions), rounded up to whole pages."""
         self.cfg, self.params = cfg, params
@@ -241,6 +371,16 @@ class Engine:
         # [L, N, P, C + R]; page 0 takes the writes nobody reads (module docstring).
         self.pool = init_latent_cache(cfg, pages + 1, page_size)
         self.free_pages = list(range(1, pages + 1))
+        if not isinstance(speculative, bool):
+            raise ValueError(f"speculative={speculative!r} must be True or False.")
+        if speculative and not cfg.mtp_depth:
+            raise ValueError("speculative=True needs an MTP module, but this model has "
+                             "mtp_depth=0; serve without speculation.")
+        self.speculative = speculative
+        if speculative:  # the first MTP module's pool [1, N, P, C + R], same page tables
+            self.mtp_pool = init_latent_cache(cfg, pages + 1, page_size)[:1]
+            self.hidden = jnp.zeros((max_batch, self.max_seq_len, cfg.dim), jnp.dtype(cfg.dtype))
+            self.logq = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
         self.tables = np.zeros((max_batch, self.pages_per_row), np.int32)
         self.rows: list[_Row | None] = [None] * max_batch
         self._queue: collections.deque[Request] = collections.deque()
@@ -418,13 +558,43 @@ class Engine:
         n = min(len(row.pending), width)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = row.pending[:n]
-        token, self.pool = _prefill_row(
-            self.cfg, self.vocab_limit, self.params, self.pool, self.tables[i:i + 1], tokens,
-            np.int32(row.cur), np.int32(n - 1), *self._sampling(row.request))
+        sampling = self._sampling(row.request)
+        if self.speculative:
+            token, self.pool, self.hidden = _prefill_row_keeping_hidden(
+                self.cfg, self.vocab_limit, self.params, self.pool, self.hidden, np.int32(i),
+                self.tables[i:i + 1], tokens, np.int32(row.cur), np.int32(n - 1), *sampling)
+        else:
+            token, self.pool = _prefill_row(
+                self.cfg, self.vocab_limit, self.params, self.pool, self.tables[i:i + 1], tokens,
+                np.int32(row.cur), np.int32(n - 1), *sampling)
         row.pending, row.cur = row.pending[n:], row.cur + n
         self.metrics.inc("prompt_tokens_total", n)
+        if self.speculative:
+            self._mtp_prefill(i, int(token) if row.decoding else None)
         if row.decoding:
             self._emit(i, int(token))
+
+    def _mtp_prefill(self, i: int, first: int | None) -> None:
+        """The MTP module over the prompt positions whose next token is known: all fed ones but
+        the last, or, once `first` is sampled, all of them (then the row's first draft)."""
+        row = self.rows[i]
+        prompt = row.request.prompt
+        upto = row.cur if first is not None else row.cur - 1
+        after = prompt[1:] + ([first] if first is not None else [])  # the token after each
+        while row.mtp_done < upto:
+            width = _width(upto - row.mtp_done, self.max_seq_len - row.mtp_done,
+                           self.prefill_chunk)
+            m = min(upto - row.mtp_done, width)
+            tokens = np.zeros((1, width), np.int32)
+            tokens[0, :m] = after[row.mtp_done:row.mtp_done + m]
+            draft, logq, self.mtp_pool = _mtp_prefill_row(
+                self.cfg, self.vocab_limit, self.params, self.mtp_pool, self.hidden, np.int32(i),
+                self.tables[i:i + 1], tokens, np.int32(row.mtp_done), np.int32(m - 1),
+                *self._sampling(row.request))
+            row.mtp_done += m
+        if first is not None:
+            row.draft = int(draft)
+            self.logq = self.logq.at[i].set(logq)
 
     def _emit(self, i: int, token: int) -> None:
         """Row i produced `token`: it is sent, and the row ends or goes on."""
@@ -461,8 +631,13 @@ class Engine:
                 tokens[i] = row.last
                 temperature[i], top_k[i], top_p[i], seed[i] = self._sampling(r)
                 step[i] = row.generated
+        self.metrics.inc("decode_steps_total")
         live = max(len(row.pages) for row in self.rows if row is not None)
         width = min(1 << (live - 1).bit_length(), self.pages_per_row)  # pages in the view
+        if self.speculative:
+            self._speculative_step(decoding, tokens, positions, self.tables[:, :width],
+                                   (temperature, top_k, top_p, seed, step))
+            return
         picked, self.pool = _decode_rows(self.cfg, self.vocab_limit, self.params, self.pool,
                                          self.tables[:, :width], tokens, positions, temperature,
                                          top_k, top_p, seed, step)
@@ -470,6 +645,31 @@ class Engine:
         for i in decoding:
             self.rows[i].cur += 1
             self._emit(i, int(picked[i]))
+
+    def _speculative_step(self, decoding, last, positions, tables, sampling) -> None:
+        drafts = np.zeros_like(last)
+        for i in decoding:
+            drafts[i] = self.rows[i].draft
+        first, bonus, accepted, draft, logq, self.pool, self.mtp_pool = _speculative_rows(
+            self.cfg, self.vocab_limit, self.params, self.pool, self.mtp_pool, tables, last,
+            drafts, self.logq, positions, *sampling)
+        mask = np.zeros(self.max_batch, bool)
+        mask[decoding] = True
+        self.logq = jnp.where(jnp.asarray(mask)[:, None], logq, self.logq)
+        first, bonus, accepted, draft = (np.asarray(a) for a in (first, bonus, accepted, draft))
+        for i in decoding:
+            self.metrics.inc("draft_tokens_total")
+            self.metrics.inc("accepted_draft_tokens_total", int(accepted[i]))
+            self.rows[i].cur += 1
+            self._emit(i, int(first[i]))  # may end the row (then an accepted bonus is dropped)
+            if self.rows[i] is not None and accepted[i]:
+                self.rows[i].cur += 1
+                self._emit(i, int(bonus[i]))
+            if self.rows[i] is not None:
+                self.rows[i].draft = int(draft[i])
+        drafted = self.metrics.value("draft_tokens_total")
+        self.metrics.set("acceptance_rate",
+                         self.metrics.value("accepted_draft_tokens_total") / max(drafted, 1))
 
 
 __all__ = ["Engine", "QueueFull", "QueueTimeout", "Refusal", "Request", "ShuttingDown"]
