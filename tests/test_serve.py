@@ -200,6 +200,23 @@ def test_refusals_have_their_status_and_an_openai_error_body(served, body, statu
     assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
 
 
+def test_text_content_parts_and_unknown_routes(served):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello "},
+                                          {"type": "text", "text": "0"}]}]
+    plain = [{"role": "user", "content": "hello 0"}]
+    ask = lambda m: served.client.chat.completions.create(
+        model=MODEL, messages=m, max_tokens=4, temperature=0).choices[0].message.content
+    assert ask(parts) == ask(plain)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    r = httpx.post(served.url + "/v1/chat/completions",
+                   json={"model": MODEL, "messages": image}, timeout=60)
+    assert r.status_code == 400 and "text content parts" in r.json()["error"]["message"]
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions",
+                                                                 405)):
+        r = httpx.request(method, served.url + path, timeout=60)
+        assert r.status_code == status and "not a route" in r.json()["error"]["message"]
+
+
 def test_the_openai_client_sees_the_context_error(served):
     with pytest.raises(openai.BadRequestError, match="128 tokens"):
         served.client.chat.completions.create(model=MODEL, messages=_messages(0), max_tokens=999)

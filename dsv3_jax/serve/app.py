@@ -136,6 +136,27 @@ class _Params:
         self.include_usage = bool(options.get("include_usage", False))
 
 
+def _text_parts(messages):
+    """Messages whose content is a list of parts ({"type": "text", "text": ...}, as the API
+    allows) get their text parts joined; anything else is left for the renderer to judge."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            kinds = {p.get("type") for p in content if isinstance(p, dict)}
+            if kinds == {"text"} and len(texts) == len(content) and all(
+                    isinstance(t, str) for t in texts):
+                m = {**m, "content": "".join(texts)}
+            else:
+                raise ApiError(400, "messages: only text content parts ({\"type\": \"text\", "
+                               "\"text\": ...}) are supported.", param="messages")
+        out.append(m)
+    return out
+
+
 # ---- text: stop strings and reasoning ---------------------------------------------------------
 
 class _Text:
@@ -247,7 +268,7 @@ class Server:
 
     def _prompt(self, body: dict, chat: bool) -> tuple[list[int], str]:
         if chat:
-            messages = body.get("messages")
+            messages = _text_parts(body.get("messages"))
             try:
                 rendered = self.render(messages)
             except ValueError as e:  # MessageError, a template's refusal
@@ -311,7 +332,15 @@ class Server:
                   Route("/v1/models", self.models, methods=["GET"]),
                   Route("/health", self.health, methods=["GET"]),
                   Route("/metrics", self.metrics, methods=["GET"])]
-        return Starlette(routes=routes)
+        async def not_found(request, exc):
+            status = getattr(exc, "status_code", 404)
+            message = (f"{request.method} {request.url.path} is not a route of this server "
+                       "(POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
+                       "/health, /metrics).")
+            return ApiError(status, message, code="not_found" if status == 404
+                            else "method_not_allowed").response()
+
+        return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
 
 def _access(log: dict, started: float) -> None:
