@@ -180,6 +180,7 @@ def test_a_seeded_sampled_answer_repeats(served):
         model=MODEL, messages=_messages(2), max_tokens=10, temperature=1.0, top_p=0.9,
         seed=seed).choices[0].message.content
     assert ask(7) == ask(7)
+    assert ask(-3) == ask(-3)  # the API's seeds are any int64
 
 
 @pytest.mark.parametrize("body, status, fragment", [

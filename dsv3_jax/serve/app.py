@@ -124,7 +124,7 @@ class _Params:
             self.max_tokens = _integer(body, "max_tokens", None, 1)
         self.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         self.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-        self.seed = _integer(body, "seed", 0, 0) % (2 ** 31)
+        self.seed = _integer(body, "seed", 0, -(2 ** 63)) % (2 ** 31)  # any int64, as the API
         self.stop = _stops(body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
