@@ -54,10 +54,10 @@ def _free_port() -> int:
 class Served:
     """An engine + app under uvicorn on a thread; `client` is an openai.OpenAI for it."""
 
-    def __init__(self, params, tokenizer, **engine_args):
+    def __init__(self, params, tokenizer, cfg=CFG, **engine_args):
         markers = check_chat_tokenizer(tokenizer)
         self.stop_tokens = sorted({tokenizer.eos_id, markers[EOS]})
-        self.engine = Engine(CFG, params, vocab_limit=tokenizer.vocab_size,
+        self.engine = Engine(cfg, params, vocab_limit=tokenizer.vocab_size,
                              **{"max_batch": 4, "prefill_chunk": 32, **engine_args}).start()
         app = create_app(self.engine, tokenizer, model_name=MODEL, stop_tokens=self.stop_tokens)
         self.port = _free_port()
@@ -86,10 +86,10 @@ def served(params, tokenizer):
     s.close()
 
 
-def _offline(params, tokenizer, stop_tokens, ids, max_new):
+def _offline(params, tokenizer, stop_tokens, ids, max_new, cfg=CFG):
     """Greedy generate_tokens on the same ids, limited to the tokenizer's pieces, as the server
     samples; the answer's text without the stop token (the server's `content`)."""
-    out = generate_tokens(CFG, params, [ids], max_new_tokens=max_new,
+    out = generate_tokens(cfg, params, [ids], max_new_tokens=max_new,
                           sampling=Sampling(vocab_limit=tokenizer.vocab_size),
                           stop_tokens=stop_tokens).tokens[0][len(ids):]
     finish = "stop" if out and out[-1] in stop_tokens else "length"
@@ -224,9 +224,12 @@ def test_the_openai_client_sees_the_context_error(served):
 
 
 def test_a_disconnect_frees_the_slot_and_a_full_queue_is_429(params, tokenizer):
-    s = Served(params, tokenizer, max_batch=1, queue_size=0)
+    # A context of 2,048 positions (the same parameters: RoPE has no table): the first stream
+    # asks for 2,000 tokens, so it still holds the slot when the second request comes, on any
+    # machine, until its client goes away.
+    s = Served(params, tokenizer, cfg=CFG.replace(max_seq_len=2048), max_batch=1, queue_size=0)
     try:
-        request = {"model": MODEL, "messages": _messages(0), "max_tokens": 100, "stream": True,
+        request = {"model": MODEL, "messages": _messages(0), "max_tokens": 2000, "stream": True,
                    "temperature": 0}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=request,
                           timeout=60) as r:
@@ -248,14 +251,15 @@ def test_a_disconnect_frees_the_slot_and_a_full_queue_is_429(params, tokenizer):
 
 
 def test_shutdown_finishes_running_streams_then_refuses(params, tokenizer):
-    s = Served(params, tokenizer, max_batch=2)
+    long = CFG.replace(max_seq_len=1024)  # a stream long enough to be running at shutdown
+    s = Served(params, tokenizer, cfg=long, max_batch=2)
     try:
         messages = _messages(4)
         ids = tokenizer.encode(render_chat(messages))
-        _, text, _ = _offline(params, tokenizer, s.stop_tokens, ids, 30)
+        _, text, _ = _offline(params, tokenizer, s.stop_tokens, ids, 400, cfg=long)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             running = pool.submit(lambda: s.client.chat.completions.create(
-                model=MODEL, messages=messages, max_tokens=30, temperature=0))
+                model=MODEL, messages=messages, max_tokens=400, temperature=0))
             deadline = time.monotonic() + 60
             while not s.engine.running and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -548,3 +552,24 @@ def test_the_per_row_acceptance_rule_leaves_the_target_distribution():
     assert np.all(np.abs(freq - p) <= 5 * stderr), (freq, p)
     assert (p == 0).sum() == 2 and freq[p == 0].sum() == 0  # the cut tokens never come out
     assert 0 < np.asarray(accepted).mean() < 1
+
+
+def test_a_request_that_waits_past_the_queue_timeout_gets_503(params):
+    """A request that has waited longer than queue_timeout when the scheduler looks at it ends
+    with QueueTimeout (HTTP 503) instead of running (its arrival set 10 s back, so the test
+    does not race the machine's speed)."""
+    import queue
+
+    from dsv3_jax.serve.engine import QueueTimeout
+
+    engine = Engine(CFG, params, max_batch=1, queue_timeout=1.0).start()
+    try:
+        events = queue.Queue()
+        engine.submit(Request(prompt=[8, 9], max_new_tokens=2, submitted=time.monotonic() - 10,
+                              on_event=lambda kind, v: events.put((kind, v))))
+        kind, value = events.get(timeout=300)
+        assert kind == "error" and isinstance(value, QueueTimeout) and value.status == 503
+        assert "queue_timeout" in value.message
+        assert engine.metrics.value("requests_total", status="queue_timeout") == 1
+    finally:
+        engine.shutdown(timeout=60)
