@@ -329,6 +329,17 @@ def test_cli_refusals(args, fragment, status):
     assert fragment in err and "Traceback" not in err
 
 
+def test_cli_refuses_a_busy_port_before_loading():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _serve_cmd("--checkpoint=/not/loaded", f"--port={port}")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in err, err[-2000:]
+    assert "Traceback" not in err and "/not/loaded" not in err  # refused before loading
+
+
 def test_cli_serves_a_checkpoint_and_stops_on_sigterm(tmp_path, tokenizer):
     import signal
 

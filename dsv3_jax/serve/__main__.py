@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 
 from absl import flags
@@ -66,10 +67,25 @@ def _check_flags() -> None:
                              "a Hugging Face folder.")
 
 
+def _check_address(host: str, port: int) -> None:
+    """Binds and releases host:port before the model loads, so a busy port or an address this
+    machine does not have is one message, not a traceback after minutes of loading."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another "
+                      "--port (or stop what uses it) or a --host of this machine.") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]}.")
     _check_flags()
+    _check_address(_HOST.value, _PORT.value)
     import uvicorn
 
     from dsv3_jax.chat.repl import chat_template_of
