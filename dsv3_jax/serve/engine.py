@@ -1,16 +1,17 @@
 """Continuous batching: one scheduler thread owns the device and the latent cache of every stream.
 
-Legend (the package's, `dsv3_jax.model`): B batch slots (max_batch), S cache slots per stream
-(max_seq_len), L layers, C + R a latent-cache row, V vocabulary.
+Legend (dsv3_jax/NOTATION.md): B batch slots (max_batch), S cache slots per stream
+(max_seq_len), T positions of one call, L layers, D model dim, C + R a latent-cache row,
+V vocabulary; the paged cache: Z pages in the pool, Y positions per page, W pages in a table row.
 
-The latent cache is paged: one pool [L, N, P, C + R] of N pages of P = page_size positions,
+The latent cache is paged: one pool [L, Z, Y, C + R] of Z pages of Y = page_size positions,
 shared by all streams. A stream is given the pages for its prompt + max_new_tokens when it is
 admitted (so it can never run out mid-answer) and gives them back when it ends; its page table
-maps position s to slot s % P of page table[s // P]. Page 0 is never given out: unused table
+maps position s to slot s % Y of page table[s // Y]. Page 0 is never given out: unused table
 entries point at it, and what is written there is never read. So the memory is the pool's, shared
 by whatever runs, not max_batch x max_seq_len. Attention reads through the table by gathering
-first: each model call gathers the running rows' pages into a contiguous [L, B, S', C + R] view
-(S' = the longest live allocation, rounded up to a power of two pages), runs the ordinary cached
+first: each model call gathers the running rows' pages into a contiguous [L, B, W * Y, C + R] view
+(W = the longest live allocation, rounded up to a power of two pages), runs the ordinary cached
 decode on it (`ops.attention`'s dispatch, the Hopper decode kernel included), and writes the
 positions it wrote back into their pages: one copy of the live rows' pages per call, on top of
 the attention itself (a kernel that reads through the table would save it). Within a row, slot s
@@ -195,7 +196,7 @@ def _pick(logits, temperature, top_k, top_p, seed, step, vocab_limit: int, strea
 
 
 def _gather(pool, tables):
-    """pool [L, N, P, W], tables int32 [B, Q] -> the rows' caches [L, B, Q * P, W]."""
+    """pool [L, Z, Y, C + R], tables int32 [B, W] -> the rows' caches [L, B, W * Y, C + R]."""
     view = pool[:, tables]  # [L, B, Q, P, W]
     return view.reshape(view.shape[:2] + (-1, view.shape[-1]))
 
@@ -212,7 +213,7 @@ def _scatter(pool, tables, view, positions):
 @functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="pool")
 def _decode_rows(cfg: ModelConfig, vocab_limit: int, params, pool, tables, tokens, positions,
                  temperature, top_k, top_p, seed, step):
-    """tokens, positions int32 [B], tables int32 [B, Q] -> (the next token of every row int32
+    """tokens, positions int32 [B], tables int32 [B, W] -> (the next token of every row int32
     [B], the pool)."""
     view = _gather(pool, tables)
     positions = positions[:, None]
@@ -226,8 +227,8 @@ def _decode_rows(cfg: ModelConfig, vocab_limit: int, params, pool, tables, token
 @functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="pool")
 def _prefill_row(cfg: ModelConfig, vocab_limit: int, params, pool, table, tokens, start, last,
                  temperature, top_k, top_p, seed):
-    """tokens int32 [1, W] at positions start.. of the row whose page table is `table` int32
-    [1, Q] -> (the token after index `last` of the chunk, sampled as `_pick` step 0 would, int32
+    """tokens int32 [1, T] at positions start.. of the row whose page table is `table` int32
+    [1, W] -> (the token after index `last` of the chunk, sampled as `_pick` step 0 would, int32
     []; the pool). Padding past the row's pages lands in page 0."""
     view = _gather(pool, table)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # inside the view
@@ -299,8 +300,8 @@ def _prefill_row_keeping_hidden(cfg: ModelConfig, vocab_limit: int, params, pool
 @functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="mtp_pool")
 def _mtp_prefill_row(cfg: ModelConfig, vocab_limit: int, params, mtp_pool, hidden, row, table,
                      next_tokens, start, last, temperature, top_k, top_p, seed):
-    """The MTP module over W prompt positions start.. of one row (hidden states from hidden
-    [B, S, D], next_tokens int32 [1, W] the token after each) -> (the draft after index `last`,
+    """The MTP module over T prompt positions start.. of one row (hidden states from hidden
+    [B, S, D], next_tokens int32 [1, T] the token after each) -> (the draft after index `last`,
     its log-distribution [V], the MTP pool)."""
     width = next_tokens.shape[1]
     h = jax.lax.dynamic_slice(hidden, (row, start, 0), (1, width, hidden.shape[2]))
@@ -368,7 +369,7 @@ class Engine:
         self.page_size = page_size
         self.pages_per_row = -(-self.max_seq_len // page_size)
         pages = -(-cache_tokens // page_size) if cache_tokens else max_batch * self.pages_per_row
-        # [L, N, P, C + R]; page 0 takes the writes nobody reads (module docstring).
+        # [L, Z, Y, C + R]; page 0 takes the writes nobody reads (module docstring).
         self.pool = init_latent_cache(cfg, pages + 1, page_size)
         self.free_pages = list(range(1, pages + 1))
         if not isinstance(speculative, bool):
@@ -377,7 +378,7 @@ class Engine:
             raise ValueError("speculative=True needs an MTP module, but this model has "
                              "mtp_depth=0; serve without speculation.")
         self.speculative = speculative
-        if speculative:  # the first MTP module's pool [1, N, P, C + R], same page tables
+        if speculative:  # the first MTP module's pool [1, Z, Y, C + R], same page tables
             self.mtp_pool = init_latent_cache(cfg, pages + 1, page_size)[:1]
             self.hidden = jnp.zeros((max_batch, self.max_seq_len, cfg.dim), jnp.dtype(cfg.dtype))
             self.logq = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
