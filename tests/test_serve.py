@@ -31,6 +31,20 @@ from dsv3_jax.serve.engine import Engine, Request  # noqa: E402
 
 CFG = TINY32.replace(max_seq_len=128)
 MODEL = "tiny-test"
+# No persistent-cache writes from this module (reads stay): one fresh-clone CI run aborted inside
+# XLA's executable.serialize() for a cache write here, with the engine and uvicorn threads idle;
+# it did not come back in a rerun on a fresh cache. The server subprocesses get the same setting.
+NO_CACHE_WRITES = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1000000000"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_cache_writes():
+    import jax
+
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +325,8 @@ def _serve_cmd(*args):
 
     from conftest import COMPILATION_CACHE
 
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE), JAX_PLATFORMS="cpu",
+               **NO_CACHE_WRITES)
     return subprocess.Popen([sys.executable, "-m", "dsv3_jax.serve", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -384,7 +399,7 @@ def test_bench_serve_smoke(tmp_path, tokenizer):
 
     folder = random_checkpoint(tmp_path / "ckpt", CFG, tokenizer)
     env = dict(__import__("os").environ, JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE),
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", **NO_CACHE_WRITES)
     out = subprocess.run([sys.executable, "experiments/bench_serve.py", f"--launch={folder}",
                           "--smoke", "--max_seq_len=64", f"--log_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600, env=env)
