@@ -461,6 +461,32 @@ def test_streamed_text_completion_equals_offline(served, params, tokenizer):
 
 
 # ---- MTP speculation -----------------------------------------------------------------------------
+# The engine tests below run in a pytest of their own (test_speculative_engine_in_a_fresh_process):
+# in two fresh-clone `make test` runs the xdist worker died inside XLA during the first of them
+# (SIGABRT in executable.serialize(), then SIGSEGV compiling _mtp_prefill_row on the engine
+# thread), after the worker had run many other tests; in a fresh process they always passed.
+# Not understood yet: see the closing note of 2026-12-04.
+IN_FRESH_PROCESS = "DSV3_SERVE_FRESH_PROCESS"
+fresh_process = pytest.mark.skipif(
+    not __import__("os").environ.get(IN_FRESH_PROCESS),
+    reason="runs in its own process, through test_speculative_engine_in_a_fresh_process")
+
+
+def test_speculative_engine_in_a_fresh_process():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import COMPILATION_CACHE
+
+    env = dict(os.environ, **{IN_FRESH_PROCESS: "1"}, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE), **NO_CACHE_WRITES)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-p", "no:xdist", __file__, "-k", "speculative and not fresh_process"],
+                         capture_output=True, text=True, timeout=900, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " skipped" not in out.stdout, out.stdout[-2000:]
 
 def _run_engine(engine, jobs, **request_args):
     import queue
@@ -485,6 +511,7 @@ def _jobs(seed, n=6):
             for p, m in zip(rng.integers(2, 40, n), rng.integers(1, 20, n))]
 
 
+@fresh_process
 def test_speculative_greedy_equals_plain_greedy(params):
     """Every row's draft is verified by the main model: greedy speculative answers are the plain
     greedy ones (this random model's drafts are mostly rejected: the correction path)."""
@@ -501,6 +528,7 @@ def test_speculative_greedy_equals_plain_greedy(params):
         engine.shutdown(timeout=60)
 
 
+@fresh_process
 def test_speculative_accepted_drafts_give_two_tokens_a_step(params):
     """A model whose final norms are zero gives all-zero logits, so the main model and the MTP
     module both pick token 0 and every draft is accepted: each step emits two tokens, streams
@@ -530,6 +558,7 @@ def test_speculative_accepted_drafts_give_two_tokens_a_step(params):
         alone.shutdown(timeout=60)
 
 
+@fresh_process
 def test_speculative_sampling_is_seeded_and_stays_in_the_vocabulary(params):
     jobs = _jobs(4, 4)
     runs = []
