@@ -68,7 +68,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.generate import _decode
-from dsv3_jax.model.transformer import DeepSeekV3, init_latent_cache
+from dsv3_jax.model.transformer import DeepSeekV3, init_latent_cache, init_mtp_cache
 from dsv3_jax.serve.metrics import Metrics
 
 
@@ -197,7 +197,7 @@ def _pick(logits, temperature, top_k, top_p, seed, step, vocab_limit: int, strea
 
 def _gather(pool, tables):
     """pool [L, Z, Y, C + R], tables int32 [B, W] -> the rows' caches [L, B, W * Y, C + R]."""
-    view = pool[:, tables]  # [L, B, Q, P, W]
+    view = pool[:, tables]  # [L, B, W, Y, C + R]
     return view.reshape(view.shape[:2] + (-1, view.shape[-1]))
 
 
@@ -205,7 +205,7 @@ def _scatter(pool, tables, view, positions):
     """Writes view's rows at positions int32 [B, T] (absolute) back into their pages."""
     b = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
     page_size = pool.shape[2]
-    rows = view[:, b, positions]  # [L, B, T, W]
+    rows = view[:, b, positions]  # [L, B, T, C + R]
     pages = tables[b, positions // page_size]
     return pool.at[:, pages, positions % page_size].set(rows)
 
@@ -219,24 +219,28 @@ def _decode_rows(cfg: ModelConfig, vocab_limit: int, params, pool, tables, token
     positions = positions[:, None]
     logits, _, view = _decode(cfg, params, tokens[:, None], positions, view)
     pool = _scatter(pool, tables, view, positions)
-    picked = _pick(logits[:, 0].astype(jnp.float32), temperature, top_k, top_p, seed, step,
-                   vocab_limit)
+    picked = _pick(logits[:, 0], temperature, top_k, top_p, seed, step, vocab_limit)
     return picked, pool
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="pool")
+@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"),
+                   donate_argnames=("pool", "hidden"))
 def _prefill_row(cfg: ModelConfig, vocab_limit: int, params, pool, table, tokens, start, last,
-                 temperature, top_k, top_p, seed):
+                 temperature, top_k, top_p, seed, hidden=None, row=None):
     """tokens int32 [1, T] at positions start.. of the row whose page table is `table` int32
     [1, W] -> (the token after index `last` of the chunk, sampled as `_pick` step 0 would, int32
-    []; the pool). Padding past the row's pages lands in page 0."""
+    []; the pool; hidden). Padding past the row's pages lands in page 0. With hidden [B, S, D]
+    (speculative), the chunk's hidden states are kept there in batch row `row`, for the MTP
+    module's pass over the prompt."""
     view = _gather(pool, table)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # inside the view
-    logits, _, view = _decode(cfg, params, tokens, positions, view)
+    logits, h, view = _decode(cfg, params, tokens, positions, view)
     pool = _scatter(pool, table, view, positions)
-    picked = _pick(logits[:, last].astype(jnp.float32), temperature[None], top_k[None],
-                   top_p[None], seed[None], jnp.zeros(1, jnp.int32), vocab_limit)
-    return picked[0], pool
+    if hidden is not None:
+        hidden = jax.lax.dynamic_update_slice(hidden, h.astype(hidden.dtype), (row, start, 0))
+    picked = _pick(logits[:, last], temperature[None], top_k[None], top_p[None], seed[None],
+                   jnp.zeros(1, jnp.int32), vocab_limit)
+    return picked[0], pool, hidden
 
 
 # ---- MTP speculation ----------------------------------------------------------------------------
@@ -279,22 +283,6 @@ def _draft_of(logits, temperature, top_k, top_p, seed, step, vocab_limit: int):
 def _mtp(cfg, params, hidden, next_tokens, positions, cache):
     return DeepSeekV3(cfg).apply({"params": params}, hidden, next_tokens, positions, cache,
                                  method=DeepSeekV3.mtp_decode)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"),
-                   donate_argnames=("pool", "hidden"))
-def _prefill_row_keeping_hidden(cfg: ModelConfig, vocab_limit: int, params, pool, hidden, row,
-                                table, tokens, start, last, temperature, top_k, top_p, seed):
-    """`_prefill_row` that also keeps the chunk's hidden states in hidden [B, S, D] (row `row`,
-    positions start..), for the MTP module's pass over the prompt."""
-    view = _gather(pool, table)
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, h, view = _decode(cfg, params, tokens, positions, view)
-    pool = _scatter(pool, table, view, positions)
-    hidden = jax.lax.dynamic_update_slice(hidden, h.astype(hidden.dtype), (row, start, 0))
-    picked = _pick(logits[:, last], temperature[None], top_k[None], top_p[None], seed[None],
-                   jnp.zeros(1, jnp.int32), vocab_limit)
-    return picked[0], pool, hidden
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "vocab_limit"), donate_argnames="mtp_pool")
@@ -378,8 +366,9 @@ class Engine:
             raise ValueError("speculative=True needs an MTP module, but this model has "
                              "mtp_depth=0; serve without speculation.")
         self.speculative = speculative
+        self.hidden = None  # speculative: [B, S, D], the prompt's hidden states for the MTP pass
         if speculative:  # the first MTP module's pool [1, Z, Y, C + R], same page tables
-            self.mtp_pool = init_latent_cache(cfg, pages + 1, page_size)[:1]
+            self.mtp_pool = init_mtp_cache(cfg, pages + 1, page_size)[None]
             self.hidden = jnp.zeros((max_batch, self.max_seq_len, cfg.dim), jnp.dtype(cfg.dtype))
             self.logq = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
         self.tables = np.zeros((max_batch, self.pages_per_row), np.int32)
@@ -559,15 +548,10 @@ class Engine:
         n = min(len(row.pending), width)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = row.pending[:n]
-        sampling = self._sampling(row.request)
-        if self.speculative:
-            token, self.pool, self.hidden = _prefill_row_keeping_hidden(
-                self.cfg, self.vocab_limit, self.params, self.pool, self.hidden, np.int32(i),
-                self.tables[i:i + 1], tokens, np.int32(row.cur), np.int32(n - 1), *sampling)
-        else:
-            token, self.pool = _prefill_row(
-                self.cfg, self.vocab_limit, self.params, self.pool, self.tables[i:i + 1], tokens,
-                np.int32(row.cur), np.int32(n - 1), *sampling)
+        token, self.pool, self.hidden = _prefill_row(
+            self.cfg, self.vocab_limit, self.params, self.pool, self.tables[i:i + 1], tokens,
+            np.int32(row.cur), np.int32(n - 1), *self._sampling(row.request),
+            hidden=self.hidden, row=np.int32(i) if self.speculative else None)
         row.pending, row.cur = row.pending[n:], row.cur + n
         self.metrics.inc("prompt_tokens_total", n)
         if self.speculative:
